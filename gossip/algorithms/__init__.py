@@ -1,0 +1,106 @@
+"""The averaging algorithms, each one object that runs on a real rank and in the simulator.
+
+Every algorithm takes a frozen config, the local model rows (:class:`gossip.flat.FlatParams`) and a
+:class:`gossip.comm.Communicator`, and exposes ``step(step, active=None) -> SyncStats | None``
+(call it after every inner optimizer step), ``state_dict()`` and ``load_state_dict()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from gossip.algorithms._common import SyncStats
+from gossip.algorithms.diloco import DiLoCo, DiLoCoConfig
+from gossip.algorithms.fedavg import FedAvg, FedAvgConfig
+from gossip.algorithms.gossip import Gossip, GossipConfig
+from gossip.algorithms.noloco import NoLoCo, NoLoCoConfig
+from gossip.comm.base import Communicator
+from gossip.flat import FlatParams
+from gossip.topology import Topology
+
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "DiLoCo",
+    "DiLoCoConfig",
+    "FedAvg",
+    "FedAvgConfig",
+    "Gossip",
+    "GossipConfig",
+    "NoLoCo",
+    "NoLoCoConfig",
+    "SyncStats",
+    "build_algorithm",
+    "make_config",
+    "needs_topology",
+    "same_init",
+]
+
+
+class Algorithm(Protocol):
+    def step(self, step: int, active: Tensor | None = None) -> SyncStats | None: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# name -> (class, config class, preset fields)
+ALGORITHMS: dict[str, tuple[type, type, dict[str, Any]]] = {
+    "fedavg": (FedAvg, FedAvgConfig, {}),
+    "diloco": (DiLoCo, DiLoCoConfig, {}),
+    "noloco": (NoLoCo, NoLoCoConfig, {}),
+    "dpsgd": (Gossip, GossipConfig, {"merge": "mixing"}),
+    "gossip": (Gossip, GossipConfig, {"merge": "beta"}),
+    "gossip-vc": (Gossip, GossipConfig, {"merge": "beta", "variance_correction": True}),
+}
+
+
+def _entry(algo: str) -> tuple[type, type, dict[str, Any]]:
+    if algo not in ALGORITHMS:
+        raise ValueError(f"algo must be one of {sorted(ALGORITHMS)}, got {algo!r}")
+    return ALGORITHMS[algo]
+
+
+def make_config(algo: str, **fields: Any) -> Any:
+    """The config of ``algo`` from a flat set of fields (e.g. a launcher's config).
+
+    Fields the config does not have, and fields that are None (= use the default), are ignored.
+    """
+    _, config_cls, preset = _entry(algo)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    chosen = {k: v for k, v in fields.items() if k in names and v is not None}
+    return config_cls(**{**chosen, **preset})
+
+
+def needs_topology(algo: str) -> bool:
+    return _entry(algo)[0] is Gossip
+
+
+def same_init(algo: str) -> bool:
+    """Whether the algorithm's nodes start from one shared model (else independent inits)."""
+    return bool(_entry(algo)[0].same_init)
+
+
+def build_algorithm(
+    algo: str,
+    config: Any,
+    params: FlatParams,
+    comm: Communicator,
+    *,
+    topology: Topology | None = None,
+    weight: Tensor | None = None,
+) -> Algorithm:
+    """Construct ``algo`` with its config over ``params`` and ``comm``."""
+    cls, config_cls, _ = _entry(algo)
+    if not isinstance(config, config_cls):
+        raise ValueError(f"config for {algo!r} must be {config_cls.__name__}, got "
+                         f"{type(config).__name__}")
+    if cls is Gossip:
+        if topology is None:
+            raise ValueError(f"algo {algo!r} needs a topology")
+        return Gossip(config, params, comm, topology)
+    if cls is FedAvg:
+        return FedAvg(config, params, comm, weight=weight)
+    return cls(config, params, comm)

@@ -1,0 +1,114 @@
+"""Gossip averaging over a topology: D-PSGD mixing and variance-corrected merging.
+
+- ``merge="mixing"`` (D-PSGD, Lian et al. 2017, arXiv 1705.09056): ``x_i = sum_j W_ij x_j`` with
+  the topology's mixing matrix (Metropolis-Hastings or uniform weights; static or time-varying).
+- ``merge="beta"`` (Tian et al. 2024, arXiv 2404.04616): ``A = beta x_i + (1 - beta)
+  mean(received)``; with ``variance_correction`` each in-scope tensor of ``A`` is then rescaled to
+  the mean variance of the received models, keeping its mean
+  (:func:`gossip.ops.variance_correct_`).
+
+Every ``sync_every`` inner steps each node sends one flat buffer to each out-neighbour and merges
+what arrived (a missing neighbour's weight goes to self).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor
+
+from gossip.algorithms._common import (
+    SyncStats,
+    check_fraction,
+    check_positive,
+    frozen_rows,
+    timed_sync,
+)
+from gossip.comm.base import Communicator
+from gossip.flat import FlatParams
+from gossip.ops import mix, variance_correct_
+from gossip.topology import Topology
+
+__all__ = ["Gossip", "GossipConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GossipConfig:
+    """Args:
+    sync_every: inner steps between merges.
+    merge: "mixing" (D-PSGD, W from the topology) or "beta" (Tian et al.'s self-weighted mean).
+    self_weight: beta, the self weight of the "beta" merge (0.5 in Tian et al.'s code).
+    variance_correction: rescale merged tensors to the received models' mean variance.
+    vc_eps: guard in the variance ratio.
+    vc_ratio: partial correction r (s = 1 + r (s - 1)); 1 = full correction.
+    """
+
+    sync_every: int = 1
+    merge: Literal["mixing", "beta"] = "mixing"
+    self_weight: float = 0.5
+    variance_correction: bool = False
+    vc_eps: float = 1e-8
+    vc_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_positive("sync_every", self.sync_every, integer=True)
+        if self.merge not in ("mixing", "beta"):
+            raise ValueError(f"merge must be 'mixing' or 'beta', got {self.merge!r}")
+        check_fraction("self_weight", self.self_weight)
+        if self.vc_eps < 0:
+            raise ValueError(f"vc_eps must be >= 0, got {self.vc_eps!r}")
+        check_fraction("vc_ratio", self.vc_ratio)
+        if self.variance_correction and self.merge != "beta":
+            raise ValueError("variance_correction=True needs merge='beta', got merge='mixing'")
+
+
+class Gossip:
+    """Neighbour averaging (D-PSGD) or variance-corrected gossip over a topology."""
+
+    name: ClassVar[str] = "gossip"
+    same_init: ClassVar[bool] = False
+
+    def __init__(self, config: GossipConfig, params: FlatParams, comm: Communicator,
+                 topology: Topology) -> None:
+        if topology.n != comm.world_size:
+            raise ValueError(f"topology has n={topology.n} nodes, the run has {comm.world_size}")
+        self.config = config
+        self.params = params
+        self.comm = comm
+        self.topology = topology
+        self.merges = 0
+
+    def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
+        """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this merge."""
+        cfg = self.config
+        if step % cfg.sync_every:
+            return None
+        peers, weights, self_weight = self.topology.peer_table(step // cfg.sync_every - 1)
+        nodes = self.comm.nodes
+        with timed_sync(self.comm, SyncStats(step)) as stats:
+            for group in self.params.groups:
+                x = group.buffer
+                received, arrived = self.comm.exchange(x, peers)
+                if cfg.merge == "mixing":
+                    merged = mix(x, received, self_weight[nodes].to(x.device),
+                                 weights[nodes].to(x.device), arrived)
+                else:
+                    m = arrived.to(x.dtype).unsqueeze(-1)
+                    k = m.sum(dim=-2)  # [L, 1] models that arrived
+                    recv_mean = (received * m).sum(dim=-2) / k.clamp(min=1)
+                    w = cfg.self_weight
+                    merged = (w * x + (1 - w) * recv_mean).where(k > 0, x)
+                    if cfg.variance_correction:
+                        variance_correct_(merged, received, arrived, group.segments,
+                                          eps=cfg.vc_eps, ratio=cfg.vc_ratio)
+                with frozen_rows([x], active):
+                    x.copy_(merged)
+        self.merges += 1
+        return stats
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"merges": self.merges}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.merges = int(state["merges"])

@@ -1,0 +1,87 @@
+"""The Communicator protocol: the seam between the algorithms and the transport.
+
+An algorithm holds its models as rows ``x`` [L, P]: L = 1 on a real rank, L = N (or N/R per Ray
+shard) in the simulator. ``nodes`` names the global node id of each row. Peers are given as one
+global table ``peers`` [N, K] (-1 = no peer): row i lists the nodes whose models node i receives.
+Every rank derives the same table from shared seeds, so nobody has to agree on who talks to whom.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+__all__ = ["CommError", "CommTimeout", "Communicator", "PeerFailure", "Traffic"]
+
+
+@dataclass
+class Traffic:
+    """Bytes this process sent, by kind of operation (a running total)."""
+
+    bytes_sent: int = 0
+    messages: int = 0
+    by_op: dict[str, int] = field(default_factory=dict)
+
+    def add(self, op: str, nbytes: int, messages: int = 1) -> None:
+        self.bytes_sent += nbytes
+        self.messages += messages
+        self.by_op[op] = self.by_op.get(op, 0) + nbytes
+
+
+class CommError(RuntimeError):
+    """A communication call failed; says which rank, which peer(s) and which step."""
+
+    def __init__(self, message: str, *, rank: int, peers: tuple[int, ...] = (), step: int = -1):
+        super().__init__(f"rank {rank}, peers {list(peers)}, step {step}: {message}")
+        self.rank = rank
+        self.peers = peers
+        self.step = step
+
+
+class CommTimeout(CommError):
+    """A wait ran past the communicator's timeout."""
+
+
+class PeerFailure(CommError):
+    """A peer is known to be dead (its connection closed or it missed a deadline)."""
+
+
+@runtime_checkable
+class Communicator(Protocol):
+    """What an algorithm may ask of the transport."""
+
+    @property
+    def nodes(self) -> Tensor:
+        """Global node ids of the local rows, int64 [L]."""
+        ...
+
+    @property
+    def world_size(self) -> int:
+        """Number of nodes N in the whole run."""
+        ...
+
+    @property
+    def traffic(self) -> Traffic:
+        """Running total of what this process sent."""
+        ...
+
+    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+        """Set every row of ``x`` [L, P] to the weighted mean over all N nodes' rows.
+
+        ``weight`` [L] (>= 0, e.g. sample counts; 0 = not participating); None = plain mean.
+        """
+        ...
+
+    def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
+        """Send each local row to the nodes that list it in ``peers`` [N, K]; receive ours.
+
+        Returns ``received`` [L, K, P] (row l, slot k = the model of ``peers[nodes[l], k]``) and
+        ``arrived`` [L, K] bool: False for padding (-1) and for messages that did not arrive.
+        """
+        ...
+
+    def barrier(self) -> None:
+        """Wait until every node has reached this point."""
+        ...

@@ -1,0 +1,143 @@
+"""Communicator over node-stacked tensors: the simulator's transport.
+
+All N virtual nodes live in one tensor ``x`` [N, P] (or a shard of them [L, P] when the nodes are
+spread over several processes joined by a torch.distributed group). An exchange is an index
+gather along the node axis, an all-reduce a weighted mean over it. Faults are explicit inputs:
+``alive`` (crashed nodes neither send nor receive nor take part in means) and a per-message drop
+probability drawn from a seeded generator. Each call is logged as a :class:`CommEvent` so that a
+network model can turn it into simulated seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gossip.comm.base import Traffic
+
+__all__ = ["CommEvent", "StackedCommunicator"]
+
+
+@dataclass(frozen=True)
+class CommEvent:
+    """One communication call: what it was, the bytes of one message, who sent to whom."""
+
+    op: str  # "all_reduce" | "exchange"
+    nbytes: int  # bytes of one node's message
+    peers: Tensor | None  # [N, K] global table for exchanges
+    delivered: Tensor | None  # [N, K] bool: which messages reached their receiver
+    participants: Tensor | None  # [N] bool for all-reduces
+
+
+class StackedCommunicator:
+    """N virtual nodes in one process, or a shard of them in each of R processes.
+
+    Args:
+        world_size: N, the number of virtual nodes in the whole run.
+        nodes: the global ids of the local rows (default: all N).
+        group: a process group joining the shards (None: everything is local).
+        seed: seeds the message-drop draws.
+    """
+
+    def __init__(
+        self,
+        world_size: int,
+        nodes: Tensor | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+        seed: int = 0,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self._world_size = world_size
+        self._nodes = torch.arange(world_size) if nodes is None else nodes.to(torch.long)
+        if group is None and self._nodes.numel() != world_size:
+            raise ValueError(f"nodes has {self._nodes.numel()} ids without a group joining shards,"
+                             f" expected world_size={world_size}")
+        self.group = group
+        self._traffic = Traffic()
+        self.bytes_per_node = torch.zeros(world_size, dtype=torch.float64)
+        self.events: list[CommEvent] = []
+        self.alive = torch.ones(world_size, dtype=torch.bool)
+        self.drop_prob = 0.0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def nodes(self) -> Tensor:
+        return self._nodes
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def traffic(self) -> Traffic:
+        return self._traffic
+
+    def set_faults(self, alive: Tensor | None = None, drop_prob: float = 0.0) -> None:
+        """Faults for the next calls: which nodes are up, and the chance a message is lost."""
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.alive = (torch.ones(self._world_size, dtype=torch.bool) if alive is None
+                      else alive.to("cpu", torch.bool))
+        self.drop_prob = drop_prob
+
+    def _full(self, x: Tensor) -> Tensor:
+        """All N rows (gathered from the shards when the nodes are spread over processes)."""
+        if self.group is None:
+            return x
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def _sum(self, t: Tensor) -> Tensor:
+        if self.group is not None:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+        alive_local = self.alive[self._nodes].to(x.device)
+        w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weight is None \
+            else weight.to(device=x.device, dtype=torch.float64)
+        w = w * alive_local
+        total = self._sum(w.sum().reshape(1))
+        if float(total) <= 0:
+            raise ValueError("all_reduce_mean_: every participating weight is zero")
+        acc = self._sum((w / total).to(x.dtype) @ x)
+        x[alive_local] = acc.unsqueeze(0).expand(int(alive_local.sum()), -1).to(x.dtype)
+        n = self._world_size
+        nbytes = x.shape[1] * x.element_size()
+        self.bytes_per_node[self.alive] += nbytes * 2 * (n - 1) / n
+        self._traffic.add("all_reduce", int(nbytes * 2 * (n - 1) / n) * x.shape[0])
+        self.events.append(CommEvent("all_reduce", nbytes, None, None, self.alive.clone()))
+
+    def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
+        table = peers.detach().to("cpu", torch.long)
+        if table.shape[0] != self._world_size:
+            raise ValueError(f"peers has {table.shape[0]} rows, world size is {self._world_size}")
+        valid = table >= 0
+        src = table.clamp(min=0)
+        delivered = valid & self.alive[src] & self.alive.unsqueeze(1)
+        if self.drop_prob > 0:
+            kept = torch.rand(table.shape, generator=self._gen) >= self.drop_prob
+            delivered &= kept
+        full = self._full(x)
+        received = full[src[self._nodes].to(x.device)]  # [L, K, P]
+        arrived = delivered[self._nodes].to(x.device)
+        nbytes = x.shape[1] * x.element_size()
+        # every sender pays for each message it sends, delivered or not
+        sends = torch.bincount(src[valid & self.alive.unsqueeze(1) & self.alive[src]],
+                               minlength=self._world_size).to(torch.float64)
+        self.bytes_per_node += sends * nbytes
+        local_sends = sends[self._nodes]
+        self._traffic.add("exchange", int(local_sends.sum()) * nbytes,
+                          messages=int(local_sends.sum()))
+        self.events.append(CommEvent("exchange", nbytes, table, delivered, None))
+        return received, arrived
+
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)

@@ -1,0 +1,159 @@
+"""Communicator over a torch.distributed ProcessGroup (NCCL on GPUs, Gloo on CPUs).
+
+One rank is one node (L = 1). Models travel as the flat buffers of :mod:`gossip.flat`, one
+message per buffer, never one per parameter tensor. Every wait is bounded by ``timeout`` and
+raises a :class:`~gossip.comm.base.CommError` that names the rank, the peers and the step.
+Gloo cannot send CUDA tensors point-to-point (both processes die in ``writev``), so over Gloo
+the point-to-point traffic of CUDA tensors is staged through pinned CPU buffers.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gossip.comm.base import CommError, CommTimeout, PeerFailure, Traffic
+
+__all__ = ["TorchCommunicator", "init_from_env"]
+
+
+class TorchCommunicator:
+    """The Communicator protocol over a ProcessGroup.
+
+    Args:
+        group: the process group (default: the world group).
+        timeout: seconds any single wait may take before :class:`CommTimeout` is raised.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout: float = 300.0) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self.group = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        self._world_size = dist.get_world_size(self.group)
+        self.backend = str(dist.get_backend(self.group))
+        self.timeout = timeout
+        self.step = -1  # the caller's step, for error messages
+        self._traffic = Traffic()
+        self._nodes = torch.tensor([self.rank], dtype=torch.long)
+
+    @property
+    def nodes(self) -> Tensor:
+        return self._nodes
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def traffic(self) -> Traffic:
+        return self._traffic
+
+    def _global(self, group_rank: int) -> int:
+        if self.group is dist.group.WORLD:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def _wait(self, work: dist.Work, what: str, peers: tuple[int, ...]) -> None:
+        try:
+            ok = work.wait(timeout=timedelta(seconds=self.timeout))
+        except RuntimeError as e:
+            msg = str(e)
+            kind = CommTimeout if "imeout" in msg or "imed out" in msg else PeerFailure
+            raise kind(f"{what} failed: {msg.splitlines()[0] if msg else e!r}",
+                       rank=self.rank, peers=peers, step=self.step) from e
+        if ok is False:
+            raise CommTimeout(f"{what} timed out after {self.timeout} s",
+                              rank=self.rank, peers=peers, step=self.step)
+
+    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+        n = self._world_size
+        everyone = tuple(r for r in range(n) if r != self.rank)
+        if weight is not None:
+            total = weight.detach().reshape(1).to(device=x.device, dtype=torch.float64).clone()
+            self._wait(dist.all_reduce(total, group=self.group, async_op=True),
+                       "all_reduce of weights", everyone)
+            if float(total) <= 0:
+                raise CommError(f"all weights are zero (total {float(total)})",
+                                rank=self.rank, step=self.step)
+            x.mul_(float(weight.reshape(())) / float(total))
+        self._wait(dist.all_reduce(x, group=self.group, async_op=True), "all_reduce", everyone)
+        if weight is None:
+            x.div_(n)
+        self._traffic.add("all_reduce", x.numel() * x.element_size() * 2 * (n - 1) // n)
+
+    def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[0] != 1:
+            raise ValueError(f"x must have one row on a real rank, got shape {tuple(x.shape)}")
+        table = peers.detach().to("cpu", torch.long)
+        if table.shape[0] != self._world_size:
+            raise ValueError(f"peers has {table.shape[0]} rows, world size is {self._world_size}")
+        me = self.rank
+        recv_from = table[me].tolist()
+        send_to = [j for j in (table == me).any(dim=1).nonzero().flatten().tolist() if j != me]
+        if me in recv_from:
+            raise ValueError(f"peers[{me}] lists the node itself")
+
+        stage = self.backend == "gloo" and x.is_cuda
+        src = x[0]
+        if stage:
+            src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
+        k = table.shape[1]
+        received = torch.zeros((1, k, x.shape[1]), dtype=x.dtype, device=src.device)
+        arrived = torch.tensor([[j >= 0 for j in recv_from]])
+        ops = [dist.P2POp(dist.isend, src, self._global(j), self.group) for j in send_to]
+        ops += [dist.P2POp(dist.irecv, received[0, slot], self._global(j), self.group)
+                for slot, j in enumerate(recv_from) if j >= 0]
+        if ops:
+            peers_involved = tuple(sorted(set(send_to) | {j for j in recv_from if j >= 0}))
+            for work in dist.batch_isend_irecv(ops):
+                self._wait(work, "exchange", peers_involved)
+        self._traffic.add("exchange", len(send_to) * src.numel() * src.element_size(),
+                          messages=len(send_to))
+        if stage:
+            received = received.to(x.device)
+        return received, arrived
+
+    def barrier(self) -> None:
+        if self.backend == "gloo":
+            try:
+                dist.monitored_barrier(self.group, timeout=timedelta(seconds=self.timeout),
+                                       wait_all_ranks=True)
+            except RuntimeError as e:
+                raise CommTimeout(f"barrier failed: {str(e).splitlines()[0]}",
+                                  rank=self.rank, step=self.step) from e
+        else:
+            everyone = tuple(r for r in range(self._world_size) if r != self.rank)
+            self._wait(dist.barrier(self.group, async_op=True), "barrier", everyone)
+
+
+def init_from_env(
+    backend: str | None = None, *, timeout: float = 300.0, init_method: str | None = None
+) -> TorchCommunicator:
+    """Join the process group that torchrun (or the Ray launcher) describes in the environment.
+
+    Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. The backend is NCCL when CUDA
+    is available and Gloo otherwise; an explicit ``backend`` wins. Under NCCL the current CUDA
+    device is set to LOCAL_RANK.
+    """
+    for var in ("RANK", "WORLD_SIZE"):
+        if var not in os.environ:
+            raise RuntimeError(f"{var} is not set: launch with torchrun or the Ray launcher")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if not dist.is_initialized():
+        kwargs: dict = {"backend": backend, "timeout": timedelta(seconds=timeout)}
+        if init_method is not None:
+            kwargs["init_method"] = init_method
+        if backend == "nccl":
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            kwargs["device_id"] = torch.device("cuda", local_rank)
+        dist.init_process_group(**kwargs)
+    return TorchCommunicator(timeout=timeout)

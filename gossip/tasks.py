@@ -1,0 +1,435 @@
+"""Small built-in tasks (data + model + loss) that need no downloads: digits, charlm, synthetic."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import os
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "CHARLM_FILES",
+    "TASK_NAMES",
+    "CharGPT",
+    "Task",
+    "TaskData",
+    "get_task",
+]
+
+TASK_NAMES = ("digits", "charlm", "synthetic")
+KINDS = ("classification", "regression", "lm")
+#: Standard-library modules (present in every CPython >= 3.10) used as the charlm corpus.
+CHARLM_FILES = ("textwrap.py", "argparse.py", "difflib.py", "dataclasses.py", "functools.py")
+#: charlm alphabet cap: printable ASCII plus newline; anything else becomes UNKNOWN_CHAR.
+ALLOWED_CHARS = frozenset(chr(i) for i in range(32, 127)) | {"\n"}
+UNKNOWN_CHAR = "?"
+
+
+def _check_int(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}={value!r} is invalid: expected an integer >= {minimum}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train/test tensors of a task; ``num_classes`` is None for regression."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int | None
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is invalid: expected one of {KINDS}")
+        if len(self.x_train) != len(self.y_train):
+            raise ValueError(
+                f"x_train has {len(self.x_train)} samples but y_train has {len(self.y_train)}"
+            )
+        if len(self.x_test) != len(self.y_test):
+            raise ValueError(
+                f"x_test has {len(self.x_test)} samples but y_test has {len(self.y_test)}"
+            )
+
+    @property
+    def num_train(self) -> int:
+        return len(self.x_train)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.x_test)
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A learning problem: data, a seeded model factory, loss/metrics and a batch iterator."""
+
+    name: str
+    data: TaskData
+    model_factory: Callable[[], nn.Module]
+    default_lr: float
+    default_batch_size: int
+    default_optimizer: str = "sgd"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def optimum(self) -> Tensor | None:
+        """Known optimal weights (``synthetic`` only), else None."""
+        return self.extra.get("optimum")
+
+    def make_model(self, seed: int) -> nn.Module:
+        """Build the model with a deterministic initialisation; global RNG state is untouched."""
+        seed = _check_int("seed", seed, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.model_factory()
+
+    def loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Mean loss: cross-entropy (classification, lm over all positions) or MSE."""
+        if self.data.kind == "classification":
+            return F.cross_entropy(output, target)
+        if self.data.kind == "lm":
+            return F.cross_entropy(output.reshape(-1, output.shape[-1]), target.reshape(-1))
+        return F.mse_loss(output, target)
+
+    def metrics(self, model_output: Tensor, target: Tensor) -> dict[str, float]:
+        """``{"loss": ...}`` plus ``"accuracy"`` (next-char accuracy for lm) when applicable."""
+        with torch.no_grad():
+            out = {"loss": float(self.loss(model_output, target))}
+            if self.data.kind != "regression":
+                hits = model_output.argmax(dim=-1) == target
+                out["accuracy"] = float(hits.float().mean())
+        return out
+
+    def evaluate(
+        self, model: nn.Module, *, split: str = "test", batch_size: int = 1024
+    ) -> dict[str, float]:
+        """Metrics of ``model`` on a whole split ("train" or "test"), computed in chunks."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split={split!r} is invalid: expected 'train' or 'test'")
+        batch_size = _check_int("batch_size", batch_size)
+        x = self.data.x_train if split == "train" else self.data.x_test
+        y = self.data.y_train if split == "train" else self.data.y_test
+        with torch.no_grad():
+            output = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        return self.metrics(output, y)
+
+    def batches(
+        self,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        *,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` train batches of ``indices`` shuffled by ``default_rng((seed, epoch))``.
+
+        Validation happens eagerly; the last batch may be short unless ``drop_last``.
+        """
+        batch_size = _check_int("batch_size", batch_size)
+        seed = _check_int("seed", seed, 0)
+        epoch = _check_int("epoch", epoch, 0)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = self.data.num_train
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(
+                f"indices must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]"
+            )
+        return self._iter_batches(idx, batch_size, seed, epoch, drop_last)
+
+    def _iter_batches(
+        self, idx: np.ndarray, batch_size: int, seed: int, epoch: int, drop_last: bool
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        order = torch.from_numpy(np.random.default_rng((seed, epoch)).permutation(idx))
+        stop = len(order) - batch_size + 1 if drop_last else len(order)
+        for start in range(0, stop, batch_size):
+            chunk = order[start : start + batch_size]
+            yield self.data.x_train[chunk], self.data.y_train[chunk]
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """Read scikit-learn's bundled digits CSV directly (importing sklearn costs ~0.7 s)."""
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in locations:
+        path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+        if os.path.exists(path):
+            with gzip.open(path, "rt") as handle:
+                table = np.loadtxt(handle, delimiter=",", dtype=np.float64)
+            return table[:, :-1], table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.int64)
+
+
+def _stratified_split(
+    y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        cut = round(test_fraction * len(idx))
+        test.append(idx[:cut])
+        train.append(idx[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _digits(seed: int, *, hidden: int = 128, test_fraction: float = 0.2) -> Task:
+    hidden = _check_int("hidden", hidden)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} is invalid: expected a value in (0, 1)")
+    x, y = _load_digits_arrays()
+    train, test = _stratified_split(y, test_fraction, seed)
+    xt = torch.from_numpy((x / 16.0).astype(np.float32))
+    yt = torch.from_numpy(y)
+    data = TaskData(xt[train], yt[train], xt[test], yt[test], num_classes=10, kind="classification")
+
+    def factory() -> nn.Module:
+        return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+    return Task("digits", data, factory, default_lr=0.05, default_batch_size=16)
+
+
+# --------------------------------------------------------------------------- charlm
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention written with plain ops (vmap/functional_call safe)."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = self.n_heads
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q = q.reshape(b, t, h, d // h).transpose(1, 2)
+        k = k.reshape(b, t, h, d // h).transpose(1, 2)
+        v = v.reshape(b, t, h, d // h).transpose(1, 2)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)
+        causal = torch.tril(torch.ones(t, t, dtype=torch.bool, device=x.device))
+        scores = scores.masked_fill(~causal, float("-inf"))
+        y = torch.softmax(scores, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharGPT(nn.Module):
+    """Tiny character-level GPT: token ids ``[B, T]`` -> logits ``[B, T, vocab_size]``."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        context: int = 32,
+        d_model: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 2,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("context", context),
+            ("d_model", d_model),
+            ("n_layers", n_layers),
+            ("n_heads", n_heads),
+        ):
+            _check_int(name, value)
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, d_model)
+        self.pos = nn.Embedding(context, d_model)
+        self.blocks = nn.Sequential(*(Block(d_model, n_heads) for _ in range(n_layers)))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab_size)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[-1]
+        if t > self.context:
+            raise ValueError(f"sequence length {t} exceeds context={self.context}")
+        positions = torch.arange(t, device=idx.device)
+        x = self.tok(idx) + self.pos(positions)
+        return self.head(self.ln_f(self.blocks(x)))
+
+
+def _read_stdlib_corpus(max_chars: int) -> str:
+    stdlib = sysconfig.get_paths()["stdlib"]
+    pieces: list[str] = []
+    total = 0
+    for name in CHARLM_FILES:
+        path = os.path.join(stdlib, name)
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+        pieces.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    if not pieces:
+        raise RuntimeError(f"none of {CHARLM_FILES} found in the standard library at {stdlib}")
+    return "\n".join(pieces)[:max_chars]
+
+
+def _windows(ids: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    count = (len(ids) - 1) // context
+    x = ids[: count * context].reshape(count, context)
+    y = ids[1 : count * context + 1].reshape(count, context)
+    return x.contiguous(), y.contiguous()
+
+
+def _charlm(
+    seed: int,
+    *,
+    context: int = 32,
+    max_chars: int = 200_000,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 2,
+    text: str | None = None,
+) -> Task:
+    del seed  # the corpus and split are fixed
+    context = _check_int("context", context)
+    max_chars = _check_int("max_chars", max_chars)
+    for name, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
+        _check_int(name, value)
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+    corpus = _read_stdlib_corpus(max_chars) if text is None else text[:max_chars]
+    corpus = "".join(ch if ch in ALLOWED_CHARS else UNKNOWN_CHAR for ch in corpus)
+    vocab = "".join(sorted(set(corpus) | {UNKNOWN_CHAR}))
+    lookup = np.full(128, vocab.index(UNKNOWN_CHAR), dtype=np.int64)
+    for i, ch in enumerate(vocab):
+        lookup[ord(ch)] = i
+    codes = np.frombuffer(corpus.encode("ascii"), dtype=np.uint8)
+    ids = torch.from_numpy(lookup[codes])
+    split = int(0.9 * len(ids))
+    x_train, y_train = _windows(ids[:split], context)
+    x_test, y_test = _windows(ids[split:], context)
+    if len(x_train) == 0 or len(x_test) == 0:
+        raise ValueError(
+            f"max_chars={max_chars} (corpus of {len(ids)} chars) is too small for "
+            f"context={context}: need at least one train and one test window"
+        )
+    data = TaskData(x_train, y_train, x_test, y_test, num_classes=len(vocab), kind="lm")
+    vocab_size = len(vocab)
+
+    def factory() -> nn.Module:
+        return CharGPT(vocab_size, context, d_model, n_layers, n_heads)
+
+    return Task(
+        "charlm",
+        data,
+        factory,
+        default_lr=3e-3,
+        default_batch_size=16,
+        default_optimizer="adam",
+        extra={"vocab": vocab, "context": context},
+    )
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def _synthetic(
+    seed: int,
+    *,
+    dim: int = 20,
+    num_train: int = 4000,
+    num_test: int = 1000,
+    noise: float = 0.1,
+) -> Task:
+    dim = _check_int("dim", dim)
+    num_train = _check_int("num_train", num_train)
+    num_test = _check_int("num_test", num_test)
+    if not noise >= 0.0:
+        raise ValueError(f"noise={noise!r} is invalid: expected a number >= 0")
+    gen = torch.Generator().manual_seed(int(seed))
+    w_star = torch.randn(dim, generator=gen)
+    x = torch.randn(num_train + num_test, dim, generator=gen)
+    y = (x @ w_star + noise * torch.randn(num_train + num_test, generator=gen)).unsqueeze(1)
+    data = TaskData(
+        x[:num_train], y[:num_train], x[num_train:], y[num_train:], None, kind="regression"
+    )
+
+    def factory() -> nn.Module:
+        return nn.Linear(dim, 1)
+
+    return Task(
+        "synthetic",
+        data,
+        factory,
+        default_lr=0.05,
+        default_batch_size=32,
+        extra={"optimum": w_star, "optimum_bias": 0.0, "noise": noise},
+    )
+
+
+_BUILDERS: dict[str, Callable[..., Task]] = {
+    "digits": _digits,
+    "charlm": _charlm,
+    "synthetic": _synthetic,
+}
+
+
+def get_task(name: str, *, seed: int = 0, **options: Any) -> Task:
+    """Build a named task: ``"digits"``, ``"charlm"`` or ``"synthetic"``.
+
+    ``seed`` fixes the data (digits split, synthetic optimum and samples); model init is seeded
+    separately through :meth:`Task.make_model`. ``options`` are task specific, e.g.
+    ``get_task("charlm", context=32, max_chars=200_000)``.
+    """
+    builder = _BUILDERS.get(name) if isinstance(name, str) else None
+    if builder is None:
+        raise ValueError(f"unknown task name={name!r}; available: {', '.join(TASK_NAMES)}")
+    seed = _check_int("seed", seed, 0)
+    allowed = set(builder.__kwdefaults__ or {})
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for task {name!r}; allowed: {sorted(allowed)}"
+        )
+    return builder(seed, **options)
