@@ -1,0 +1,98 @@
+"""Run directories: resolved config, metrics.jsonl, summary.json (atomic writes), plots.
+
+Layout of a run directory::
+
+    config.json     the resolved configuration
+    metrics.jsonl   one JSON object per line (per step/round, per rank or across nodes)
+    summary.json    final figures
+    *.png           plots
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RunWriter", "atomic_write_text", "read_jsonl", "to_jsonable"]
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain JSON types: tensors/arrays to lists, NaN/inf to None, dataclasses to dicts."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return to_jsonable(dataclasses.asdict(value))
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):
+        return to_jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunWriter:
+    """Writes one run directory. With ``enabled=False`` (non-zero ranks) it writes nothing."""
+
+    def __init__(self, out_dir: str | os.PathLike[str], config: Mapping[str, Any] | Any,
+                 *, enabled: bool = True, append: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        self.enabled = enabled
+        self._file = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "config.json",
+                          json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
+        self._file = open(self.out_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(to_jsonable(record)) + "\n")
+            self._file.flush()
+
+    def summary(self, summary: Mapping[str, Any]) -> None:
+        if self.enabled:
+            atomic_write_text(self.out_dir / "summary.json",
+                              json.dumps(to_jsonable(summary), indent=2, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,81 @@
+"""Run a function on W real processes joined by a Gloo group (FileStore: no ports, xdist-safe).
+
+``run_ranks(fn, world_size, *args)`` calls ``fn(comm, *args)`` in every rank, where ``comm`` is a
+:class:`gossip.comm.TorchCommunicator` over the world group, and returns the ranks' return values
+in rank order. ``fn`` must be a module-level function (it is pickled into spawned processes).
+A rank that raises fails the call with its traceback; a hang fails it after ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple,
+            results: Any, comm_timeout: float) -> None:
+    from gossip.comm import TorchCommunicator
+
+    torch.set_num_threads(1)
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=comm_timeout))
+        comm = TorchCommunicator(timeout=comm_timeout)
+        out = fn(comm, *args)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
+              comm_timeout: float = 60.0) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store_path = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, daemon=True,
+                             args=(r, world_size, store_path, fn, args, results, comm_timeout))
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        outs: dict[int, Any] = {}
+        import time
+
+        deadline = time.monotonic() + timeout
+        while len(outs) < world_size:
+            if not results.empty():
+                rank, status, value = results.get()
+                if status == "error":
+                    for p in procs:
+                        p.kill()
+                    raise AssertionError(f"rank {rank} failed:\n{value}")
+                outs[rank] = value
+                continue
+            if time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(outs))} did not "
+                                   f"finish within {timeout} s")
+            if any(p.exitcode not in (None, 0) for p in procs) and results.empty():
+                time.sleep(0.2)
+                if results.empty():
+                    codes = [p.exitcode for p in procs]
+                    for p in procs:
+                        p.kill()
+                    raise AssertionError(f"a rank died without reporting: exit codes {codes}")
+            time.sleep(0.01)
+        for p in procs:
+            p.join(timeout=10)
+    return [outs[r] for r in range(world_size)]
