@@ -1,0 +1,128 @@
+"""Who is still alive: heartbeats and an agreed membership over the rendezvous store.
+
+Each rank's daemon thread bumps a counter ``hb/<rank>`` in the c10d store every ``interval``
+seconds; a rank whose counter has not moved for ``dead_after`` seconds, or that a peer reported
+(``dead/<rank>``), is dead. For algorithms that re-plan around dead peers (NoLoCo pairings, gossip
+neighbourhoods), :meth:`PeerMonitor.agreed_dead` makes every rank use the same dead set at an
+outer step without a collective: the first rank to reach the step writes its view with the
+store's atomic ``compare_set``, and everyone reads that one value back.
+
+The store must outlive any worker: under torchrun it is the agent's (it survives a worker's
+death); with plain env:// initialisation rank 0 hosts it, so rank 0's death ends the run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch.distributed as dist
+
+__all__ = ["PeerMonitor"]
+
+_PREFIX = "gossip/monitor"
+
+
+class PeerMonitor:
+    """Heartbeats and failure reports of all ranks, read from a c10d store.
+
+    Args:
+        store: the rendezvous store (shared by all ranks).
+        rank: this rank.
+        world_size: number of ranks.
+        interval: seconds between heartbeats.
+        dead_after: seconds without a heartbeat before a rank counts as dead.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, *,
+                 interval: float = 0.5, dead_after: float = 3.0) -> None:
+        if interval <= 0:
+            raise ValueError(f"interval must be > 0 seconds, got {interval}")
+        if dead_after <= interval:
+            raise ValueError(f"dead_after ({dead_after}) must exceed interval ({interval})")
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.interval = interval
+        self.dead_after = dead_after
+        self._lock = threading.Lock()
+        self._seen: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it last moved)
+        self._dead: dict[int, float] = {}  # rank -> monotonic time we learned it
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name="gossip-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _key(self, kind: str, rank: int | str) -> str:
+        return f"{_PREFIX}/{kind}/{rank}"
+
+    def _beat(self) -> None:
+        self.store.add(self._key("hb", self.rank), 1)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+                self._scan()
+            except Exception:
+                return
+
+    def _scan(self) -> None:
+        now = time.monotonic()
+        for r in range(self.world_size):
+            if r == self.rank or r in self._dead:
+                continue
+            counter = self.store.add(self._key("hb", r), 0)
+            reported = self.store.check([self._key("dead", r)])
+            with self._lock:
+                last = self._seen.get(r)
+                if last is None or counter != last[0]:
+                    self._seen[r] = (counter, now)
+                elif now - last[1] > self.dead_after or reported:
+                    self._dead[r] = now
+                if reported:
+                    self._dead.setdefault(r, now)
+
+    def report_dead(self, rank: int, step: int) -> None:
+        """Tell every rank that ``rank`` failed (e.g. its connection closed) at ``step``."""
+        with self._lock:
+            self._dead.setdefault(rank, time.monotonic())
+        self.store.set(self._key("dead", rank), str(step))
+
+    def dead(self) -> frozenset[int]:
+        """Ranks this rank knows to be dead (its own detection plus reports)."""
+        with self._lock:
+            return frozenset(self._dead)
+
+    def wait_for_verdict(self, ranks: tuple[int, ...], timeout: float) -> frozenset[int]:
+        """Watch ``ranks`` for up to ``timeout`` s; return those found dead (empty: all alive)."""
+        deadline = time.monotonic() + min(timeout, self.dead_after + 2 * self.interval)
+        while time.monotonic() < deadline:
+            self._scan()
+            found = self.dead() & set(ranks)
+            if found:
+                return found
+            time.sleep(self.interval / 2)
+        return frozenset()
+
+    def agreed_dead(self, step: int) -> frozenset[int]:
+        """The dead set every rank uses at outer step ``step`` (first writer wins)."""
+        mine = ",".join(str(r) for r in sorted(self.dead()))
+        value = self.store.compare_set(self._key("members", step), "", mine or "-")
+        text = value.decode() if isinstance(value, bytes) else str(value)
+        agreed = frozenset(int(r) for r in text.split(",") if r and r != "-")
+        with self._lock:
+            now = time.monotonic()
+            for r in agreed:
+                self._dead.setdefault(r, now)
+        return agreed
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2 * self.interval)
+
+    @staticmethod
+    def default_store() -> dist.Store:
+        """The store of the default process group."""
+        return dist.distributed_c10d._get_default_store()
+
