@@ -1,0 +1,12 @@
+"""The simulator: many virtual nodes running the library's algorithms, stacked in one process.
+
+``python -m simulations.run --algo gossip-vc --nodes 64 --partition dirichlet:0.5 --out runs/x``
+runs one configuration; ``python -m simulations.compare`` compares FedAvg, DiLoCo, NoLoCo,
+D-PSGD and variance-corrected gossip on one non-IID task. The pieces: :mod:`.config`
+(:class:`SimConfig`), :mod:`.engine` (:class:`Simulation`, :func:`run`), :mod:`.training`
+(vectorized local training), :mod:`.network` (simulated time), :mod:`.faults`, :mod:`.plots`.
+"""
+
+from simulations.config import SimConfig
+
+__all__ = ["SimConfig"]

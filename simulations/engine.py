@@ -1,0 +1,550 @@
+"""The simulator: N virtual nodes stacked in one process (or a shard of them per Ray actor).
+
+:class:`Simulation` builds the rows of its nodes (all N, or the global ids it is given), the
+:class:`gossip.comm.StackedCommunicator` that joins them, and the very algorithm object a real
+rank runs (``gossip.algorithms.build_algorithm``). A round is one synchronisation period:
+
+1. faults for the round: who is up (``comm.set_faults``), who straggles;
+2. up to H vectorized local steps (:mod:`simulations.training`); a node that is down, not
+   sampled (FedAvg client sampling), out of its local epoch or past its straggler deadline is
+   masked on that step;
+3. ``algorithm.step(step, active=up)``, once; the rows of nodes that are down are restored
+   afterwards with their algorithm state, so a down node is frozen whatever the algorithm does;
+4. the communication events of the sync are turned into simulated seconds
+   (:mod:`simulations.network`); bytes come from ``comm.bytes_per_node``;
+5. metrics: train loss, each node evaluated on the task's global test set (vectorized),
+   consensus distance, bytes, simulated and wall seconds.
+
+Everything random derives from ``(seed, global node id)`` or ``(seed, round)``, so results do
+not depend on how the nodes are sharded. A shard's :meth:`Simulation.run_round` reduces its
+metrics over the process group, so every shard returns the same global record.
+
+:func:`run` runs a whole configuration (in this process, or on Ray when ``actors > 1``) and
+writes the run directory through :func:`drive`, which a Ray driver reuses.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gossip.algorithms import build_algorithm, needs_topology, same_init
+from gossip.algorithms._common import frozen_rows
+from gossip.batching import StackedBatches
+from gossip.comm.stacked import StackedCommunicator
+from gossip.data import label_distribution, partition, plot_label_distribution
+from gossip.flat import scope_from_spec
+from gossip.metrics import RunWriter
+from gossip.tasks import Task, get_task
+from gossip.topology import Topology, make_topology, spectral_gap
+from simulations.config import SimConfig
+from simulations.faults import FaultSchedule
+from simulations.network import NetworkModel, SimClock
+from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
+
+__all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "set_threads", "summarize"]
+
+#: Rows per chunk when reducing over the stacked parameters (bounds float64 temporaries).
+_ROW_CHUNK = 256
+
+
+class CachedTopology:
+    """A topology whose static peer table is computed once (``peer_table`` of a static graph
+    otherwise rebuilds it from the dense mixing matrix at every merge)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.inner = topology
+        self.n = topology.n
+        self.time_varying = topology.time_varying
+        self.spec = topology.spec
+        self._table: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def mixing_matrix(self, step: int = 0) -> Tensor:
+        return self.inner.mixing_matrix(step)
+
+    def neighbors(self, step: int) -> list[list[int]]:
+        return self.inner.neighbors(step)
+
+    def peer_table(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self.time_varying:
+            return self.inner.peer_table(step)
+        if self._table is None:
+            self._table = self.inner.peer_table(0)
+        return self._table
+
+
+class Simulation:
+    """The nodes ``nodes`` (global ids; default all ``cfg.nodes``) of one simulated run.
+
+    Args:
+        cfg: the run's configuration (resolved here for the task).
+        nodes: global ids of the rows this process holds (a Ray shard), or None for all.
+        group: a process group joining the shards (required when ``nodes`` is a subset).
+        task: a prebuilt task (default: ``get_task(cfg.task, seed=cfg.seed)``).
+    """
+
+    def __init__(self, cfg: SimConfig, nodes: Sequence[int] | Tensor | None = None,
+                 group: dist.ProcessGroup | None = None, *, task: Task | None = None) -> None:
+        t_start = time.perf_counter()
+        self.task = task if task is not None else get_task(cfg.task, seed=cfg.seed)
+        self.cfg = cfg = cfg.resolved(self.task)
+        if cfg.momentum and cfg.optimizer != "sgd":
+            raise ValueError(f"momentum={cfg.momentum!r} is invalid with optimizer="
+                             f"{cfg.optimizer!r}: expected 0 (momentum is for sgd)")
+        n = cfg.nodes
+        ids = torch.arange(n) if nodes is None else torch.as_tensor(nodes, dtype=torch.long)
+        if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= n \
+                or ids.unique().numel() != ids.numel():
+            raise ValueError(f"nodes must be distinct ids in [0, {n}), got {ids.tolist()[:8]}...")
+        if group is None and ids.numel() != n:
+            raise ValueError(f"nodes holds {ids.numel()} of {n} nodes: a shard needs a group")
+        self.nodes = ids
+        self.group = group
+        self.device = torch.device(cfg.device)
+        data = self.task.data
+
+        bsz = cfg.batch_size
+        assert bsz is not None
+        labels = data.y_train if data.kind == "classification" else None
+        try:
+            if cfg.partition.startswith("sample:"):
+                size = cfg.shard_size or max(bsz, -(-data.num_train // n))
+                shards = sampled_partition(cfg.partition[len("sample:"):], labels, n, size,
+                                           num_samples=data.num_train, seed=cfg.seed)
+            else:
+                shards = partition(cfg.partition, labels, n, num_samples=data.num_train,
+                                   seed=cfg.seed)
+        except ValueError as e:
+            hint = " (more nodes than samples: try partition='sample:iid')" \
+                if n > data.num_train else ""
+            raise ValueError(f"partition={cfg.partition!r} is invalid for task={cfg.task!r} "
+                             f"with {n} nodes: {e}{hint}") from None
+        self.shards = shards
+        self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
+        if cfg.local_steps is not None:
+            self.round_steps = torch.full((n,), cfg.local_steps, dtype=torch.long)
+        else:
+            self.round_steps = steps_for_epochs(self.sizes, bsz, cfg.local_epochs)
+        self.steps_per_round = int(self.round_steps.max())
+        local = ids.tolist()
+        self.batches = StackedBatches([shards[i] for i in local], local, bsz, seed=cfg.seed)
+        self.local_step = torch.zeros(len(local), dtype=torch.long)
+
+        self.model = StackedModel(self.task, local, seed=cfg.seed, same_init=same_init(cfg.algo),
+                                  device=self.device, impl=cfg.train_impl,
+                                  scope=scope_from_spec(cfg.vc_scope or "weights"))
+        assert cfg.optimizer is not None and cfg.lr is not None
+        self.trainer = LocalTrainer(
+            self.model, data.x_train.to(self.device), data.y_train.to(self.device),
+            optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+        self.comm = StackedCommunicator(n, ids, group=group, seed=cfg.seed)
+        self.topology: CachedTopology | None = None
+        if needs_topology(cfg.algo):
+            assert cfg.topology is not None
+            try:
+                topo = make_topology(cfg.topology, n, seed=cfg.seed,
+                                     weights=cfg.topology_weights or "metropolis")
+            except ValueError as e:
+                raise ValueError(f"topology={cfg.topology!r} is invalid with {n} nodes: "
+                                 f"{e}") from None
+            self.topology = CachedTopology(topo)
+        self.algorithm = build_algorithm(
+            cfg.algo, cfg.algorithm_config(self.steps_per_round), self.model.flat, self.comm,
+            topology=self.topology,  # type: ignore[arg-type]
+            weight=self.sizes[ids].to(torch.float64))
+        self.faults = FaultSchedule(
+            n, cfg.rounds, seed=cfg.seed, crash_fraction=cfg.crash_fraction,
+            crash_round=cfg.crash_round or 0, churn_fraction=cfg.churn_fraction,
+            churn_rounds=cfg.churn_rounds, straggler_fraction=cfg.straggler_fraction,
+            straggler_slowdown=cfg.straggler_slowdown, drop_prob=cfg.drop_prob)
+        self.clock = SimClock(NetworkModel(
+            latency=cfg.latency, bandwidth=cfg.bandwidth, jitter=cfg.jitter,
+            compute_time=cfg.compute_time, allreduce=cfg.allreduce, seed=cfg.seed), n)
+        k = cfg.eval_samples or data.num_test
+        self.x_test = data.x_test[:k].to(self.device)
+        self.y_test = data.y_test[:k].to(self.device)
+        self.node_steps = 0
+        self.build_seconds = time.perf_counter() - t_start
+
+    # --------------------------------------------------------------------- description
+
+    def info(self) -> dict[str, Any]:
+        """Static facts of the run (the same on every shard)."""
+        flat = self.model.flat
+        out: dict[str, Any] = {
+            "steps_per_round": self.steps_per_round,
+            "params_per_node": flat.numel,
+            "model_bytes": flat.nbytes_per_row,
+            "train_impl": self.model.impl,
+            "shard_size_min": int(self.sizes.min()),
+            "shard_size_max": int(self.sizes.max()),
+            "build_seconds": self.build_seconds,
+        }
+        if self.topology is not None and not self.topology.time_varying \
+                and self.cfg.nodes <= 1024:
+            out["spectral_gap"] = spectral_gap(self.topology.mixing_matrix(0))
+        return out
+
+    def label_counts(self) -> np.ndarray | None:
+        """[N, classes] per-node label counts (classification tasks), else None."""
+        data = self.task.data
+        if data.kind != "classification" or data.num_classes is None:
+            return None
+        return label_distribution(data.y_train, self.shards, data.num_classes)
+
+    def flat_params(self) -> Tensor:
+        """The local rows' parameters as one [L, P] tensor (a copy)."""
+        return torch.cat([b.detach() for b in self.model.flat.buffers()], dim=1)
+
+    # --------------------------------------------------------------------- one round
+
+    def run_round(self, r: int) -> dict[str, Any]:
+        """Run round ``r`` (0-based): local steps, one sync, time and metrics (global)."""
+        cfg = self.cfg
+        alive = self.faults.alive(r)
+        slow = self.faults.slowdown(r)
+        self.comm.set_faults(alive, cfg.drop_prob)
+        take = alive.clone()
+        sampled = getattr(self.algorithm, "sampled", None)
+        if callable(sampled):  # FedAvg client sampling: unsampled clients stay idle
+            take &= sampled(r)
+        steps = self.round_steps * take
+        if cfg.straggler_policy == "deadline":
+            steps = torch.floor(steps / slow).to(torch.long)
+        local_steps = steps[self.nodes]
+
+        loss_sum = torch.zeros(len(self.nodes), dtype=torch.float64, device=self.device)
+        for s in range(int(local_steps.max()) if len(local_steps) else 0):
+            act = local_steps > s
+            idx = self.batches.batch(self.local_step).to(self.device)
+            losses = self.trainer.step(idx, act.to(self.device))
+            loss_sum += losses.double() * act.to(self.device)
+            self.local_step += act
+        node_steps = int(steps.sum())
+        self.node_steps += node_steps
+
+        first = len(self.comm.events)
+        up_local = alive[self.nodes]
+        if bool(take.any()):
+            with self._freeze_down(up_local.to(self.device)):
+                self.algorithm.step((r + 1) * self.steps_per_round,
+                                    active=up_local.to(self.device))
+        events = self.comm.events[first:]
+        del self.comm.events[:]
+        before = self.clock.now
+        self.clock.compute(r, steps, slow)
+        for k, event in enumerate(events):
+            self.clock.communicate(r, k, event, alive)
+        self.clock.end_round(alive)
+
+        per_node = self.comm.bytes_per_node
+        trained = self._sum(torch.stack([loss_sum.sum().cpu(),
+                                         local_steps.sum().double()]))
+        record: dict[str, Any] = {
+            "round": r + 1,
+            "step": (r + 1) * self.steps_per_round,
+            "alive": int(alive.sum()),
+            "node_steps": node_steps,
+            "train_loss": float(trained[0] / trained[1]) if trained[1] > 0 else None,
+            "bytes_total": float(per_node.sum()),
+            "bytes_per_node": float(per_node.mean()),
+            "bytes_per_node_max": float(per_node.max()),
+            "sim_seconds": self.clock.now,
+            "round_sim_seconds": self.clock.now - before,
+        }
+        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
+            record.update(self._eval_record(up_local))
+        return record
+
+    @contextmanager
+    def _freeze_down(self, up: Tensor) -> Iterator[None]:
+        """Nodes that are down keep parameters and algorithm state through the sync, and
+        state created lazily during it (e.g. DiLoCo's outer momentum) starts at zero for them."""
+        if bool(up.all()):
+            yield
+            return
+        before = _row_tensors(self.algorithm, len(self.nodes))
+        seen = {id(t) for t in before}
+        with torch.no_grad(), frozen_rows(self.model.state_tensors() + before, up):
+            yield
+        with torch.no_grad():
+            for t in _row_tensors(self.algorithm, len(self.nodes)):
+                if id(t) not in seen:
+                    t[~up.to(t.device)] = 0
+
+    # --------------------------------------------------------------------- metrics
+
+    def evaluate(self) -> dict[str, Tensor]:
+        """Every local node on the task's test set: ``nodes`` [L], ``loss`` [L] and (not for
+        regression) ``accuracy`` [L], float64 on the CPU."""
+        loss, acc = self.model.evaluate(self.x_test, self.y_test)
+        out = {"nodes": self.nodes.clone(), "loss": loss.cpu()}
+        if acc is not None:
+            out["accuracy"] = acc.cpu()
+        return out
+
+    def consensus_distance(self, mask: Tensor | None = None) -> float:
+        """``(1/n) sum_i ||x_i - mean||^2`` over the nodes in ``mask`` [L] (default: all)."""
+        m = torch.ones(len(self.nodes), dtype=torch.bool) if mask is None else mask.cpu()
+        count = float(self._sum(m.sum().double().reshape(1)))
+        if count == 0:
+            return float("nan")
+        total = 0.0
+        for buf in self.model.flat.buffers():
+            dev_mask = m.to(buf.device)
+            s = torch.zeros(buf.shape[1], dtype=torch.float64, device=buf.device)
+            for r0 in range(0, buf.shape[0], _ROW_CHUNK):
+                rows = buf[r0:r0 + _ROW_CHUNK][dev_mask[r0:r0 + _ROW_CHUNK]]
+                s += rows.double().sum(dim=0)
+            mean = self._sum(s) / count
+            sq = torch.zeros((), dtype=torch.float64, device=buf.device)
+            for r0 in range(0, buf.shape[0], _ROW_CHUNK):
+                rows = buf[r0:r0 + _ROW_CHUNK][dev_mask[r0:r0 + _ROW_CHUNK]]
+                sq += ((rows.double() - mean) ** 2).sum()
+            total += float(self._sum(sq.reshape(1)))
+        return total / count
+
+    def _eval_record(self, up: Tensor) -> dict[str, Any]:
+        ev = self.evaluate()
+        out: dict[str, Any] = {"consensus_distance": self.consensus_distance(up)}
+        for key in ("accuracy", "loss"):
+            if key not in ev:
+                continue
+            v = ev[key][up]
+            stats = self._sum(torch.tensor([float(v.sum()), float(v.numel())],
+                                           dtype=torch.float64))
+            lo = self._reduce(torch.tensor([float(v.min()) if v.numel() else math.inf],
+                                           dtype=torch.float64), dist.ReduceOp.MIN)
+            hi = self._reduce(torch.tensor([float(v.max()) if v.numel() else -math.inf],
+                                           dtype=torch.float64), dist.ReduceOp.MAX)
+            if stats[1] > 0:
+                out[f"{key}_mean"] = float(stats[0] / stats[1])
+                out[f"{key}_min"] = float(lo[0])
+                out[f"{key}_max"] = float(hi[0])
+        return out
+
+    def _sum(self, t: Tensor) -> Tensor:
+        return self._reduce(t, dist.ReduceOp.SUM)
+
+    def _reduce(self, t: Tensor, op: Any) -> Tensor:
+        if self.group is None:
+            return t
+        device = t.device
+        if dist.get_backend(self.group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=op, group=self.group)
+        return t.to(device)
+
+
+_SAMPLE = 0x5A3
+
+def sampled_partition(spec: str, labels: Tensor | None, n: int, size: int, *,
+                      num_samples: int, seed: int) -> list[np.ndarray]:
+    """Each node draws its own shard of ``size`` samples from the whole training set.
+
+    ``spec`` is ``iid`` (uniform, without replacement within a node) or ``dirichlet:ALPHA``
+    (the node's class proportions ~ Dir(ALPHA), then samples uniform within each drawn class;
+    Tian et al.'s non-IID sampling). Node i's draw depends on ``(seed, i)`` only, so shards
+    overlap across nodes and any number of nodes works.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "iid" and not arg:
+        out = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, _SAMPLE, i])
+            out.append(np.sort(rng.choice(num_samples, size=size,
+                                          replace=size > num_samples)))
+        return out
+    if kind != "dirichlet" or not arg:
+        raise ValueError(f"expected 'sample:iid' or 'sample:dirichlet:ALPHA', got "
+                         f"'sample:{spec}'")
+    alpha = float(arg)
+    if labels is None:
+        raise ValueError("sample:dirichlet needs class labels (a classification task)")
+    y = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    classes = np.unique(y)
+    members = [np.flatnonzero(y == c) for c in classes]
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, _SAMPLE, i])
+        p = rng.dirichlet(np.full(len(classes), alpha))
+        if not np.all(np.isfinite(p)) or p.sum() <= 0:  # alpha so small it underflows
+            p = np.eye(len(classes))[rng.integers(0, len(classes))]
+        drawn = rng.choice(len(classes), size=size, p=p)
+        picks = [members[c][rng.integers(0, len(members[c]))] for c in drawn]
+        out.append(np.sort(np.asarray(picks, dtype=np.int64)))
+    return out
+
+
+def _row_tensors(algorithm: Any, rows: int) -> list[Tensor]:
+    """The per-row state tensors [rows, ...] an algorithm object holds (phi, momentum, ...)."""
+    out: list[Tensor] = []
+
+    def visit(value: Any) -> None:
+        if isinstance(value, Tensor):
+            if value.dim() >= 2 and value.shape[0] == rows:
+                out.append(value)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, torch.optim.Optimizer):
+            for state in value.state.values():
+                for v in state.values():
+                    visit(v)
+
+    for name, value in vars(algorithm).items():
+        if name not in ("params", "comm", "topology", "config"):
+            visit(value)
+    return out
+
+
+# ----------------------------------------------------------------------------- run directory
+
+
+class Runner(Protocol):
+    """What :func:`drive` needs: a :class:`Simulation`, or a Ray driver over its shards."""
+
+    cfg: SimConfig
+
+    def info(self) -> dict[str, Any]: ...
+    def label_counts(self) -> np.ndarray | None: ...
+    def run_round(self, r: int) -> dict[str, Any]: ...
+
+
+def summarize(cfg: SimConfig, records: Sequence[dict[str, Any]], *, wall_seconds: float,
+              info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary.json of a run from its per-round records."""
+    last = records[-1] if records else {}
+    evals = [rec for rec in records if "loss_mean" in rec]
+    final = evals[-1] if evals else {}
+    to_90 = next((rec for rec in evals if (rec.get("accuracy_mean") or 0.0) >= 0.9), None)
+    node_steps = sum(int(rec.get("node_steps", 0)) for rec in records)
+    return {
+        "algo": cfg.algo,
+        "task": cfg.task,
+        "nodes": cfg.nodes,
+        "rounds": len(records),
+        "partition": cfg.partition,
+        "topology": cfg.topology,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "final_accuracy_mean": final.get("accuracy_mean"),
+        "final_accuracy_min": final.get("accuracy_min"),
+        "final_accuracy_max": final.get("accuracy_max"),
+        "final_loss_mean": final.get("loss_mean"),
+        "final_consensus_distance": final.get("consensus_distance"),
+        "rounds_to_90": None if to_90 is None else to_90["round"],
+        "sim_seconds_to_90": None if to_90 is None else to_90["sim_seconds"],
+        "bytes_per_node": last.get("bytes_per_node", 0.0),
+        "bytes_total": last.get("bytes_total", 0.0),
+        "simulated_seconds": last.get("sim_seconds", 0.0),
+        "wall_seconds": wall_seconds,
+        "node_steps": node_steps,
+        "node_steps_per_second": node_steps / wall_seconds if wall_seconds > 0 else None,
+        **(info or {}),
+    }
+
+
+class RunRecorder:
+    """Writes one simulated run's directory: config.json, metrics.jsonl, summary.json, plots.
+
+    With ``out=None`` nothing is written; the records and summary are still kept.
+    """
+
+    def __init__(self, cfg: SimConfig, out: str | Path | None, *,
+                 label_counts: np.ndarray | None = None, plots: bool = True) -> None:
+        self.cfg = cfg
+        self.out = None if out is None else Path(out)
+        self.plots = plots
+        self.records: list[dict[str, Any]] = []
+        self.writer = RunWriter(self.out or ".", cfg.to_dict(), enabled=self.out is not None)
+        if self.out is not None and label_counts is not None and plots:
+            plot_label_distribution(label_counts, self.out / "label_distribution.png")
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self.writer.log(record)
+
+    def finish(self, *, wall_seconds: float, info: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+        summary = summarize(self.cfg, self.records, wall_seconds=wall_seconds, info=info)
+        self.writer.summary(summary)
+        self.writer.close()
+        if self.out is not None and self.plots:
+            from simulations.plots import plot_run
+
+            plot_run(self.records, self.out, title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
+                                                   f"{self.cfg.partition}")
+        return summary
+
+
+def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | None = None,
+          plots: bool = True) -> dict[str, Any]:
+    """Run every round of ``runner``, write the run directory (``out``, default
+    ``runner.cfg.out``; None there too = write nothing) and return the summary, with the
+    per-round records under ``"records"`` (summary.json holds the rest).
+
+    A Ray driver reuses this with a runner that forwards ``run_round`` to its shards and returns
+    shard 0's record (every shard returns the same global record)."""
+    cfg = runner.cfg
+    out = cfg.out if out is None else out
+    t0 = time.perf_counter()
+    recorder = RunRecorder(cfg, out, label_counts=runner.label_counts() if out else None,
+                           plots=plots)
+    show = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) \
+        if progress is None else progress
+    bar = None
+    if show:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.rounds, desc=f"{cfg.algo} N={cfg.nodes}", unit="round",
+                   file=sys.stderr)
+    try:
+        for r in range(cfg.rounds):
+            record = runner.run_round(r)
+            record["wall_seconds"] = time.perf_counter() - t0
+            recorder.log(record)
+            if bar is not None:
+                bar.update(1)
+                if record.get("accuracy_mean") is not None:
+                    bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}",
+                                    sim_s=f"{record['sim_seconds']:.1f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = recorder.finish(wall_seconds=time.perf_counter() - t0, info=runner.info())
+    summary_out = dict(summary)
+    summary_out["records"] = recorder.records
+    return summary_out
+
+
+def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end and return its summary (plus ``records``, the per-round metrics).
+
+    ``cfg.actors > 1`` shards the nodes over Ray actors (:mod:`simulations.ray_backend`).
+    """
+    if cfg.actors > 1:
+        from simulations import ray_backend  # type: ignore[attr-defined]
+
+        return ray_backend.run_on_ray(cfg)
+    set_threads(cfg)
+    sim = Simulation(cfg, task=task)
+    return drive(sim)
+
+
+def set_threads(cfg: SimConfig) -> int:
+    """Apply ``cfg.threads`` to torch (0 = 1 thread below 512 nodes, else torch's default)."""
+    threads = cfg.threads or min(torch.get_num_threads(), max(1, cfg.nodes // 256))
+    torch.set_num_threads(threads)
+    return threads

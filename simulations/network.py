@@ -1,0 +1,161 @@
+"""Simulated time: per-node clocks advanced by compute and by each logged communication call.
+
+Every node i has a clock ``t[i]`` (seconds). A round advances it in two phases:
+
+1. **Compute.** ``t[i] += steps[i] * compute_time * slowdown[i] * jitter`` (one mean-one
+   log-normal draw per node and round when ``jitter > 0``); ``slowdown`` marks stragglers.
+2. **Communication**, one :class:`gossip.comm.stacked.CommEvent` at a time, in call order:
+
+   - ``all_reduce`` (FedAvg, DiLoCo; synchronous): it starts when the slowest participant is
+     ready and takes a bandwidth-optimal ring all-reduce,
+     ``2 (P - 1) (latency + bytes / (P * bandwidth))`` for P participants, or with
+     ``allreduce="halving-doubling"`` (Rabenseifner: reduce-scatter and all-gather by recursive
+     halving/doubling, what MPI and Gloo use for small messages)
+     ``2 ceil(log2 P) latency + 2 (P - 1) / P * bytes / bandwidth``; times one jitter draw.
+     Every participant's clock becomes the finish time.
+   - ``exchange`` (gossip, NoLoCo): a node waits only for its own messages. Sender j, with
+     ``out_j`` messages to send, shares its uplink fairly among them, so all of them leave by
+     ``t[j] + out_j * bytes / bandwidth``; the one to i arrives ``latency * jitter`` later.
+     Receiver i is done at ``max(its own sends done, arrival of every message sent to it)``. A
+     message that is lost on the way still makes its receiver wait until it was due (a timeout);
+     a message from or to a node that is down is never sent, and nobody waits for it. Waiting
+     couples the clocks: a straggler delays its neighbours, and they delay theirs, one hop per
+     round, as in a real decentralized run without a global barrier.
+
+At the end of a round a node that is down takes the clock of the latest node that is up (it
+rejoins "now"). The run's simulated time after round r is the latest clock of all nodes.
+Bytes are not modelled here: the communicator counts them exactly (``comm.bytes_per_node``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gossip.comm.stacked import CommEvent
+
+__all__ = ["ALLREDUCE_ALGOS", "NetworkModel", "SimClock", "allreduce_seconds",
+           "ring_allreduce_seconds"]
+
+ALLREDUCE_ALGOS = ("ring", "halving-doubling")
+
+_COMPUTE, _MESSAGE, _COLLECTIVE = 0xC0, 0x3E, 0xA1
+
+
+@dataclass(frozen=True, kw_only=True)
+class NetworkModel:
+    """Link and compute parameters.
+
+    Args:
+        latency: seconds per message (alpha).
+        bandwidth: bytes/s of every node's uplink and downlink (1/beta).
+        jitter: sigma of the mean-one log-normal noise on message and compute times.
+        compute_time: seconds per inner step of one node.
+        allreduce: ``ring`` or ``halving-doubling``.
+        seed: seeds the jitter.
+    """
+
+    latency: float = 0.05
+    bandwidth: float = 12.5e6
+    jitter: float = 0.0
+    compute_time: float = 0.01
+    allreduce: str = "ring"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("latency", "jitter", "compute_time"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.bandwidth > 0:
+            raise ValueError(f"bandwidth must be > 0, got {self.bandwidth!r}")
+        if self.allreduce not in ALLREDUCE_ALGOS:
+            raise ValueError(f"allreduce must be one of {list(ALLREDUCE_ALGOS)}, got "
+                             f"{self.allreduce!r}")
+
+    def noise(self, shape: tuple[int, ...], *tags: int) -> np.ndarray:
+        """Mean-one log-normal factors (all ones when ``jitter`` is 0)."""
+        if self.jitter == 0:
+            return np.ones(shape)
+        z = np.random.default_rng([self.seed, *tags]).standard_normal(shape)
+        return np.exp(self.jitter * z - 0.5 * self.jitter**2)
+
+
+def ring_allreduce_seconds(participants: int, nbytes: float, latency: float,
+                           bandwidth: float) -> float:
+    """``2 (P - 1) (latency + nbytes / (P * bandwidth))``; 0 for P <= 1."""
+    p = participants
+    if p <= 1:
+        return 0.0
+    return 2 * (p - 1) * (latency + nbytes / (p * bandwidth))
+
+
+def allreduce_seconds(algo: str, participants: int, nbytes: float, latency: float,
+                      bandwidth: float) -> float:
+    """All-reduce time of ``algo`` (``ring`` or ``halving-doubling``); 0 for P <= 1."""
+    p = participants
+    if p <= 1:
+        return 0.0
+    if algo == "ring":
+        return ring_allreduce_seconds(p, nbytes, latency, bandwidth)
+    if algo == "halving-doubling":
+        return 2 * math.ceil(math.log2(p)) * latency + 2 * (p - 1) / p * nbytes / bandwidth
+    raise ValueError(f"allreduce must be one of {list(ALLREDUCE_ALGOS)}, got {algo!r}")
+
+
+class SimClock:
+    """Per-node simulated clocks of N nodes (the same on every shard: inputs are global)."""
+
+    def __init__(self, model: NetworkModel, n: int) -> None:
+        self.model = model
+        self.n = n
+        self.t = np.zeros(n)
+
+    @property
+    def now(self) -> float:
+        """The latest clock: when the last node finished its last round."""
+        return float(self.t.max())
+
+    def compute(self, r: int, steps: Tensor, slowdown: Tensor) -> None:
+        """Round ``r``'s local steps: ``steps`` [N] inner steps, ``slowdown`` [N] factors."""
+        m = self.model
+        dt = steps.double().numpy() * m.compute_time * slowdown.double().numpy()
+        self.t += dt * m.noise((self.n,), _COMPUTE, r)
+
+    def communicate(self, r: int, k: int, event: CommEvent, alive: Tensor) -> None:
+        """Apply the ``k``-th communication event of round ``r``."""
+        m = self.model
+        up = alive.numpy().astype(bool)
+        if event.op == "all_reduce":
+            part = up if event.participants is None else event.participants.numpy().astype(bool)
+            if not part.any():
+                return
+            count = int(part.sum())
+            dur = allreduce_seconds(m.allreduce, count, event.nbytes, m.latency, m.bandwidth)
+            dur *= float(m.noise((1,), _COLLECTIVE, r, k)[0])
+            self.t[part] = self.t[part].max() + dur
+            return
+        if event.op != "exchange" or event.peers is None:
+            raise ValueError(f"unknown communication event {event.op!r}")
+        table = event.peers.numpy()
+        valid = table >= 0
+        src = np.where(valid, table, 0)
+        sent = valid & up[src] & up[:, None]
+        out_count = np.bincount(src[sent], minlength=self.n)
+        tx = event.nbytes / m.bandwidth
+        send_done = self.t + out_count * tx
+        arrival = send_done[src] + m.latency * m.noise(table.shape, _MESSAGE, r, k)
+        wait = np.where(sent, arrival, -np.inf).max(axis=1, initial=-np.inf)
+        self.t = np.where(up, np.maximum(send_done, wait), self.t)
+
+    def end_round(self, alive: Tensor) -> None:
+        """Nodes that are down catch up with the latest node that is up."""
+        up = alive.numpy().astype(bool)
+        if up.any() and not up.all():
+            self.t[~up] = self.t[up].max()
+
+    def state(self) -> Tensor:
+        return torch.from_numpy(self.t.copy())

@@ -1,0 +1,462 @@
+"""Vectorized local training of N stacked models: one forward, one backward, one optimizer step.
+
+The N models of a simulation (or the L of one shard) are stacked along a leading node axis and
+stored as views into :class:`gossip.flat.FlatParams` buffers ``[L, P]``, the same layout the
+algorithms average. A training step runs all rows at once:
+
+- **forward**: for ``nn.Sequential`` MLPs of Linear/ReLU/Tanh a hand-written batched matmul
+  (``torch.baddbmm``); otherwise ``torch.func.functional_call`` under ``torch.vmap``; models that
+  cannot be vmapped (BatchNorm with running statistics) fall back to a per-node loop over the
+  same stacked state. ``impl="auto"`` picks the first that applies.
+- **backward**: one, of the sum of the per-node mean losses, so row i's gradient is exactly node
+  i's gradient.
+- **optimizer**: element-wise rules over ``[L, ...]`` tensors are L independent optimizers. SGD
+  is the stock ``torch.optim.SGD`` (momentum buffers created as zeros up front, which makes a
+  node's first step equal to torch's ``clone(grad)``). Adam/AdamW are :class:`RowAdam`: torch's
+  single-tensor Adam update, op for op, but with one step count per row, because torch keeps a
+  single scalar ``step`` per tensor and nodes that skip steps need their own bias correction
+  (torch's tensor-valued ``capturable`` step is not supported on CPU).
+- **masks**: a node that does not train on a step (down, straggling, or done with its local
+  epoch) keeps its parameters, optimizer state and step count bit for bit: the step runs on all
+  rows and the idle rows are restored (:func:`gossip.algorithms._common.frozen_rows`); a zero
+  gradient would not be a skipped step.
+- **clipping**: ``grad_clip`` clips each node's gradient norm (over all its tensors) separately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gossip.algorithms._common import frozen_rows
+from gossip.flat import FlatParams, ScopeFn, default_vc_scope
+from gossip.tasks import Task
+
+__all__ = ["IMPLS", "LocalTrainer", "RowAdam", "StackedModel", "choose_impl", "mlp_plan"]
+
+IMPLS = ("matmul", "vmap", "loop")
+#: Floats of activations one evaluation chunk may hold (about 64 MiB in fp32).
+EVAL_BUDGET = 1 << 24
+
+Plan = list[tuple[str, str | None, str | None]]
+
+
+# ----------------------------------------------------------------------------- model structure
+
+
+def mlp_plan(model: nn.Module) -> Plan | None:
+    """The layers of an ``nn.Sequential`` of Linear/ReLU/Tanh/Identity, else None."""
+    if type(model) is not nn.Sequential or any(True for _ in model.buffers()):
+        return None
+    plan: Plan = []
+    for name, m in model.named_children():
+        if type(m) is nn.Linear:
+            bias = f"{name}.bias" if m.bias is not None else None
+            plan.append(("linear", f"{name}.weight", bias))
+        elif type(m) is nn.ReLU:
+            plan.append(("relu", None, None))
+        elif type(m) is nn.Tanh:
+            plan.append(("tanh", None, None))
+        elif type(m) is not nn.Identity:
+            return None
+    return plan if any(op == "linear" for op, _, _ in plan) else None
+
+
+def _has_running_stats(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in model.modules())
+
+
+def choose_impl(model: nn.Module, impl: str = "auto") -> str:
+    """``matmul`` for plain MLPs, ``loop`` with BatchNorm running stats, else ``vmap``."""
+    if impl == "auto":
+        if mlp_plan(model) is not None:
+            return "matmul"
+        return "loop" if _has_running_stats(model) else "vmap"
+    if impl not in IMPLS:
+        raise ValueError(f"train_impl must be 'auto' or one of {list(IMPLS)}, got {impl!r}")
+    if impl == "matmul" and mlp_plan(model) is None:
+        raise ValueError("train_impl='matmul' needs an nn.Sequential of Linear/ReLU/Tanh, got "
+                         f"{type(model).__name__}")
+    if impl == "vmap" and _has_running_stats(model):
+        raise ValueError("train_impl='vmap' cannot update BatchNorm running stats; use 'loop'")
+    return impl
+
+
+def _mlp_forward(plan: Plan, params: dict[str, Tensor], h: Tensor) -> Tensor:
+    """Batched MLP: ``h`` [L, B, in] -> [L, B, out] (weights [L, out, in], biases [L, out])."""
+    for op, w_name, b_name in plan:
+        if op == "linear":
+            w = params[w_name].transpose(1, 2)
+            h = torch.bmm(h, w) if b_name is None else torch.baddbmm(
+                params[b_name].unsqueeze(1), h, w)
+        elif op == "relu":
+            h = torch.relu(h)
+        else:
+            h = torch.tanh(h)
+    return h
+
+
+def _mlp_forward_shared(plan: Plan, params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The same MLP for L nodes on one shared input ``x`` [T, in] -> [L, T, out].
+
+    The first layer is one GEMM of ``x`` with all L weight matrices side by side.
+    """
+    op, w_name, b_name = plan[0]
+    if op != "linear" or w_name is None:
+        rows = next(iter(params.values())).shape[0]
+        return _mlp_forward(plan, params, x.unsqueeze(0).expand(rows, *x.shape))
+    w = params[w_name]
+    n, out, fan_in = w.shape
+    h = (x @ w.reshape(n * out, fan_in).T).view(x.shape[0], n, out).transpose(0, 1)
+    if b_name is not None:
+        h = h + params[b_name].unsqueeze(1)
+    return _mlp_forward(plan[1:], params, h)
+
+
+# ----------------------------------------------------------------------------- stacked model
+
+
+class StackedModel:
+    """L copies of one architecture, stacked: parameters in flat buffers, buffers stacked.
+
+    Args:
+        task: makes the models (``task.make_model(seed)``) and defines the loss.
+        nodes: global node ids of the rows.
+        seed: model seed; a node's model is ``make_model(seed)`` when ``same_init`` else
+            ``make_model(seed + node)`` (the real launcher's convention).
+        device: where the rows live.
+        impl: ``auto`` | ``matmul`` | ``vmap`` | ``loop``.
+        scope: variance-correction scope of :class:`FlatParams`.
+    """
+
+    def __init__(self, task: Task, nodes: Sequence[int], *, seed: int, same_init: bool,
+                 device: torch.device | str = "cpu", impl: str = "auto",
+                 scope: ScopeFn = default_vc_scope) -> None:
+        nodes = [int(i) for i in nodes]
+        if not nodes:
+            raise ValueError("nodes is empty")
+        self.task = task
+        self.nodes = nodes
+        self.rows = len(nodes)
+        self.device = torch.device(device)
+        base = task.make_model(seed if same_init else seed + nodes[0]).to(self.device)
+        self.base = base
+        self.impl = choose_impl(base, impl)
+        self.plan = mlp_plan(base) if self.impl == "matmul" else None
+        rows = self.rows
+        named = {n: p for n, p in base.named_parameters() if p.requires_grad}
+        self.flat = FlatParams.from_stacked(
+            {n: p.detach().unsqueeze(0).expand(rows, *p.shape) for n, p in named.items()},
+            base, scope)
+        self.params: dict[str, nn.Parameter] = self.flat.named_views()
+        self.buffers: dict[str, Tensor] = {
+            n: b.detach().unsqueeze(0).expand(rows, *b.shape).clone()
+            for n, b in base.named_buffers()}
+        if not same_init:
+            with torch.no_grad():
+                for row, node in enumerate(nodes[1:], start=1):
+                    model = task.make_model(seed + node)
+                    for n, p in model.named_parameters():
+                        if n in self.params:
+                            self.params[n][row].copy_(p.detach())
+                    for n, b in model.named_buffers():
+                        self.buffers[n][row].copy_(b)
+        self._vmapped: Callable[..., Tensor] | None = None
+        self._vmapped_shared: Callable[..., Tensor] | None = None
+
+    @property
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.params.values())
+
+    def state_tensors(self) -> list[Tensor]:
+        """Every per-row tensor of the models (parameters and buffers)."""
+        return [*self.params.values(), *self.buffers.values()]
+
+    # --------------------------------------------------------------------- forward
+
+    def _call(self, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.base, (params, buffers), (x,))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Outputs of every row on its own input: ``x`` [L, B, ...] -> [L, B, ...] (matmul/vmap)."""
+        if self.impl == "matmul":
+            assert self.plan is not None
+            return _mlp_forward(self.plan, self.params, x)
+        if self.impl == "vmap":
+            if self._vmapped is None:
+                self._vmapped = torch.vmap(self._call, randomness="different")
+            return self._vmapped(self.params, self.buffers, x)
+        raise RuntimeError("forward() is not available with impl='loop'; use node_losses()")
+
+    def node_losses(self, x: Tensor, y: Tensor, active: Tensor | None = None) -> Tensor:
+        """Per-node mean losses [L] (a graph to backprop through). With ``impl='loop'`` only the
+        ``active`` rows run (their BatchNorm statistics update); the others are 0."""
+        if self.impl != "loop":
+            return _per_node_loss(self.task, self.forward(x), y)
+        rows = range(self.rows) if active is None else active.nonzero().flatten().tolist()
+        out = torch.zeros(self.rows, device=x.device)
+        losses = []
+        for row in rows:
+            p = {n: t[row] for n, t in self.params.items()}
+            b = {n: t[row] for n, t in self.buffers.items()}
+            losses.append(self.task.loss(self._call(p, b, x[row]), y[row]))
+        if not losses:
+            return out
+        index = torch.as_tensor(list(rows), device=x.device)
+        return out.index_put((index,), torch.stack(losses).to(out.dtype))
+
+    # --------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Every row on the shared set ``(x, y)``: mean loss [L] and accuracy [L] (None for
+        regression), float64. Chunked over nodes and samples to bound memory."""
+        kind = self.task.data.kind
+        n = x.shape[0]
+        per_sample = 4 * self._width() * max(1, y[0].numel() if y.dim() > 1 else 1)
+        samples = max(1, min(n, EVAL_BUDGET // per_sample))
+        nodes = max(1, EVAL_BUDGET // (per_sample * samples))
+        loss = torch.zeros(self.rows, dtype=torch.float64, device=x.device)
+        hits = torch.zeros_like(loss)
+        count = 0
+        was_training = self.base.training
+        self.base.eval()
+        try:
+            for s0 in range(0, n, samples):
+                xs, ys = x[s0:s0 + samples], y[s0:s0 + samples]
+                count += ys.numel()
+                for r0 in range(0, self.rows, nodes):
+                    r1 = min(self.rows, r0 + nodes)
+                    out = self._eval_forward(xs, r0, r1)
+                    lsum, hsum = _per_node_sums(kind, out, ys)
+                    loss[r0:r1] += lsum
+                    if hsum is not None:
+                        hits[r0:r1] += hsum
+        finally:
+            self.base.train(was_training)
+        return loss / count, (hits / count if kind != "regression" else None)
+
+    def _eval_forward(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        params = {n: t[r0:r1] for n, t in self.params.items()}
+        if self.impl == "matmul":
+            assert self.plan is not None
+            return _mlp_forward_shared(self.plan, params, x)
+        buffers = {n: t[r0:r1] for n, t in self.buffers.items()}
+        if self.impl == "vmap":
+            if self._vmapped_shared is None:
+                self._vmapped_shared = torch.vmap(self._call, in_dims=(0, 0, None),
+                                                  randomness="different")
+            return self._vmapped_shared(params, buffers, x)
+        return torch.stack([
+            self._call({n: t[i] for n, t in params.items()},
+                       {n: t[i] for n, t in buffers.items()}, x) for i in range(r1 - r0)])
+
+    def _width(self) -> int:
+        widths = [m.out_features for m in self.base.modules() if isinstance(m, nn.Linear)]
+        widths += [m.embedding_dim for m in self.base.modules() if isinstance(m, nn.Embedding)]
+        return max(widths, default=64)
+
+
+def _per_node_loss(task: Task, out: Tensor, y: Tensor) -> Tensor:
+    """``task.loss`` of each row: out [L, B, ...], y [L, B, ...] -> [L]."""
+    rows = out.shape[0]
+    kind = task.data.kind
+    if kind in ("classification", "lm"):
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
+                               reduction="none").view(rows, -1).mean(dim=1)
+    if kind == "regression":
+        return F.mse_loss(out, y, reduction="none").reshape(rows, -1).mean(dim=1)
+    return torch.vmap(task.loss)(out, y)
+
+
+def _per_node_sums(kind: str, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Sum of per-element losses and of hits for each row of ``out`` [L, T, ...] on shared y."""
+    rows = out.shape[0]
+    target = y.unsqueeze(0).expand(rows, *y.shape)
+    if kind == "regression":
+        return F.mse_loss(out, target, reduction="none").reshape(rows, -1).sum(1).double(), None
+    loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="none")
+    hits = (out.argmax(dim=-1) == target).reshape(rows, -1).sum(1)
+    return loss.view(rows, -1).sum(1).double(), hits.double()
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+
+class RowAdam(torch.optim.Optimizer):
+    """Adam / AdamW over ``[L, ...]`` tensors whose rows are independent models.
+
+    The update is torch's single-tensor Adam (``torch.optim.Adam``, ``amsgrad=False``,
+    ``foreach=False``) op for op, except that ``state["step"]`` holds one count per row [L], so
+    each row gets its own bias correction. Rows whose step must be skipped are restored by the
+    caller (their count included).
+
+    Args:
+        params: tensors of shape [L, ...] (every row a node).
+        lr, betas, eps: as in ``torch.optim.Adam``.
+        weight_decay: L2 penalty (Adam) or decoupled decay (AdamW).
+        decoupled: AdamW's decoupled weight decay.
+    """
+
+    def __init__(self, params: Iterable[Tensor], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, decoupled: bool = False) -> None:
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "decoupled": decoupled}
+        super().__init__(params, defaults)
+
+    def init_state(self) -> None:
+        """Create every tensor's state now (so masked first steps can be restored)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._state(p)
+
+    def _state(self, p: Tensor) -> dict[str, Tensor]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2) = group["lr"], group["betas"]
+            eps, wd = group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                state = self._state(p)
+                step_t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
+                step_t += 1
+                if wd != 0:
+                    if group["decoupled"]:
+                        p.mul_(1 - lr * wd)
+                    else:
+                        grad = grad.add(p, alpha=wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                shape = (p.shape[0],) + (1,) * (p.dim() - 1)
+                step = step_t.to(torch.float64)
+                bias_correction1 = 1 - torch.pow(beta1, step)
+                bias_correction2 = 1 - torch.pow(beta2, step)
+                step_size = (lr / bias_correction1).to(p.dtype).view(shape)
+                bias_correction2_sqrt = bias_correction2.sqrt().to(p.dtype).view(shape)
+                denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                # torch: p.addcdiv_(exp_avg, denom, value=-step_size)
+                p.sub_((exp_avg / denom).mul_(step_size))
+        return loss
+
+
+def make_optimizer(name: str, params: list[nn.Parameter], *, lr: float, momentum: float = 0.0,
+                   weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """SGD (stock, momentum buffers pre-created as zeros), Adam or AdamW (:class:`RowAdam`)."""
+    if name == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay or 0.0)
+        if momentum:
+            for p in params:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+    if name in ("adam", "adamw"):
+        default_wd = 0.01 if name == "adamw" else 0.0
+        opt = RowAdam(params, lr=lr,
+                      weight_decay=default_wd if weight_decay is None else weight_decay,
+                      decoupled=name == "adamw")
+        opt.init_state()
+        return opt
+    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {name!r}")
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class LocalTrainer:
+    """One local step of every stacked node: ``step(idx, active) -> per-node losses``.
+
+    Args:
+        model: the stacked models.
+        x_train, y_train: the whole training set, on the model's device; a step gathers each
+            node's batch with one index tensor [L, B].
+        optimizer: ``sgd`` | ``adam`` | ``adamw``.
+        lr, momentum, weight_decay: optimizer settings (weight_decay None = its default).
+        grad_clip: clip each node's gradient norm to this (None = off).
+    """
+
+    def __init__(self, model: StackedModel, x_train: Tensor, y_train: Tensor, *,
+                 optimizer: str, lr: float, momentum: float = 0.0,
+                 weight_decay: float | None = None, grad_clip: float | None = None) -> None:
+        self.model = model
+        self.x_train = x_train
+        self.y_train = y_train
+        self.grad_clip = grad_clip
+        self.params = model.parameters
+        self.optimizer = make_optimizer(optimizer, self.params, lr=lr, momentum=momentum,
+                                        weight_decay=weight_decay)
+
+    def state_tensors(self) -> list[Tensor]:
+        """Parameters, model buffers and every per-row optimizer state tensor."""
+        out = self.model.state_tensors()
+        for state in self.optimizer.state.values():
+            out += [t for t in state.values() if isinstance(t, Tensor) and t.dim() >= 1]
+        return out
+
+    def step(self, idx: Tensor, active: Tensor | None = None) -> Tensor:
+        """Train every active row on its batch ``idx`` [L, B]; returns per-node losses [L]
+        (detached; idle rows hold the loss they would have had, or 0 with the loop impl)."""
+        if active is not None and bool(active.all()):
+            active = None
+        xb, yb = self.x_train[idx], self.y_train[idx]
+        losses = self.model.node_losses(xb, yb, active)
+        grads = torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = torch.zeros_like(p) if g is None else g
+        if self.grad_clip is not None:
+            clip_rows_(self.params, self.grad_clip)
+        with torch.no_grad(), frozen_rows(self.state_tensors(), active):
+            self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        return losses.detach()
+
+
+def clip_rows_(params: Sequence[Tensor], max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` applied to every row (node) separately; returns the
+    per-row total norms [L]."""
+    sq = None
+    for p in params:
+        assert p.grad is not None
+        s = p.grad.detach().float().pow(2).reshape(p.shape[0], -1).sum(dim=1)
+        sq = s if sq is None else sq + s
+    assert sq is not None
+    norms = sq.sqrt()
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for p in params:
+        assert p.grad is not None
+        p.grad.mul_(coef.to(p.grad.dtype).view((p.shape[0],) + (1,) * (p.dim() - 1)))
+    return norms
+
+
+def steps_for_epochs(sizes: Tensor, batch_size: int, epochs: int) -> Tensor:
+    """Inner steps that ``epochs`` epochs take for shards of ``sizes`` [N] samples."""
+    return epochs * ((sizes + batch_size - 1) // batch_size)
