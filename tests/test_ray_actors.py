@@ -1,0 +1,98 @@
+"""launch.ray_actors on a real local Ray cluster: torchrun's environment, a Gloo all-reduce
+across actors, and bounded failure (a raising, dying or hanging rank tears the group down)."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("ray")
+
+from launch.ray_actors import WorkerGroup, WorkerGroupConfig, WorkerGroupError
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _all_reduce() -> tuple[float, dict[str, str]]:
+    dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=60))
+    try:
+        t = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(t)
+        return float(t), {k: os.environ[k] for k in ENV_KEYS}
+    finally:
+        dist.destroy_process_group()
+
+
+def _stall_on(rank: int, seconds: float) -> int:
+    if int(os.environ["RANK"]) == rank:
+        time.sleep(seconds)
+    return int(os.environ["RANK"])
+
+
+def _die_while_peer_waits() -> None:
+    """Rank 1 dies (no exception, no goodbye) while rank 0 waits for it in an all-reduce."""
+    dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=120))
+    if dist.get_rank() == 1:
+        os._exit(17)
+    dist.all_reduce(torch.ones(1))
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match="num_workers"):
+        WorkerGroupConfig(num_workers=0)
+    with pytest.raises(ValueError, match="gpus_per_worker"):
+        WorkerGroupConfig(num_workers=2, gpus_per_worker=1.5)
+    with pytest.raises(ValueError, match="placement_strategy"):
+        WorkerGroupConfig(num_workers=2, placement_strategy="NEAR")
+
+
+@pytest.mark.ray
+def test_all_reduce_env_reuse_and_a_dead_rank(ray_cluster: str) -> None:
+    group = WorkerGroup(WorkerGroupConfig(num_workers=2))
+    try:
+        out = group.run(_all_reduce)
+        assert [v for v, _ in out] == [3.0, 3.0]
+        envs = [e for _, e in out]
+        assert [e["RANK"] for e in envs] == ["0", "1"]
+        assert [e["LOCAL_RANK"] for e in envs] == ["0", "1"]  # one node: local = global
+        assert {e["WORLD_SIZE"] for e in envs} == {"2"}
+        assert {e["LOCAL_WORLD_SIZE"] for e in envs} == {"2"}
+        assert {e["MASTER_ADDR"] for e in envs} == {"127.0.0.1"}
+        assert len({e["MASTER_PORT"] for e in envs}) == 1
+        assert [w.rank for w in group.workers] == [0, 1]
+
+        # the same actors form a second process group on a fresh port
+        port = group.new_master_port()
+        out = group.run(_all_reduce)
+        assert [v for v, _ in out] == [3.0, 3.0]
+        assert {e["MASTER_PORT"] for _, e in out} == {str(port)}
+
+        # rank 1 dies while rank 0 waits for it: the error names rank 1, not rank 0's
+        # "connection reset" symptom, and comes long before rank 0's 120 s timeout
+        group.new_master_port()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerGroupError, match="rank 1 died") as err:
+            group.run(_die_while_peer_waits)
+        assert err.value.ranks[0] == 1
+        assert time.monotonic() - t0 < 60
+        assert not group.alive
+        with pytest.raises(WorkerGroupError, match="shut down"):
+            group.run(_stall_on, 0, 0.0)
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.ray
+def test_a_hanging_rank_times_out(ray_cluster: str) -> None:
+    with WorkerGroup(WorkerGroupConfig(num_workers=1)) as group:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerGroupError, match=r"rank\(s\) \[0\] did not finish") as err:
+            group.run(_stall_on, 0, 600.0, timeout_s=2.0)
+        assert err.value.ranks == (0,)
+        assert time.monotonic() - t0 < 30
+        assert not group.alive
