@@ -58,9 +58,13 @@ class FlatParams:
     storage becomes a slice of a group's buffer.
     """
 
-    def __init__(self, groups: list[FlatGroup], params: list[nn.Parameter]) -> None:
+    def __init__(self, groups: list[FlatGroup], params: list[nn.Parameter],
+                 names: list[str] | None = None) -> None:
         self.groups = groups
         self.params = params
+        if names is None:  # params given in group order
+            names = [seg.name for g in groups for seg in g.segments]
+        self.names = names
 
     @property
     def rows(self) -> int:
@@ -114,18 +118,18 @@ class FlatParams:
     @classmethod
     def _build(cls, entries: list, lead: int | None) -> FlatParams:
         by_key: dict[tuple[torch.dtype, torch.device], list] = {}
-        for e in entries:
+        for index, e in enumerate(entries):
             p = e[1]
-            by_key.setdefault((p.dtype, p.device), []).append(e)
+            by_key.setdefault((p.dtype, p.device), []).append((index, *e))
         rows = 1 if lead is None else lead
         groups: list[FlatGroup] = []
-        params: list[nn.Parameter] = []
+        placed: dict[int, nn.Parameter] = {}
         for (dtype, device), group in by_key.items():
-            total = sum(_numel(shape) for _, _, shape, _ in group)
+            total = sum(_numel(shape) for _, _, _, shape, _ in group)
             buf = torch.empty(rows, total, dtype=dtype, device=device)
             segments: list[Segment] = []
             offset = 0
-            for name, p, shape, in_scope in group:
+            for index, name, p, shape, in_scope in group:
                 n = _numel(shape)
                 view = buf[:, offset : offset + n]
                 if lead is None:
@@ -136,15 +140,16 @@ class FlatParams:
                     view.copy_(p.detach())
                 p.data = view
                 segments.append(Segment(name, offset, n, shape, in_scope))
-                params.append(p)
+                placed[index] = p
                 offset += n
             groups.append(FlatGroup(buf, segments))
-        return cls(groups, params)
+        # params (and named_views) in the caller's order, whatever the dtype grouping
+        params = [placed[i] for i in range(len(entries))]
+        return cls(groups, params, names=[e[0] for e in entries])
 
     def named_views(self) -> dict[str, Tensor]:
         """``{name: parameter}``, each with the leading row axis where L > 1."""
-        names = [seg.name for g in self.groups for seg in g.segments]
-        return dict(zip(names, self.params, strict=True))
+        return dict(zip(self.names, self.params, strict=True))
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -99,9 +99,10 @@ def variance_correct_(
         mu = a.mean(dim=-1, keepdim=True)
         v = a.var(dim=-1, unbiased=False)
         s = torch.sqrt((target + eps) / (v + eps))
-        s = 1.0 + ratio * (s - 1.0)
-        s = torch.where(has, s, torch.ones_like(s)).unsqueeze(-1)
-        a.copy_(mu + s * (a - mu))
+        s = (1.0 + ratio * (s - 1.0)).unsqueeze(-1)
+        # rows with nothing received (or nothing to rescale) keep their exact bits
+        change = (has & (s.squeeze(-1) != 1.0)).unsqueeze(-1)
+        a.copy_(torch.where(change, mu + s * (a - mu), a))
     return merged
 
 

@@ -8,6 +8,7 @@ A rank that raises fails the call with its traceback; a hang fails it after ``ti
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 import traceback
@@ -31,8 +32,12 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
                                 timeout=timedelta(seconds=comm_timeout))
         comm = TorchCommunicator(timeout=comm_timeout)
         out = fn(comm, *args)
-        results.put((rank, "ok", out))
-    except BaseException:  # noqa: BLE001 - report everything to the parent
+        # tensors travel as bytes: a shared-memory handle dies with the rank that made it
+        buf = io.BytesIO()
+        torch.save(out, buf)
+        comm.barrier()  # nobody tears the group down while others still talk
+        results.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # report everything to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
@@ -61,7 +66,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
                     for p in procs:
                         p.kill()
                     raise AssertionError(f"rank {rank} failed:\n{value}")
-                outs[rank] = value
+                outs[rank] = torch.load(io.BytesIO(value), weights_only=False)
                 continue
             if time.monotonic() > deadline:
                 for p in procs:

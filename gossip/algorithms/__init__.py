@@ -63,7 +63,7 @@ def _entry(algo: str) -> tuple[type, type, dict[str, Any]]:
     return ALGORITHMS[algo]
 
 
-def make_config(algo: str, **fields: Any) -> Any:
+def make_config(algo: str, /, **fields: Any) -> Any:
     """The config of ``algo`` from a flat set of fields (e.g. a launcher's config).
 
     Fields the config does not have, and fields that are None (= use the default), are ignored.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,7 +14,16 @@ from torch import Tensor
 
 from gossip.comm.base import Communicator
 
-__all__ = ["SyncStats", "check_fraction", "check_positive", "frozen_rows", "timed_sync"]
+__all__ = [
+    "SyncStats",
+    "check_bool",
+    "check_fraction",
+    "check_nonnegative",
+    "check_positive",
+    "check_seed",
+    "frozen_rows",
+    "timed_sync",
+]
 
 
 @dataclass
@@ -25,17 +36,42 @@ class SyncStats:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
 def check_positive(name: str, value: float, *, integer: bool = False) -> None:
     if integer and (not isinstance(value, int) or isinstance(value, bool)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    _check_real(name, value)
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
+def check_nonnegative(name: str, value: float) -> None:
+    _check_real(name, value)
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
 def check_fraction(name: str, value: float, *, low_open: bool = False) -> None:
+    _check_real(name, value)
     ok = (0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0)
     if not ok:
         raise ValueError(f"{name} must be in {'(' if low_open else '['}0, 1], got {value!r}")
+
+
+def check_seed(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def check_bool(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 @contextmanager

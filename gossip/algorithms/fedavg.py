@@ -15,7 +15,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gossip.algorithms._common import SyncStats, check_fraction, check_positive, timed_sync
+from gossip.algorithms._common import (
+    SyncStats,
+    check_fraction,
+    check_positive,
+    check_seed,
+    timed_sync,
+)
 from gossip.comm.base import Communicator
 from gossip.flat import FlatParams
 
@@ -37,6 +43,7 @@ class FedAvgConfig:
     def __post_init__(self) -> None:
         check_positive("sync_every", self.sync_every, integer=True)
         check_fraction("client_fraction", self.client_fraction, low_open=True)
+        check_seed("seed", self.seed)
 
 
 class FedAvg:

@@ -20,7 +20,9 @@ from torch import Tensor
 
 from gossip.algorithms._common import (
     SyncStats,
+    check_bool,
     check_fraction,
+    check_nonnegative,
     check_positive,
     frozen_rows,
     timed_sync,
@@ -56,8 +58,8 @@ class GossipConfig:
         if self.merge not in ("mixing", "beta"):
             raise ValueError(f"merge must be 'mixing' or 'beta', got {self.merge!r}")
         check_fraction("self_weight", self.self_weight)
-        if self.vc_eps < 0:
-            raise ValueError(f"vc_eps must be >= 0, got {self.vc_eps!r}")
+        check_bool("variance_correction", self.variance_correction)
+        check_nonnegative("vc_eps", self.vc_eps)
         check_fraction("vc_ratio", self.vc_ratio)
         if self.variance_correction and self.merge != "beta":
             raise ValueError("variance_correction=True needs merge='beta', got merge='mixing'")

@@ -25,7 +25,9 @@ from torch import Tensor
 from gossip.algorithms._common import (
     SyncStats,
     check_fraction,
+    check_nonnegative,
     check_positive,
+    check_seed,
     frozen_rows,
     timed_sync,
 )
@@ -57,11 +59,11 @@ class NoLoCoConfig:
         check_positive("sync_every", self.sync_every, integer=True)
         check_fraction("alpha", self.alpha)
         check_positive("beta", self.beta)
-        if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma!r}")
+        check_nonnegative("gamma", self.gamma)
         check_positive("group_size", self.group_size, integer=True)
         if self.group_size < 2:
             raise ValueError(f"group_size must be >= 2, got {self.group_size}")
+        check_seed("seed", self.seed)
 
 
 def group_table(n: int, group_size: int, step: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -92,30 +94,59 @@ class NoLoCo:
         self.comm = comm
         self.phi = [b.detach().to(torch.float32).clone() for b in params.buffers()]
         self.delta = [torch.zeros_like(p) for p in self.phi]
+        # the group means land in persistent buffers: a fresh model-sized tensor per sync costs a
+        # page fault per 4 KiB, as long as the exchange itself on CPU
+        self._theta_mean = [torch.empty_like(p) for p in self.phi]
+        self._phi_mean = ([] if config.gamma == config.beta
+                          else [torch.empty_like(p) for p in self.phi])
 
-    def _group_mean(self, x: Tensor, table: Tensor, pos: Tensor) -> Tensor:
-        """mean over the arrived members of each local row's group, summed in sorted order."""
-        received, arrived = self.comm.exchange(x, table)
+    def _group_mean(self, x: Tensor, others: Tensor, pos: Tensor, out: Tensor) -> Tensor:
+        """``out`` [L, P] fp32 = mean over the arrived members of each local row's group.
+
+        ``others`` [N, n - 1]: each node's group without itself, sorted; ``pos`` [N]: the node's
+        place in its sorted group. Members are added one by one in sorted order (self included),
+        so every member of a group computes the same bits, on a real rank and in the simulator.
+        """
+        received, arrived = self.comm.exchange(x, others)  # [L, n - 1, P], [L, n - 1]
+        g = others.shape[1] + 1
+        me = pos[self.comm.nodes].to(x.device)
+        count = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
+        count += arrived.sum(dim=1, keepdim=True)
+        if x.shape[0] == 1 and bool(arrived.all()):
+            # one row, every message in (a real rank): add in place, no model-sized temporaries
+            p = int(me[0])
+            rest = [received[0, k] for k in range(g - 1)]
+            members = [*rest[:p], x[0], *rest[p:]]
+            out[0].copy_(members[0])
+            for m in members[1:]:
+                out[0].add_(m)
+            return out.div_(count)
         rows = torch.arange(x.shape[0], device=x.device)
-        slot = pos[self.comm.nodes].to(x.device)
-        members = received.to(torch.float32)
-        members[rows, slot] = x.to(torch.float32)
-        arrived = arrived.clone()
-        arrived[rows, slot] = True
-        m = arrived.to(torch.float32).unsqueeze(-1)
-        return (members * m).sum(dim=1) / m.sum(dim=1)
+        total: Tensor | None = None
+        for k in range(g):
+            is_me = me == k
+            slot = (k - (me < k).long()).clamp(max=g - 2)  # where member k sits in received
+            ok = (is_me | arrived[rows, slot]).unsqueeze(-1)
+            member = torch.where(is_me.unsqueeze(-1), x, received[rows, slot]).to(torch.float32)
+            term = torch.where(ok, member, 0.0)
+            total = term if total is None else total + term
+        assert total is not None
+        return torch.div(total, count, out=out)
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this step."""
         if step % self.config.sync_every:
             return None
         cfg = self.config
-        table, pos = group_table(self.comm.world_size, cfg.group_size, step, cfg.seed)
+        n, g = self.comm.world_size, cfg.group_size
+        table, pos = group_table(n, g, step, cfg.seed)
+        others = table[table >= 0].view(n, g - 1)  # drop each row's own slot, keep the order
         tied = cfg.gamma == cfg.beta
         with timed_sync(self.comm, SyncStats(step)) as stats:
-            for theta, phi, delta in zip(self.params.buffers(), self.phi, self.delta, strict=True):
-                theta_mean = self._group_mean(theta, table, pos)
-                phi_mean = None if tied else self._group_mean(phi, table, pos)
+            for i, (theta, phi, delta) in enumerate(
+                    zip(self.params.buffers(), self.phi, self.delta, strict=True)):
+                theta_mean = self._group_mean(theta, others, pos, self._theta_mean[i])
+                phi_mean = None if tied else self._group_mean(phi, others, pos, self._phi_mean[i])
                 with frozen_rows([theta, phi, delta], active):
                     noloco_update_(delta, phi, theta_mean, phi_mean,
                                    alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)

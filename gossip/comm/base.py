@@ -11,14 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
-__all__ = ["CommError", "CommTimeout", "Communicator", "PeerFailure", "Traffic"]
+__all__ = ["CommError", "CommTimeout", "Communicator", "PeerFailure", "Traffic", "check_peers"]
 
 
 @dataclass
 class Traffic:
-    """Bytes this process sent, by kind of operation (a running total)."""
+    """Bytes this process sent, by kind of operation (a running total).
+
+    Counts model payload: an exchange counts each message's bytes once per receiver slot; an
+    all-reduce of B bytes over n nodes counts ``2 (n - 1) B // n`` per node (a ring all-reduce);
+    the 8-byte reduction of weights before a weighted mean is not counted.
+    """
 
     bytes_sent: int = 0
     messages: int = 0
@@ -85,3 +91,26 @@ class Communicator(Protocol):
     def barrier(self) -> None:
         """Wait until every node has reached this point."""
         ...
+
+
+def check_peers(peers: Tensor, world_size: int) -> Tensor:
+    """Validate a global peer table [N, K] and return it as int64 on the CPU.
+
+    Entries must be -1 (padding) or a node id in [0, N), and no row may list its own node. Every
+    rank checks the whole table (it is the same on all ranks), so a bad table raises the same
+    ``ValueError`` everywhere instead of leaving some ranks waiting for messages never sent.
+    A row may list a node more than once: it then receives that node's model in each slot.
+    """
+    table = peers.detach().to("cpu", torch.long)
+    if table.dim() != 2 or table.shape[0] != world_size:
+        raise ValueError(f"peers must have shape [N={world_size}, K], got {tuple(table.shape)}")
+    bad = (table < -1) | (table >= world_size)
+    if bool(bad.any()):
+        i, k = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"peers[{i}, {k}] = {int(table[i, k])} is not -1 or a node id in "
+                         f"[0, {world_size})")
+    own = table == torch.arange(world_size).unsqueeze(1)
+    if bool(own.any()):
+        i = int(own.nonzero()[0, 0])
+        raise ValueError(f"peers[{i}] lists the node itself")
+    return table

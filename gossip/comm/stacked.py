@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import Traffic
+from gossip.comm.base import Traffic, check_peers
 
 __all__ = ["CommEvent", "StackedCommunicator"]
 
@@ -99,6 +99,8 @@ class StackedCommunicator:
         return t
 
     def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+        if not x.is_floating_point():
+            raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
         alive_local = self.alive[self._nodes].to(x.device)
         w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weight is None \
             else weight.to(device=x.device, dtype=torch.float64)
@@ -106,18 +108,21 @@ class StackedCommunicator:
         total = self._sum(w.sum().reshape(1))
         if float(total) <= 0:
             raise ValueError("all_reduce_mean_: every participating weight is zero")
-        acc = self._sum((w / total).to(x.dtype) @ x)
-        x[alive_local] = acc.unsqueeze(0).expand(int(alive_local.sum()), -1).to(x.dtype)
+        part = w > 0
+        # rows that do not take part contribute exact zeros, even if they hold NaN/inf
+        xs = x if bool(part.all()) else x.masked_fill(~part.unsqueeze(-1), 0)
+        acc = self._sum((w / total).to(x.dtype) @ xs)
+        senders = int(alive_local.sum())
+        x[alive_local] = acc.unsqueeze(0).expand(senders, -1).to(x.dtype)
         n = self._world_size
         nbytes = x.shape[1] * x.element_size()
         self.bytes_per_node[self.alive] += nbytes * 2 * (n - 1) / n
-        self._traffic.add("all_reduce", int(nbytes * 2 * (n - 1) / n) * x.shape[0])
+        # what the alive local rows send, each as a real rank would count it
+        self._traffic.add("all_reduce", nbytes * 2 * (n - 1) // n * senders, messages=senders)
         self.events.append(CommEvent("all_reduce", nbytes, None, None, self.alive.clone()))
 
     def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
-        table = peers.detach().to("cpu", torch.long)
-        if table.shape[0] != self._world_size:
-            raise ValueError(f"peers has {table.shape[0]} rows, world size is {self._world_size}")
+        table = check_peers(peers, self._world_size)
         valid = table >= 0
         src = table.clamp(min=0)
         delivered = valid & self.alive[src] & self.alive.unsqueeze(1)
@@ -127,6 +132,8 @@ class StackedCommunicator:
         full = self._full(x)
         received = full[src[self._nodes].to(x.device)]  # [L, K, P]
         arrived = delivered[self._nodes].to(x.device)
+        # like a real rank: slots whose message did not arrive hold zeros, not another model
+        received.masked_fill_(~arrived.unsqueeze(-1), 0)
         nbytes = x.shape[1] * x.element_size()
         # every sender pays for each message it sends, delivered or not
         sends = torch.bincount(src[valid & self.alive.unsqueeze(1) & self.alive[src]],

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import CommError, CommTimeout, PeerFailure, Traffic
+from gossip.comm.base import CommError, CommTimeout, PeerFailure, Traffic, check_peers
 
 __all__ = ["TorchCommunicator", "init_from_env"]
 
@@ -40,6 +40,8 @@ class TorchCommunicator:
         self.step = -1  # the caller's step, for error messages
         self._traffic = Traffic()
         self._nodes = torch.tensor([self.rank], dtype=torch.long)
+        # receive buffers of exchange(), reused across calls (see _recv_buffer)
+        self._recv_buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
     @property
     def nodes(self) -> Tensor:
@@ -71,40 +73,55 @@ class TorchCommunicator:
                               rank=self.rank, peers=peers, step=self.step)
 
     def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+        if not x.is_floating_point():
+            raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
         n = self._world_size
         everyone = tuple(r for r in range(n) if r != self.rank)
         if weight is not None:
-            total = weight.detach().reshape(1).to(device=x.device, dtype=torch.float64).clone()
+            if weight.numel() != 1:
+                raise ValueError(f"weight must have one entry on a real rank, got shape "
+                                 f"{tuple(weight.shape)}")
+            mine = float(weight.detach().reshape(()))
+            total = torch.tensor([mine], dtype=torch.float64, device=x.device)
             self._wait(dist.all_reduce(total, group=self.group, async_op=True),
                        "all_reduce of weights", everyone)
             if float(total) <= 0:
                 raise CommError(f"all weights are zero (total {float(total)})",
                                 rank=self.rank, step=self.step)
-            x.mul_(float(weight.reshape(())) / float(total))
+            if mine == 0:
+                x.zero_()  # contributes exact zeros, even if this rank's model holds NaN/inf
+            else:
+                x.mul_(mine / float(total))
         self._wait(dist.all_reduce(x, group=self.group, async_op=True), "all_reduce", everyone)
         if weight is None:
             x.div_(n)
         self._traffic.add("all_reduce", x.numel() * x.element_size() * 2 * (n - 1) // n)
 
     def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
-        if x.shape[0] != 1:
+        """See :meth:`Communicator.exchange`.
+
+        ``received`` is a buffer this communicator owns and reuses: the next exchange of a buffer
+        of the same width and dtype overwrites it (copy it to keep it).
+        """
+        if x.dim() != 2 or x.shape[0] != 1:
             raise ValueError(f"x must have one row on a real rank, got shape {tuple(x.shape)}")
-        table = peers.detach().to("cpu", torch.long)
-        if table.shape[0] != self._world_size:
-            raise ValueError(f"peers has {table.shape[0]} rows, world size is {self._world_size}")
+        table = check_peers(peers, self._world_size)
         me = self.rank
         recv_from = table[me].tolist()
-        send_to = [j for j in (table == me).any(dim=1).nonzero().flatten().tolist() if j != me]
-        if me in recv_from:
-            raise ValueError(f"peers[{me}] lists the node itself")
+        # one message per slot that lists this node (a row may list it more than once)
+        listed = (table == me).sum(dim=1).tolist()
+        send_to = [j for j, count in enumerate(listed) for _ in range(count)]
 
         stage = self.backend == "gloo" and x.is_cuda
         src = x[0]
         if stage:
             src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
         k = table.shape[1]
-        received = torch.zeros((1, k, x.shape[1]), dtype=x.dtype, device=src.device)
-        arrived = torch.tensor([[j >= 0 for j in recv_from]])
+        received = self._recv_buffer(k, x.shape[1], x.dtype, src.device)
+        for slot, j in enumerate(recv_from):
+            if j < 0:
+                received[0, slot].zero_()  # padding holds zeros, like a message that never came
+        arrived = torch.tensor([[j >= 0 for j in recv_from]], dtype=torch.bool, device=x.device)
         ops = [dist.P2POp(dist.isend, src, self._global(j), self.group) for j in send_to]
         ops += [dist.P2POp(dist.irecv, received[0, slot], self._global(j), self.group)
                 for slot, j in enumerate(recv_from) if j >= 0]
@@ -118,16 +135,29 @@ class TorchCommunicator:
             received = received.to(x.device)
         return received, arrived
 
+    def _recv_buffer(self, k: int, p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A [1, k, p] buffer that the next exchange of the same width and dtype reuses.
+
+        A fresh model-sized tensor per exchange costs a page fault per 4 KiB page when the
+        message lands in it: on CPU that is about as long as the transfer itself.
+        """
+        key = (p, dtype, device)
+        buf = self._recv_buffers.get(key)
+        if buf is None or buf.shape[1] < k:
+            buf = torch.empty((1, k, p), dtype=dtype, device=device)
+            self._recv_buffers[key] = buf
+        return buf[:, :k]
+
     def barrier(self) -> None:
+        everyone = tuple(r for r in range(self._world_size) if r != self.rank)
         if self.backend == "gloo":
             try:
                 dist.monitored_barrier(self.group, timeout=timedelta(seconds=self.timeout),
                                        wait_all_ranks=True)
             except RuntimeError as e:
                 raise CommTimeout(f"barrier failed: {str(e).splitlines()[0]}",
-                                  rank=self.rank, step=self.step) from e
+                                  rank=self.rank, peers=everyone, step=self.step) from e
         else:
-            everyone = tuple(r for r in range(self._world_size) if r != self.rank)
             self._wait(dist.barrier(self.group, async_op=True), "barrier", everyone)
 
 

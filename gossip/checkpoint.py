@@ -1,0 +1,175 @@
+"""Checkpoints of a distributed run: one file per rank, atomic writes, a ``latest`` marker.
+
+Layout under a run directory::
+
+    checkpoints/step_<s>/rank_<r>.pt    one per rank (torch.save, loaded with weights_only=True)
+    checkpoints/latest                  JSON {"step", "world_size", "algo", "task", ...}
+
+Every file is written to a temporary file in the same directory, fsynced and renamed over its
+final name, so a reader sees either the old file or the complete new one. The ``latest`` marker
+is written (by rank 0) only after every rank has written its file, so a crash in the middle of a
+checkpoint never leaves a half checkpoint marked latest.
+
+A rank file holds everything needed to continue bit for bit: the model's flat buffers, the inner
+optimizer's and the algorithm's ``state_dict``, the step, the data position, the torch RNG states
+and free-form launcher counters, plus metadata (format version, algo, task, world size, rank)
+that :func:`load_rank_state` checks against the run that is resuming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gossip.flat import FlatParams
+
+__all__ = [
+    "FORMAT_VERSION",
+    "atomic_torch_save",
+    "capture_rng",
+    "checkpoint_dir",
+    "load_rank_state",
+    "params_state",
+    "rank_file",
+    "read_latest",
+    "restore_params",
+    "restore_rng",
+    "write_latest",
+]
+
+FORMAT_VERSION = 1
+_REQUIRED = ("meta", "step", "params", "optimizer", "algorithm", "data", "rng")
+
+
+def checkpoint_dir(root: str | os.PathLike[str]) -> Path:
+    return Path(root) / "checkpoints"
+
+
+def rank_file(root: str | os.PathLike[str], step: int, rank: int) -> Path:
+    """``<root>/checkpoints/step_<step>/rank_<rank>.pt``."""
+    return checkpoint_dir(root) / f"step_{step}" / f"rank_{rank}.pt"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
+    _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+
+
+def write_latest(root: str | os.PathLike[str], step: int, meta: Mapping[str, Any]) -> None:
+    """Mark ``step`` as the latest complete checkpoint (call once every rank has written)."""
+    record = {"step": int(step), **meta}
+    text = json.dumps(record, sort_keys=True) + "\n"
+    _atomic_write(checkpoint_dir(root) / "latest", lambda fh: fh.write(text.encode()))
+
+
+def read_latest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``latest`` marker as a dict, or None when the run has no complete checkpoint."""
+    path = checkpoint_dir(root) / "latest"
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        int(record["step"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint marker {path} is corrupted: {e}") from None
+    return record
+
+
+def params_state(params: FlatParams) -> list[Tensor]:
+    """The model's flat buffers (copies)."""
+    return [b.detach().clone() for b in params.buffers()]
+
+
+def restore_params(params: FlatParams, saved: list[Tensor], *, source: str = "checkpoint") -> None:
+    buffers = list(params.buffers())
+    if len(saved) != len(buffers):
+        raise ValueError(f"{source} has {len(saved)} parameter buffers, the model has "
+                         f"{len(buffers)}")
+    for i, (dst, src) in enumerate(zip(buffers, saved, strict=True)):
+        if dst.shape != src.shape or dst.dtype != src.dtype:
+            raise ValueError(f"{source}: buffer {i} is {src.dtype}{list(src.shape)}, the model's "
+                             f"is {dst.dtype}{list(dst.shape)}")
+    with torch.no_grad():
+        for dst, src in zip(buffers, saved, strict=True):
+            dst.copy_(src)
+
+
+def capture_rng(device: torch.device | None = None) -> dict[str, Tensor]:
+    """The torch RNG states this process uses (CPU, and the CUDA device if given)."""
+    state = {"torch": torch.get_rng_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: Mapping[str, Tensor], device: torch.device | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    if device is not None and device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_rank_state(path: str | os.PathLike[str], *,
+                    expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Load one rank file with ``torch.load(weights_only=True)`` and check it.
+
+    Raises ValueError naming the file when it is missing, truncated or corrupted, and naming
+    both values when its metadata differs from ``expect`` (e.g. another world size or algo).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError, KeyError, IndexError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"checkpoint file {path} is truncated or corrupted: {first}") from e
+    if not isinstance(state, dict) or any(k not in state for k in _REQUIRED):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"checkpoint file {path} is not a gossip checkpoint (keys: {keys})")
+    meta = state["meta"]
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint file {path} has format {meta.get('format')!r}, this "
+                         f"version reads format {FORMAT_VERSION}")
+    for key, want in (expect or {}).items():
+        if key in meta and meta[key] != want:
+            raise ValueError(f"checkpoint file {path} was written with {key}={meta[key]!r}, "
+                             f"this run has {key}={want!r}")
+    return state

@@ -1,0 +1,327 @@
+"""Communicators against plain-torch references, over real Gloo groups and stacked.
+
+Every rank of a real group runs all checks in one spawned function per world size (a spawn costs
+seconds); the parent recomputes each input from its seed, the reference in float64, and the same
+calls through a :class:`StackedCommunicator`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gossip.comm import (
+    CommError,
+    CommTimeout,
+    Communicator,
+    StackedCommunicator,
+    TorchCommunicator,
+    Traffic,
+)
+from tests.distributed import run_ranks
+
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+INTS = [torch.int32, torch.int64]
+SIZES = [1, 7, 257, 4097]
+XSIZES = [1, 1031]
+# absolute tolerance of a mean of standard-normal numbers, per dtype
+ATOL = {torch.float32: 1e-6, torch.float64: 1e-13, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+TABLES = ["ring", "pairs", "padded", "star", "nobody"]
+
+
+def _data(kind: str, node: int, p: int, dtype: torch.dtype) -> torch.Tensor:
+    """One node's input row [1, p]; the same on every process."""
+    seed = sum(map(ord, f"{kind}{p}{dtype}")) * 1000 + node
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(1, p, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randint(-1000, 1000, (1, p), generator=g, dtype=dtype)
+
+
+def _weight(node: int) -> float:
+    return 0.0 if node == 1 else float(node + 1)  # node 1 does not take part
+
+
+def _table(name: str, n: int) -> torch.Tensor:
+    """A global peer table [N, K]: row i = the nodes whose models i receives (-1 = none)."""
+    i = np.arange(n)
+    if name == "ring":  # both neighbours (for N = 2 the same node twice)
+        rows = np.stack([(i - 1) % n, (i + 1) % n], axis=1)
+    elif name == "pairs":  # the partner in a seeded random perfect matching
+        perm = np.random.default_rng(12).permutation(n)
+        rows = np.empty((n, 1), dtype=np.int64)
+        half = n // 2
+        for k in range(half):
+            a, b = perm[k], perm[k + half]
+            rows[a, 0], rows[b, 0] = b, a
+    elif name == "padded":  # even nodes hear from the next two nodes, odd nodes from nobody
+        rows = np.full((n, 2), -1)
+        rows[::2, 0] = (i[::2] + 1) % n
+        if n > 2:
+            rows[::2, 1] = (i[::2] + 2) % n
+    elif name == "star":  # node 0 hears from everyone, nobody hears from anyone else
+        rows = np.full((n, n - 1), -1)
+        rows[0] = np.arange(1, n)
+    elif name == "nobody":
+        rows = np.full((n, 1), -1)
+    else:
+        raise AssertionError(name)
+    return torch.as_tensor(rows, dtype=torch.long)
+
+
+def _pack(obj: object) -> bytes:
+    """Tensors through torch.save bytes: the harness's queue would otherwise share their storage
+    through file descriptors that vanish when the rank's process exits."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unpack(data: bytes) -> object:
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _ar_cases():
+    for dtype in FLOATS:
+        for p in SIZES:
+            yield dtype, p
+
+
+def _x_cases():
+    for name in TABLES:
+        for dtype in FLOATS + INTS:
+            for p in XSIZES if dtype == torch.float32 else [XSIZES[-1]]:
+                yield name, dtype, p
+
+
+def _comm_checks(comm: TorchCommunicator) -> dict:
+    """Every collective and exchange case on one real rank; results go back to the parent."""
+    me, n = int(comm.nodes[0]), comm.world_size
+    out: dict = {"nodes": comm.nodes.clone(), "world": n, "errors": {}}
+    assert isinstance(comm, Communicator)
+    for dtype, p in _ar_cases():
+        x = _data("mean", me, p, dtype)
+        before = comm.traffic.bytes_sent
+        comm.all_reduce_mean_(x)
+        out["mean", dtype, p] = (x, comm.traffic.bytes_sent - before)
+        x = _data("wmean", me, p, dtype)
+        if _weight(me) == 0:
+            x.fill_(float("nan"))  # a non-participant's model must not leak into the mean
+        before = comm.traffic.bytes_sent
+        comm.all_reduce_mean_(x, torch.tensor([_weight(me)], dtype=torch.float64))
+        out["wmean", dtype, p] = (x, comm.traffic.bytes_sent - before)
+    for name, dtype, p in _x_cases():
+        x = _data("x", me, p, dtype)
+        before = (comm.traffic.bytes_sent, comm.traffic.messages)
+        received, arrived = comm.exchange(x, _table(name, n))
+        # copy: the communicator may reuse its receive buffer in the next exchange
+        out["x", name, dtype, p] = (received.clone(), arrived.clone(),
+                                    comm.traffic.bytes_sent - before[0],
+                                    comm.traffic.messages - before[1])
+    # bad inputs fail the same way on every rank, before anything is sent
+    bad_tables = {"self": torch.arange(n).unsqueeze(1), "range": torch.full((n, 1), n),
+                  "shape": torch.full((n + 1, 1), -1)}
+    for key, table in bad_tables.items():
+        try:
+            comm.exchange(torch.zeros(1, 3), table)
+        except ValueError as e:
+            out["errors"][key] = str(e)
+    try:
+        comm.all_reduce_mean_(torch.ones(1, 3, dtype=torch.int64))
+    except ValueError as e:
+        out["errors"]["int"] = str(e)
+    try:
+        comm.all_reduce_mean_(torch.ones(1, 3), torch.zeros(1))
+    except CommError as e:
+        out["errors"]["zero"] = str(e)
+    comm.barrier()
+    out["traffic"] = (comm.traffic.bytes_sent, comm.traffic.messages, dict(comm.traffic.by_op))
+    return _pack(out)
+
+
+def _check_world(outs: list[dict], n: int) -> None:
+    assert [int(o["nodes"][0]) for o in outs] == list(range(n))
+    assert all(o["world"] == n for o in outs)
+    total = {"all_reduce": 0, "exchange": 0}
+    stacked = StackedCommunicator(n)
+    for dtype, p in _ar_cases():
+        nbytes = p * torch.empty((), dtype=dtype).element_size()
+        ring_bytes = 2 * (n - 1) * nbytes // n
+        # plain mean
+        xs = torch.cat([_data("mean", r, p, dtype) for r in range(n)])
+        ref = xs.double().mean(dim=0)
+        sx = xs.clone()
+        stacked.all_reduce_mean_(sx)
+        for r, o in enumerate(outs):
+            got, sent = o["mean", dtype, p]
+            assert got.dtype == dtype and got.shape == (1, p)
+            torch.testing.assert_close(got[0].double(), ref, atol=ATOL[dtype], rtol=0)
+            torch.testing.assert_close(sx[r].double(), got[0].double(), atol=ATOL[dtype], rtol=0)
+            assert sent == ring_bytes
+            total["all_reduce"] += sent
+        # weighted mean; node 1 has weight 0 and holds NaN
+        w = torch.tensor([_weight(r) for r in range(n)], dtype=torch.float64)
+        xs = torch.cat([_data("wmean", r, p, dtype) for r in range(n)])
+        xs[1] = float("nan")
+        keep = w > 0
+        ref = (w[keep, None] * xs[keep].double()).sum(0) / w.sum()
+        sx = xs.clone()
+        stacked.all_reduce_mean_(sx, w)
+        for r, o in enumerate(outs):
+            got, sent = o["wmean", dtype, p]
+            assert bool(torch.isfinite(got).all())
+            torch.testing.assert_close(got[0].double(), ref, atol=ATOL[dtype], rtol=0)
+            torch.testing.assert_close(sx[r].double(), got[0].double(), atol=ATOL[dtype], rtol=0)
+            assert sent == ring_bytes
+            total["all_reduce"] += sent
+    for name, dtype, p in _x_cases():
+        table = _table(name, n)
+        xs = torch.cat([_data("x", r, p, dtype) for r in range(n)])
+        nbytes = p * xs.element_size()
+        before = stacked.traffic.bytes_sent
+        s_recv, s_arr = stacked.exchange(xs, table)
+        assert stacked.traffic.bytes_sent - before == int((table >= 0).sum()) * nbytes
+        for r, o in enumerate(outs):
+            received, arrived, sent, messages = o["x", name, dtype, p]
+            k = table.shape[1]
+            assert received.shape == (1, k, p) and received.dtype == dtype
+            assert torch.equal(arrived[0], table[r] >= 0)
+            for slot in range(k):
+                src = int(table[r, slot])
+                expect = xs[src] if src >= 0 else torch.zeros(p, dtype=dtype)
+                assert torch.equal(received[0, slot], expect), (name, dtype, r, slot)
+            # one message per slot of any row that lists r
+            listed = int((table == r).sum())
+            assert (sent, messages) == (listed * nbytes, listed)
+            total["exchange"] += sent
+            assert torch.equal(s_recv[r], received[0]) and torch.equal(s_arr[r], arrived[0])
+    for o in outs:
+        errors = o["errors"]
+        assert "lists the node itself" in errors["self"]
+        assert f"is not -1 or a node id in [0, {n})" in errors["range"]
+        assert f"peers must have shape [N={n}, K]" in errors["shape"]
+        assert "floating-point" in errors["int"] and "torch.int64" in errors["int"]
+        assert "all weights are zero" in errors["zero"]
+    # the running totals add up: per op, and the stacked communicator's all-node total
+    assert sum(o["traffic"][2].get("exchange", 0) for o in outs) == total["exchange"]
+    assert sum(o["traffic"][2].get("all_reduce", 0) for o in outs) == total["all_reduce"]
+    assert sum(o["traffic"][0] for o in outs) == sum(total.values())
+    assert stacked.traffic.bytes_sent == sum(total.values())
+    assert stacked.traffic.by_op == total
+    assert stacked.traffic.messages == sum(o["traffic"][1] for o in outs)
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_torch_communicator_matches_references_and_stacked(world_size):
+    outs = run_ranks(_comm_checks, world_size, timeout=240)
+    _check_world([_unpack(o) for o in outs], world_size)
+
+
+def _timeouts(comm: TorchCommunicator, flag: str) -> object:
+    """Rank 1 never posts its send nor reaches the barrier; rank 0 must time out, not hang."""
+    comm.timeout = 2.0
+    comm.step = 7
+    if comm.rank == 1:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return None
+    results = []
+    for what in ("exchange", "barrier"):
+        t0 = time.monotonic()
+        try:
+            if what == "exchange":
+                comm.exchange(torch.ones(1, 3), torch.tensor([[1], [-1]]))
+            else:
+                comm.barrier()
+            results.append((what, None, None, None, None, time.monotonic() - t0))
+        except CommTimeout as e:
+            results.append((what, str(e), e.rank, e.peers, e.step, time.monotonic() - t0))
+    Path(flag).touch()
+    return results
+
+
+def test_timeout_raises_comm_timeout_naming_rank_peer_and_step(tmp_path):
+    t0 = time.monotonic()
+    outs = run_ranks(_timeouts, 2, str(tmp_path / "done"), timeout=60)
+    assert time.monotonic() - t0 < 40
+    for what, msg, rank, peers, step, seconds in outs[0]:
+        assert msg is not None, f"{what} did not time out"
+        assert (rank, tuple(peers), step) == (0, (1,), 7)
+        assert msg.startswith("rank 0, peers [1], step 7:")
+        assert seconds < 15, (what, seconds)
+    # the exchange waited for its 2 s timeout; Gloo then closes the pair, so the barrier after it
+    # fails at once (still as a CommTimeout that names rank, peers and step)
+    assert outs[0][0][0] == "exchange" and outs[0][0][5] > 1.5
+    assert "Timed out" in outs[0][0][1]
+    assert outs[1] is None
+
+
+# ----------------------------------------------------------------------------- stacked only
+
+
+def test_stacked_faults_drops_and_events():
+    n, p = 6, 5
+    comm = StackedCommunicator(n, seed=3)
+    xs = torch.arange(n * p, dtype=torch.float32).view(n, p)
+    table = _table("ring", n)
+    alive = torch.ones(n, dtype=torch.bool)
+    alive[2] = False
+    comm.set_faults(alive=alive)
+    received, arrived = comm.exchange(xs, table)
+    for i in range(n):
+        for k in range(2):
+            src = int(table[i, k])
+            ok = i != 2 and src != 2
+            assert bool(arrived[i, k]) == ok
+            assert torch.equal(received[i, k], xs[src] if ok else torch.zeros(p))
+    # a dead node neither sends nor pays
+    assert comm.bytes_per_node[2] == 0
+    assert comm.traffic.bytes_sent == (2 * n - 4) * p * 4
+    event = comm.events[-1]
+    assert event.op == "exchange" and torch.equal(event.delivered, arrived)
+    # all-reduce over the alive nodes only; the dead row is left alone
+    x = xs.clone()
+    comm.all_reduce_mean_(x)
+    ref = xs[alive].double().mean(0)
+    for i in range(n):
+        if i == 2:
+            assert torch.equal(x[i], xs[i])
+        else:
+            torch.testing.assert_close(x[i].double(), ref, rtol=0, atol=1e-5)
+    # drops: seeded, and dropped slots hold zeros
+    comm.set_faults(drop_prob=0.5)
+    r1, a1 = comm.exchange(xs, table)
+    again = StackedCommunicator(n, seed=3)
+    again.set_faults(alive=alive)
+    again.exchange(xs, table)
+    again.set_faults(drop_prob=0.5)
+    r2, a2 = again.exchange(xs, table)
+    assert torch.equal(a1, a2) and torch.equal(r1, r2)
+    assert 0 < int(a1.sum()) < a1.numel()
+    assert bool((r1[~a1] == 0).all())
+    with pytest.raises(ValueError, match="drop_prob"):
+        comm.set_faults(drop_prob=1.0)
+    with pytest.raises(ValueError, match="every participating weight is zero"):
+        comm.all_reduce_mean_(xs.clone(), torch.zeros(n))
+    with pytest.raises(ValueError, match="world_size"):
+        StackedCommunicator(0)
+
+
+def test_traffic_add():
+    t = Traffic()
+    t.add("a", 10)
+    t.add("b", 3, messages=2)
+    t.add("a", 1)
+    assert (t.bytes_sent, t.messages, t.by_op) == (14, 4, {"a": 11, "b": 3})
+
+
+def test_torch_communicator_rejects_bad_timeout():
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds, got 0"):
+        TorchCommunicator(timeout=0)
