@@ -1,0 +1,1 @@
+"""Launchers for real runs: ``python -m launch.train`` under torchrun (one training loop)."""

@@ -1,0 +1,668 @@
+"""The training loop for real runs: one process per rank, under torchrun.
+
+    torchrun --standalone --nproc-per-node 4 -m launch.train \\
+        --algo fedavg --task digits --steps 300 --sync-every 10 --out runs/x
+
+Each rank trains its own model on its own shard of the task's training data (``--partition``)
+and calls the algorithm after every inner optimizer step; the algorithm decides when to
+communicate. Every ``--eval-every`` steps each rank evaluates its current model on the task's
+test set and the launcher measures the consensus distance (one all-reduce of ``[x, ||x||^2]``).
+Rank 0 gathers the per-rank records and writes the run directory (``config.json``,
+``metrics.jsonl``, ``summary.json``, plots). ``--checkpoint-every`` writes resumable
+checkpoints (see :mod:`gossip.checkpoint`); ``--resume`` continues from the latest one in
+``--out`` bit for bit, also as the restart command of ``torchrun --max-restarts``.
+
+All randomness derives from ``--seed`` and the rank: the model init (shared or per rank, as the
+algorithm wants), the data order (per (seed, rank, epoch)), the algorithm's pairings/sampling
+(per step); the torch RNG (unused by the built-in models) is seeded per rank and checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gossip import checkpoint as ckpt
+from gossip.algorithms import build_algorithm, needs_topology, same_init
+from gossip.comm import TorchCommunicator, init_from_env
+from gossip.data import partition
+from gossip.flat import FlatParams, scope_from_spec
+from gossip.metrics import RunWriter, atomic_write_text, read_jsonl
+from gossip.plots import plot_metrics
+from gossip.tasks import Task, get_task
+from gossip.topology import make_topology
+from launch.config import TrainConfig, build_parser, from_args
+
+__all__ = ["RunError", "ShardStream", "main", "train"]
+
+log = logging.getLogger("launch.train")
+
+#: Fault injection for tests of ``torchrun --max-restarts``: the last rank exits (status 17) after
+#: this step, on the first attempt only (TORCHELASTIC_RESTART_COUNT == 0).
+FAULT_ENV = "GOSSIP_FAULT_EXIT_AT_STEP"
+
+
+class RunError(ValueError):
+    """An error every rank agrees on (so only rank 0 reports it)."""
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed from a tuple of ints (e.g. (seed, rank, purpose))."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+class ShardStream:
+    """Endless batches of one rank's shard: epoch e is shuffled by (seed, e); resumable.
+
+    ``state()`` is ``{"epoch", "offset"}`` (batches already taken from that epoch).
+    """
+
+    def __init__(self, task: Task, indices: np.ndarray, batch_size: int, seed: int,
+                 device: torch.device) -> None:
+        if len(indices) == 0:
+            raise ValueError("the shard is empty")
+        self.task = task
+        self.indices = indices
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.drop_last = len(indices) >= batch_size  # else one short batch per epoch
+        self.epoch = 0
+        self.offset = 0
+        self._it: Iterator[tuple[Tensor, Tensor]] | None = None
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._it = None
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        while True:
+            if self._it is None:
+                it = self.task.batches(self.indices, self.batch_size, self.seed, self.epoch,
+                                       drop_last=self.drop_last)
+                self._it = itertools.islice(it, self.offset, None)
+            batch = next(self._it, None)
+            if batch is not None:
+                self.offset += 1
+                x, y = batch
+                return (x.to(self.device, non_blocking=True),
+                        y.to(self.device, non_blocking=True))
+            self.epoch += 1
+            self.offset = 0
+            self._it = None
+
+
+def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {"lr": cfg.lr}
+    if cfg.weight_decay is not None:
+        kwargs["weight_decay"] = cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, **kwargs)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, **kwargs)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    raise ValueError(f"optimizer={cfg.optimizer!r} is invalid")
+
+
+def pick_device(cfg: TrainConfig, backend: str) -> torch.device:
+    want_cuda = cfg.device == "cuda" or backend == "nccl" or (
+        cfg.device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RunError(f"device={cfg.device!r} with backend={backend!r} needs CUDA, which is "
+                       "not available")
+    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor, chunk: int = 1024
+             ) -> dict[str, float]:
+    """The task's metrics of ``model`` on (x, y), already on the model's device."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+        return task.metrics(out, y)
+    finally:
+        model.train(was_training)
+
+
+def consensus(params: FlatParams, world_size: int, timeout: float) -> tuple[float, Tensor]:
+    """Mean squared distance of the ranks' models to their mean, and the mean (fp64, flat).
+
+    One all-reduce of ``[x, ||x||^2]`` in float64 (the difference of two large numbers).
+    """
+    x = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in params.buffers()])
+    packed = torch.cat([x, (x * x).sum().reshape(1)])
+    work = dist.all_reduce(packed, async_op=True)
+    work.wait(timeout=timedelta(seconds=timeout))
+    packed /= world_size
+    mean = packed[:-1]
+    mean_sq = float(packed[-1])
+    distance = mean_sq - float(mean.dot(mean))
+    # Below the rounding error of the subtraction (identical models) it is zero.
+    if distance <= 1e-12 * mean_sq:
+        distance = 0.0
+    return distance, mean
+
+
+def _agree(fn: Any) -> Any:
+    """Run ``fn`` on every rank; if any rank raises ValueError, every rank raises RunError."""
+    error: str | None = None
+    result = None
+    try:
+        result = fn()
+    except ValueError as e:
+        error = str(e)
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise RunError(first)
+    return result
+
+
+def join_process_group(backend: str | None, timeout: float) -> TorchCommunicator:
+    """``init_from_env``, made safe for ``torchrun --max-restarts`` on one node.
+
+    torchrun's workers share the rendezvous TCPStore across restarts (TORCHELASTIC_USE_AGENT_STORE),
+    so after a restart a rank can read a dead peer's address left by the previous attempt and
+    the Gloo/NCCL connect fails or hangs (pytorch/pytorch#135712). On one node every worker sees
+    the same TORCHELASTIC_RESTART_COUNT, so the group's keys are put under a per-attempt prefix.
+    Across nodes the counts can differ: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun.
+    """
+    env = os.environ
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    one_node = env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE")
+    if shared and one_node and restart != "0" and not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        wait = timedelta(seconds=timeout)
+        base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
+                             is_master=False, timeout=wait)
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            local_rank = int(env.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local_rank)
+            kwargs["device_id"] = torch.device("cuda", local_rank)
+        dist.init_process_group(backend, store=dist.PrefixStore(f"gossip/restart_{restart}", base),
+                                rank=rank, world_size=world, timeout=wait, **kwargs)
+    return init_from_env(backend, timeout=timeout)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr, force=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class _Counters:
+    """Running totals that belong in a checkpoint (for the metrics, not for the math)."""
+
+    bytes_sent: int = 0
+    sync_seconds: float = 0.0
+    syncs: int = 0
+    sync_loss_sum: float = 0.0
+    sync_loss_count: int = 0
+    eval_loss_sum: float = 0.0
+    eval_loss_count: int = 0
+    wall_seconds: float = 0.0
+
+
+class _Run:
+    """One rank's training run (state shared by the loop's helpers)."""
+
+    def __init__(self, cfg: TrainConfig, comm: TorchCommunicator) -> None:
+        self.comm = comm
+        self.rank, self.n = comm.rank, comm.world_size
+        self.out = Path(cfg.out)
+        self.device = pick_device(cfg, comm.backend)
+        self.task = get_task(cfg.task, seed=cfg.seed)
+        self.cfg = cfg = cfg.resolved(self.task)
+        torch.manual_seed(derived_seed(cfg.seed, self.rank, 1))
+
+        data = self.task.data
+        labels = data.y_train if data.kind == "classification" else None
+        try:
+            shards = partition(cfg.partition, labels, self.n, num_samples=data.num_train,
+                               seed=cfg.seed)
+        except ValueError as e:
+            raise RunError(f"partition={cfg.partition!r} is invalid for task={cfg.task!r} "
+                           f"with {self.n} ranks: {e}") from None
+        self.shard_sizes = [len(s) for s in shards]
+        self.shard = shards[self.rank]
+        self.x_test = data.x_test.to(self.device)
+        self.y_test = data.y_test.to(self.device)
+
+        init_seed = cfg.seed if same_init(cfg.algo) else cfg.seed + self.rank
+        self.model = self.task.make_model(init_seed).to(self.device)
+        self.model.train()
+        self.params = FlatParams.from_module(self.model, scope_from_spec(cfg.vc_scope or "weights"))
+        self.opt = make_optimizer(cfg, self.params.params)
+        topology = None
+        if needs_topology(cfg.algo):
+            try:
+                topology = make_topology(cfg.topology or "ring", self.n, seed=cfg.seed,
+                                         weights=cfg.topology_weights or "metropolis")
+            except ValueError as e:
+                raise RunError(f"topology={cfg.topology!r} is invalid with {self.n} ranks: "
+                               f"{e}") from None
+        self.algo_config = cfg.algorithm_config()
+        try:
+            self.algo = build_algorithm(
+                cfg.algo, self.algo_config, self.params, comm, topology=topology,
+                weight=torch.tensor([float(len(self.shard))], dtype=torch.float64))
+        except ValueError as e:
+            raise RunError(f"algo={cfg.algo!r} cannot run with {self.n} ranks: {e}") from None
+        self.stream = ShardStream(self.task, self.shard, cfg.batch_size or 1,
+                                  derived_seed(cfg.seed, self.rank, 0), self.device)
+        self.meta = {"format": ckpt.FORMAT_VERSION, "algo": cfg.algo, "task": cfg.task,
+                     "world_size": self.n}
+        self.counters = _Counters()
+        self.records: list[dict[str, Any]] = []  # this rank's records not yet written
+        self.final: dict[str, Any] = {}
+        self.start_step = 0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load(self) -> dict[str, Any] | None:
+        latest = ckpt.read_latest(self.out)
+        if not self.cfg.resume:
+            if latest is not None:
+                raise ValueError(
+                    f"{ckpt.checkpoint_dir(self.out)} holds checkpoints (latest: step "
+                    f"{latest['step']}); pass --resume to continue that run or choose another "
+                    "--out")
+            return None
+        if latest is None:
+            return None
+        marker = ckpt.checkpoint_dir(self.out) / "latest"
+        mine = {"world_size": self.n, "algo": self.cfg.algo, "task": self.cfg.task}
+        differ = [k for k, v in mine.items() if latest.get(k) != v]
+        if differ:
+            theirs = ", ".join(f"{k}={latest.get(k)!r}" for k in differ)
+            ours = ", ".join(f"{k}={mine[k]!r}" for k in differ)
+            raise ValueError(f"checkpoint {marker} was written with {theirs}; this run has "
+                             f"{ours}")
+        step = int(latest["step"])
+        if step > self.cfg.steps:
+            raise ValueError(f"checkpoint {marker} is at step {step}, beyond steps="
+                             f"{self.cfg.steps}")
+        path = ckpt.rank_file(self.out, step, self.rank)
+        state = ckpt.load_rank_state(path, expect={**self.meta, "rank": self.rank})
+        try:
+            ckpt.restore_params(self.params, state["params"], source=str(path))
+            self.opt.load_state_dict(state["optimizer"])
+            self.algo.load_state_dict(state["algorithm"])
+            self.stream.load_state(state["data"])
+            ckpt.restore_rng(state["rng"], self.device)
+            self.counters = _Counters(**state["launcher"])
+        except (KeyError, RuntimeError, TypeError) as e:
+            raise ValueError(f"checkpoint file {path} does not fit this run: {e}") from e
+        return state
+
+    def resume(self) -> None:
+        state = _agree(self._load)
+        if state is None:
+            if self.cfg.resume:
+                log.info("no checkpoint in %s: starting from step 0", self.out)
+            return
+        self.start_step = int(state["step"])
+        log.info("resumed from %s at step %d", ckpt.checkpoint_dir(self.out), self.start_step)
+
+    def save(self, step: int) -> None:
+        state = {
+            "meta": {**self.meta, "rank": self.rank},
+            "step": step,
+            "params": ckpt.params_state(self.params),
+            "optimizer": self.opt.state_dict(),
+            "algorithm": self.algo.state_dict(),
+            "data": self.stream.state(),
+            "rng": ckpt.capture_rng(self.device),
+            "launcher": dataclasses.asdict(self.counters),
+        }
+        ckpt.atomic_torch_save(state, ckpt.rank_file(self.out, step, self.rank))
+        self.comm.barrier()  # every rank's file is on disk before the marker moves
+        if self.rank == 0:
+            ckpt.write_latest(self.out, step, self.meta)
+
+    # ------------------------------------------------------------------ records
+
+    def flush(self, writer: RunWriter) -> None:
+        """Gather every rank's pending records on rank 0 and append them to metrics.jsonl."""
+        gathered: list[Any] | None = [None] * self.n if self.rank == 0 else None
+        dist.gather_object(self.records, gathered, dst=0)
+        self.records = []
+        if gathered is not None:
+            merged = [r for part in gathered for r in part]
+            order = {"sync": 0, "eval": 1, "consensus": 2}
+            merged.sort(key=lambda r: (r["step"], order.get(r["kind"], 9), r.get("rank", -1)))
+            for r in merged:
+                writer.log(r)
+
+    def on_sync(self, stats: Any) -> None:
+        c = self.counters
+        c.bytes_sent += stats.bytes_sent
+        c.sync_seconds += stats.seconds
+        c.syncs += 1
+        loss = c.sync_loss_sum / max(c.sync_loss_count, 1)
+        c.sync_loss_sum, c.sync_loss_count = 0.0, 0
+        self.records.append({"kind": "sync", "step": stats.step, "rank": self.rank,
+                             "loss": loss, "bytes_sent": stats.bytes_sent,
+                             "sync_seconds": stats.seconds, "bytes_total": c.bytes_sent,
+                             **stats.extra})
+
+    def on_eval(self, step: int, *, final: bool, record: bool = True) -> dict[str, Any]:
+        c = self.counters
+        metrics = evaluate(self.task, self.model, self.x_test, self.y_test)
+        train_loss = c.eval_loss_sum / c.eval_loss_count if c.eval_loss_count else None
+        c.eval_loss_sum, c.eval_loss_count = 0.0, 0
+        distance, mean = consensus(self.params, self.n, self.cfg.timeout)
+        rec: dict[str, Any] = {"kind": "eval", "step": step, "rank": self.rank,
+                               "test_loss": metrics["loss"], "train_loss": train_loss,
+                               "bytes_total": c.bytes_sent, "sync_seconds_total": c.sync_seconds}
+        if "accuracy" in metrics:
+            rec["test_accuracy"] = metrics["accuracy"]
+        if record:
+            self.records.append(rec)
+            if self.rank == 0:
+                self.records.append({"kind": "consensus", "step": step,
+                                     "consensus_distance": distance})
+        if final:
+            self.final = {"eval": rec, "consensus_distance": distance}
+            if self.rank == 0:
+                self.final["avg_model"] = self._eval_mean_model(mean)
+        return {"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy"),
+                "consensus": distance}
+
+    def _eval_mean_model(self, mean: Tensor) -> dict[str, float]:
+        """Test metrics of the average of all ranks' models (rank 0 only)."""
+        model = self.task.make_model(0).to(self.device)
+        params = FlatParams.from_module(model)
+        chunks, offset = [], 0
+        for b in params.buffers():
+            chunks.append(mean[offset : offset + b.numel()].to(b.dtype).reshape(b.shape))
+            offset += b.numel()
+        ckpt.restore_params(params, chunks, source="the mean model")
+        return evaluate(self.task, model, self.x_test, self.y_test)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> dict[str, Any] | None:
+        self.resume()
+        resumed = self.start_step > 0
+        writer = None
+        if self.rank == 0:
+            if resumed:
+                _truncate_metrics(self.out / "metrics.jsonl", self.start_step)
+            writer = RunWriter(self.out, self._config_record(), append=resumed)
+        else:
+            writer = RunWriter(self.out, {}, enabled=False)
+        try:
+            self._loop(writer)
+            return self._finish(writer)
+        finally:
+            writer.close()
+
+    def _loop(self, writer: RunWriter) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        c = self.counters
+        show_bar = self.rank == 0 and sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.start_step, disable=not show_bar,
+                   desc=f"{cfg.algo} {cfg.task}", unit="step", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        wall0 = c.wall_seconds
+        sync_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        eval_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        pending = 0  # steps accumulated in sync_loss/eval_loss not yet folded into counters
+
+        def fold() -> None:
+            nonlocal pending
+            if pending:
+                s, e = float(sync_loss), float(eval_loss)
+                c.sync_loss_sum += s
+                c.eval_loss_sum += e
+                c.sync_loss_count += pending
+                c.eval_loss_count += pending
+                sync_loss.zero_()
+                eval_loss.zero_()
+                pending = 0
+
+        fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or self.rank != self.n - 1:
+            fault_step = 0
+        try:
+            for step in range(self.start_step + 1, cfg.steps + 1):
+                self.comm.step = step
+                x, y = self.stream.next()
+                loss = self.task.loss(self.model(x), y)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(self.params.params, cfg.grad_clip)
+                self.opt.step()
+                detached = loss.detach().to(torch.float64)
+                sync_loss += detached
+                eval_loss += detached
+                pending += 1
+                stats = self.algo.step(step)
+                if stats is not None:
+                    fold()
+                    self.on_sync(stats)
+                last = step == cfg.steps
+                if step % (cfg.eval_every or 50) == 0 or last:
+                    fold()
+                    res = self.on_eval(step, final=last)
+                    c.wall_seconds = wall0 + time.perf_counter() - t0
+                    self.flush(writer)
+                    self._report(step, res, bar)
+                if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+                    fold()
+                    c.wall_seconds = wall0 + time.perf_counter() - t0
+                    self.flush(writer)
+                    self.save(step)
+                bar.update(1)
+                if step == fault_step:
+                    log.warning("%s=%d: exiting on purpose", FAULT_ENV, step)
+                    os._exit(17)
+            if not self.final:  # resumed at the end: evaluate without re-recording
+                self.on_eval(cfg.steps, final=True, record=False)
+        finally:
+            bar.close()
+        c.wall_seconds = wall0 + time.perf_counter() - t0
+
+    def _report(self, step: int, res: dict[str, Any], bar: Any) -> None:
+        if self.rank != 0:
+            return
+        acc = res["test_accuracy"]
+        text = (f"loss {res['test_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else "")
+                + f" consensus {res['consensus']:.3g}")
+        if bar.disable:
+            log.info("step %d/%d (rank 0) test %s", step, self.cfg.steps, text)
+        else:
+            bar.set_postfix_str(text)
+
+    def _config_record(self) -> dict[str, Any]:
+        return {
+            "train": self.cfg.to_dict(),
+            "algorithm": dataclasses.asdict(self.algo_config),
+            "world_size": self.n,
+            "backend": self.comm.backend,
+            "device": str(self.device),
+            "shard_sizes": self.shard_sizes,
+            "model_parameters": self.params.numel,
+            "torch": torch.__version__,
+        }
+
+    def _finish(self, writer: RunWriter) -> dict[str, Any] | None:
+        c = self.counters
+        mine = {
+            "rank": self.rank,
+            "samples": len(self.shard),
+            "final_loss": self.final["eval"]["test_loss"],
+            "final_accuracy": self.final["eval"].get("test_accuracy"),
+            "final_train_loss": self.final["eval"]["train_loss"],
+            "bytes_sent": c.bytes_sent,
+            "sync_seconds": c.sync_seconds,
+            "syncs": c.syncs,
+        }
+        per_rank: list[Any] | None = [None] * self.n if self.rank == 0 else None
+        dist.gather_object(mine, per_rank, dst=0)
+        if per_rank is None:
+            return None
+        summary = _summary(self.cfg, self.n, per_rank, self.final, c.wall_seconds,
+                           resumed_from=self.start_step or None)
+        writer.summary(summary)
+        try:
+            plot_metrics(read_jsonl(self.out / "metrics.jsonl"), self.out,
+                         title=f"{self.cfg.algo} on {self.cfg.task}, {self.n} ranks")
+        except Exception:
+            log.exception("plotting failed")
+        print(_table(summary), flush=True)
+        return summary
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _summary(cfg: TrainConfig, n: int, per_rank: list[dict[str, Any]], final: dict[str, Any],
+             wall: float, *, resumed_from: int | None) -> dict[str, Any]:
+    avg = final.get("avg_model", {})
+    return {
+        "algo": cfg.algo,
+        "task": cfg.task,
+        "world_size": n,
+        "steps": cfg.steps,
+        "sync_every": cfg.sync_every,
+        "topology": cfg.topology,
+        "partition": cfg.partition,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "final_loss_mean": _mean([r["final_loss"] for r in per_rank]),
+        "final_accuracy_mean": _mean([r["final_accuracy"] for r in per_rank]),
+        "final_train_loss_mean": _mean([r["final_train_loss"] for r in per_rank]),
+        "final_consensus_distance": final.get("consensus_distance"),
+        "avg_model_loss": avg.get("loss"),
+        "avg_model_accuracy": avg.get("accuracy"),
+        "bytes_sent_total": sum(r["bytes_sent"] for r in per_rank),
+        "sync_seconds_mean": _mean([r["sync_seconds"] for r in per_rank]),
+        "wall_seconds": wall,
+        "resumed_from_step": resumed_from,
+        "per_rank": per_rank,
+    }
+
+
+def _table(s: dict[str, Any]) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{s['algo']} on {s['task']}: {s['world_size']} ranks, {s['steps']} steps, "
+             f"{s['wall_seconds']:.1f} s",
+             f"{'rank':>4} {'samples':>7} {'test loss':>9} {'test acc':>8} {'MB sent':>8} "
+             f"{'sync s':>7}"]
+    for r in s["per_rank"]:
+        lines.append(f"{r['rank']:>4} {r['samples']:>7} {f(r['final_loss'], '.4f'):>9} "
+                     f"{f(r['final_accuracy'], '.4f'):>8} {r['bytes_sent'] / 1e6:>8.2f} "
+                     f"{r['sync_seconds']:>7.2f}")
+    lines.append(f"{'mean':>4} {'':>7} {f(s['final_loss_mean'], '.4f'):>9} "
+                 f"{f(s['final_accuracy_mean'], '.4f'):>8} "
+                 f"{s['bytes_sent_total'] / 1e6 / len(s['per_rank']):>8.2f} "
+                 f"{s['sync_seconds_mean']:>7.2f}")
+    lines.append(f"averaged model: test loss {f(s['avg_model_loss'], '.4f')}, test acc "
+                 f"{f(s['avg_model_accuracy'], '.4f')}; consensus distance "
+                 f"{f(s['final_consensus_distance'], '.3g')}")
+    return "\n".join(lines)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written after the checkpoint by a run that then died)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+# ----------------------------------------------------------------------------- entry
+
+
+def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
+    """Run ``cfg`` on this rank of an initialised process group; rank 0 returns the summary."""
+    return _Run(cfg, comm).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        cfg = from_args(argv)
+    except ValueError as e:
+        parser.error(str(e))  # exits with status 2
+    backend = None if cfg.backend == "auto" else cfg.backend
+    if "RANK" not in os.environ:  # plain `python -m launch.train`: a world of one process
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    comm = join_process_group(backend, cfg.timeout)
+    _setup_logging(comm.rank)
+    try:
+        train(cfg, comm)
+    except RunError as e:
+        if comm.rank == 0:
+            log.error("%s", e)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

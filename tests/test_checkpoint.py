@@ -1,0 +1,161 @@
+"""Checkpoints: atomic writes, corrupted files, mismatched runs (unit and real Gloo ranks)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from gossip import checkpoint as ckpt
+from gossip.flat import FlatParams
+from tests.distributed import run_ranks
+
+
+def _state(world_size: int = 4, algo: str = "fedavg", rank: int = 0) -> dict[str, Any]:
+    model = nn.Linear(3, 2)
+    params = FlatParams.from_module(model)
+    opt = torch.optim.Adam(params.params, lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return {
+        "meta": {"format": ckpt.FORMAT_VERSION, "algo": algo, "task": "digits",
+                 "world_size": world_size, "rank": rank},
+        "step": 7,
+        "params": ckpt.params_state(params),
+        "optimizer": opt.state_dict(),
+        "algorithm": {"rounds": 3},
+        "data": {"epoch": 1, "offset": 2},
+        "rng": ckpt.capture_rng(),
+        "launcher": {},
+    }
+
+
+def _files(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file under root: content hash and mtime (to prove nothing was touched)."""
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                       p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------- unit
+
+
+def test_round_trip_with_weights_only(tmp_path: Path) -> None:
+    path = ckpt.rank_file(tmp_path, 7, 0)
+    state = _state()
+    ckpt.atomic_torch_save(state, path)
+    assert path == tmp_path / "checkpoints" / "step_7" / "rank_0.pt"
+    loaded = ckpt.load_rank_state(path, expect=state["meta"])
+    assert loaded["step"] == 7 and loaded["algorithm"] == {"rounds": 3}
+    assert all(torch.equal(a, b) for a, b in zip(loaded["params"], state["params"], strict=True))
+    model = nn.Linear(3, 2)
+    params = FlatParams.from_module(model)
+    ckpt.restore_params(params, loaded["params"])
+    assert torch.equal(next(params.buffers()), state["params"][0])
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    ckpt.atomic_torch_save({"v": torch.tensor([1.0])}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises
+        ckpt.atomic_torch_save({"v": lambda: 0}, path)  # not picklable: fails mid-write
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupted_file_raises_value_error_naming_it(tmp_path: Path, damage: str) -> None:
+    path = ckpt.rank_file(tmp_path, 7, 0)
+    ckpt.atomic_torch_save(_state(), path)
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00junk" * 50,
+                      "empty": b""}[damage])
+    with pytest.raises(ValueError, match="truncated or corrupted") as info:
+        ckpt.load_rank_state(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_and_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist") as info:
+        ckpt.load_rank_state(tmp_path / "nope.pt")
+    assert "nope.pt" in str(info.value)
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a gossip checkpoint"):
+        ckpt.load_rank_state(path)
+
+
+@pytest.mark.parametrize(("key", "saved", "wanted"), [
+    ("world_size", 4, 2),
+    ("algo", "fedavg", "diloco"),
+])
+def test_mismatch_names_both_values(tmp_path: Path, key: str, saved: Any, wanted: Any) -> None:
+    path = tmp_path / "rank_0.pt"
+    ckpt.atomic_torch_save(_state(**{key: saved}), path)
+    with pytest.raises(ValueError) as info:
+        ckpt.load_rank_state(path, expect={key: wanted})
+    msg = str(info.value)
+    assert f"{key}={saved!r}" in msg and f"{key}={wanted!r}" in msg and str(path) in msg
+
+
+def test_restore_params_checks_shapes() -> None:
+    params = FlatParams.from_module(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="buffer 0"):
+        ckpt.restore_params(params, [torch.zeros(1, 5)])
+    with pytest.raises(ValueError, match="2 parameter buffers, the model has 1"):
+        ckpt.restore_params(params, [torch.zeros(1, 8), torch.zeros(1, 8)])
+
+
+def test_latest_marker(tmp_path: Path) -> None:
+    assert ckpt.read_latest(tmp_path) is None
+    ckpt.write_latest(tmp_path, 10, {"algo": "fedavg", "world_size": 2})
+    # a later checkpoint that only some ranks wrote is not marked
+    ckpt.atomic_torch_save(_state(), ckpt.rank_file(tmp_path, 20, 0))
+    assert ckpt.read_latest(tmp_path) == {"step": 10, "algo": "fedavg", "world_size": 2}
+    (tmp_path / "checkpoints" / "latest").write_text("{half")
+    with pytest.raises(ValueError, match="latest"):
+        ckpt.read_latest(tmp_path)
+
+
+# ----------------------------------------------------------------------------- real ranks
+
+
+def _train(comm: Any, fields: dict[str, Any]) -> Any:
+    from launch.config import TrainConfig
+    from launch.train import train
+
+    return train(TrainConfig(**fields), comm)
+
+
+def _failure(world_size: int, fields: dict[str, Any]) -> str:
+    with pytest.raises(AssertionError) as info:
+        run_ranks(_train, world_size, fields, timeout=180)
+    return str(info.value)
+
+
+@pytest.mark.slow
+def test_failed_resumes_name_the_problem_and_touch_nothing(tmp_path: Path) -> None:
+    base = {"algo": "fedavg", "task": "digits", "steps": 4, "sync_every": 2, "eval_every": 2,
+            "checkpoint_every": 2, "out": str(tmp_path)}
+    summary = run_ranks(_train, 1, base, timeout=180)[0]
+    assert summary["steps"] == 4 and ckpt.read_latest(tmp_path)["step"] == 4
+    before = _files(tmp_path)
+
+    msg = _failure(2, {**base, "algo": "diloco", "steps": 6, "resume": True})
+    assert "world_size=1" in msg and "world_size=2" in msg
+    assert "algo='fedavg'" in msg and "algo='diloco'" in msg
+    msg = _failure(1, {**base, "steps": 6})  # not --resume: refuses to mix two runs
+    assert "--resume" in msg
+    assert _files(tmp_path) == before
+
+    path = ckpt.rank_file(tmp_path, 4, 0)
+    path.write_bytes(path.read_bytes()[:100])
+    before = _files(tmp_path)
+    msg = _failure(1, {**base, "steps": 6, "resume": True})
+    assert str(path) in msg and "truncated or corrupted" in msg
+    assert _files(tmp_path) == before
