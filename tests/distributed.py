@@ -35,13 +35,23 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
         # tensors travel as bytes: a shared-memory handle dies with the rank that made it
         buf = io.BytesIO()
         torch.save(out, buf)
-        comm.barrier()  # nobody tears the group down while others still talk
+        _store_barrier(store, world_size)  # nobody tears the group down while others talk
         results.put((rank, "ok", buf.getvalue()))
     except BaseException:  # report everything to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _store_barrier(store: dist.Store, world_size: int, timeout: float = 60.0) -> None:
+    """A barrier through the store (it works even when a test closed some Gloo pairs)."""
+    import time
+
+    store.add("harness/done", 1)
+    deadline = time.monotonic() + timeout
+    while store.add("harness/done", 0) < world_size and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,

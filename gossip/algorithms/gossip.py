@@ -87,6 +87,12 @@ class Gossip:
         if step % cfg.sync_every:
             return None
         peers, weights, self_weight = self.topology.peer_table(step // cfg.sync_every - 1)
+        alive = self.comm.alive_nodes(step)
+        if not bool(alive.all()):
+            # dead nodes neither send nor receive: their links drop out of every neighbourhood
+            # (a dropped link's weight goes to self in the merge, see gossip.ops.mix)
+            cut = ~alive[peers.clamp(min=0)] | ~alive.unsqueeze(1)
+            peers = peers.masked_fill(cut, -1)
         nodes = self.comm.nodes
         with timed_sync(self.comm, SyncStats(step)) as stats:
             for group in self.params.groups:

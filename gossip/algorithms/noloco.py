@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -66,17 +67,36 @@ class NoLoCoConfig:
         check_seed("seed", self.seed)
 
 
-def group_table(n: int, group_size: int, step: int, seed: int) -> tuple[Tensor, Tensor]:
-    """The grouping at ``step`` as a table [N, n]: row i = i's group in sorted order, with i's own
-    slot set to -1 (it receives from the others), and the position of i in its group [N]."""
-    table = torch.full((n, group_size), -1, dtype=torch.long)
+def group_table(n: int, group_size: int, step: int, seed: int,
+                alive: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Who averages with whom at ``step``: ``others`` [N, W] and ``pos`` [N].
+
+    Row i of ``others`` lists the rest of i's group in sorted order, padded with -1; ``pos[i]``
+    is i's place in its sorted group. With everyone alive the groups are the reference code's
+    (:func:`gossip.topology.random_matching`). Dead nodes (``alive`` False) are left out: the
+    same seeded permutation runs over the live nodes, dealt round-robin into
+    ``max(1, live // group_size)`` groups (a few groups get one extra member), and dead rows are
+    all -1.
+    """
+    if alive is None or bool(alive.all()):
+        groups = random_matching(n, group_size, step, seed)
+    else:
+        ids = alive.nonzero().flatten().tolist()
+        perm = np.random.default_rng(step + 1 + seed * 1_000_003).permutation(len(ids))
+        n_groups = max(1, len(ids) // group_size)
+        dealt: list[list[int]] = [[] for _ in range(n_groups)]
+        for k, j in enumerate(perm.tolist()):
+            dealt[k % n_groups].append(ids[j])
+        groups = [sorted(g) for g in dealt if g]
+    width = max(group_size, max((len(g) for g in groups), default=1)) - 1
+    others = torch.full((n, width), -1, dtype=torch.long)
     pos = torch.zeros(n, dtype=torch.long)
-    for group in random_matching(n, group_size, step, seed):
-        for i in group:
-            table[i] = torch.tensor(group)
-            pos[i] = group.index(i)
-    table[torch.arange(n), pos] = -1
-    return table, pos
+    for group in groups:
+        for place, i in enumerate(group):
+            rest = group[:place] + group[place + 1 :]
+            others[i, : len(rest)] = torch.tensor(rest, dtype=torch.long)
+            pos[i] = place
+    return others, pos
 
 
 class NoLoCo:
@@ -103,11 +123,11 @@ class NoLoCo:
     def _group_mean(self, x: Tensor, others: Tensor, pos: Tensor, out: Tensor) -> Tensor:
         """``out`` [L, P] fp32 = mean over the arrived members of each local row's group.
 
-        ``others`` [N, n - 1]: each node's group without itself, sorted; ``pos`` [N]: the node's
-        place in its sorted group. Members are added one by one in sorted order (self included),
+        ``others`` [N, W]: each node's group without itself, sorted, padded with -1; ``pos`` [N]:
+        the node's place in its sorted group. Members are added one by one in sorted order (self included),
         so every member of a group computes the same bits, on a real rank and in the simulator.
         """
-        received, arrived = self.comm.exchange(x, others)  # [L, n - 1, P], [L, n - 1]
+        received, arrived = self.comm.exchange(x, others)  # [L, W, P], [L, W]
         g = others.shape[1] + 1
         me = pos[self.comm.nodes].to(x.device)
         count = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
@@ -117,8 +137,11 @@ class NoLoCo:
             p = int(me[0])
             rest = [received[0, k] for k in range(g - 1)]
             members = [*rest[:p], x[0], *rest[p:]]
-            out[0].copy_(members[0])
-            for m in members[1:]:
+            if x.dtype == torch.float32:
+                torch.add(members[0], members[1], out=out[0])
+            else:  # add in fp32 (torch.add of two bf16 tensors would round to bf16)
+                out[0].copy_(members[0]).add_(members[1])
+            for m in members[2:]:
                 out[0].add_(m)
             return out.div_(count)
         rows = torch.arange(x.shape[0], device=x.device)
@@ -138,9 +161,8 @@ class NoLoCo:
         if step % self.config.sync_every:
             return None
         cfg = self.config
-        n, g = self.comm.world_size, cfg.group_size
-        table, pos = group_table(n, g, step, cfg.seed)
-        others = table[table >= 0].view(n, g - 1)  # drop each row's own slot, keep the order
+        others, pos = group_table(self.comm.world_size, cfg.group_size, step, cfg.seed,
+                                  self.comm.alive_nodes(step))
         tied = cfg.gamma == cfg.beta
         with timed_sync(self.comm, SyncStats(step)) as stats:
             for i, (theta, phi, delta) in enumerate(

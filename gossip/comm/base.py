@@ -92,6 +92,14 @@ class Communicator(Protocol):
         """Wait until every node has reached this point."""
         ...
 
+    def alive_nodes(self, step: int) -> Tensor:
+        """bool [N]: the nodes every caller treats as up at outer step ``step``.
+
+        The same on every rank, so algorithms that plan who talks to whom (NoLoCo's groups,
+        gossip neighbourhoods) can leave dead nodes out without a message to agree on it.
+        """
+        ...
+
 
 def check_peers(peers: Tensor, world_size: int) -> Tensor:
     """Validate a global peer table [N, K] and return it as int64 on the CPU.

@@ -62,6 +62,7 @@ class StackedCommunicator:
         self.bytes_per_node = torch.zeros(world_size, dtype=torch.float64)
         self.events: list[CommEvent] = []
         self.alive = torch.ones(world_size, dtype=torch.bool)
+        self._known_alive = self.alive
         self.drop_prob = 0.0
         self._gen = torch.Generator().manual_seed(seed)
 
@@ -78,9 +79,15 @@ class StackedCommunicator:
         return self._traffic
 
     def set_faults(self, alive: Tensor | None = None, drop_prob: float = 0.0) -> None:
-        """Faults for the next calls: which nodes are up, and the chance a message is lost."""
+        """Faults for the next calls (one call per round): who is up, the chance a message is lost.
+
+        What the nodes *know* lags one call behind, as on real ranks: a node that goes down is
+        found missing by its peers in the round it goes down, and left out of pairings and
+        neighbourhoods (:meth:`alive_nodes`) from the next round on.
+        """
         if not 0.0 <= drop_prob < 1.0:
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self._known_alive = self.alive
         self.alive = (torch.ones(self._world_size, dtype=torch.bool) if alive is None
                       else alive.to("cpu", torch.bool))
         self.drop_prob = drop_prob
@@ -97,6 +104,11 @@ class StackedCommunicator:
         if self.group is not None:
             dist.all_reduce(t, group=self.group)
         return t
+
+    def alive_nodes(self, step: int) -> Tensor:
+        """The nodes known to be up at outer step ``step``: up as of the previous round."""
+        del step
+        return self._known_alive.clone()
 
     def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
         if not x.is_floating_point():

@@ -5,11 +5,19 @@ message per buffer, never one per parameter tensor. Every wait is bounded by ``t
 raises a :class:`~gossip.comm.base.CommError` that names the rank, the peers and the step.
 Gloo cannot send CUDA tensors point-to-point (both processes die in ``writev``), so over Gloo
 the point-to-point traffic of CUDA tensors is staged through pinned CPU buffers.
+
+With a :class:`~gossip.comm.monitor.PeerMonitor` the communicator survives dead peers: an
+exchange leaves out peers known to be dead and turns a peer's failure (closed connection or
+timeout) into a message that did not arrive, reporting the peer to every rank through the store;
+``alive_nodes`` gives the membership all ranks agree on for a step; and a collective that waits on
+a dead rank fails within the monitor's ``dead_after`` seconds with a :class:`PeerFailure` naming
+it, instead of waiting out the full timeout.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from datetime import timedelta
 
 import torch
@@ -17,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gossip.comm.base import CommError, CommTimeout, PeerFailure, Traffic, check_peers
+from gossip.comm.monitor import PeerMonitor
 
 __all__ = ["TorchCommunicator", "init_from_env"]
 
@@ -27,9 +36,11 @@ class TorchCommunicator:
     Args:
         group: the process group (default: the world group).
         timeout: seconds any single wait may take before :class:`CommTimeout` is raised.
+        monitor: watches the other ranks; with it, dead peers are survived (see module doc).
     """
 
-    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout: float = 300.0) -> None:
+    def __init__(self, group: dist.ProcessGroup | None = None, *, timeout: float = 300.0,
+                 monitor: PeerMonitor | None = None) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self.group = group if group is not None else dist.group.WORLD
@@ -42,6 +53,8 @@ class TorchCommunicator:
         self._nodes = torch.tensor([self.rank], dtype=torch.long)
         # receive buffers of exchange(), reused across calls (see _recv_buffer)
         self._recv_buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self.monitor = monitor
+        self.deaths: dict[int, int] = {}  # peer -> step at which this rank learned it died
 
     @property
     def nodes(self) -> Tensor:
@@ -61,6 +74,8 @@ class TorchCommunicator:
         return dist.get_global_rank(self.group, group_rank)
 
     def _wait(self, work: dist.Work, what: str, peers: tuple[int, ...]) -> None:
+        if self.monitor is not None and what.startswith("all_reduce"):
+            self._watch(work, what, peers)
         try:
             ok = work.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as e:
@@ -71,6 +86,40 @@ class TorchCommunicator:
         if ok is False:
             raise CommTimeout(f"{what} timed out after {self.timeout} s",
                               rank=self.rank, peers=peers, step=self.step)
+
+    def _watch(self, work: dist.Work, what: str, peers: tuple[int, ...]) -> None:
+        """Wait for a collective while watching the monitor: a dead peer fails it early."""
+        assert self.monitor is not None
+        deadline = time.monotonic() + self.timeout
+        pause = 1e-5
+        while not work.is_completed():
+            dead = self.monitor.dead() & set(peers)
+            if dead:
+                self._learn(dead)
+                raise PeerFailure(f"{what} cannot finish: rank(s) {sorted(dead)} died",
+                                  rank=self.rank, peers=tuple(sorted(dead)), step=self.step)
+            if time.monotonic() > deadline:
+                raise CommTimeout(f"{what} timed out after {self.timeout} s",
+                                  rank=self.rank, peers=peers, step=self.step)
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+
+    def _learn(self, dead: set[int] | frozenset[int]) -> None:
+        for r in dead:
+            self.deaths.setdefault(r, self.step)
+
+    def alive_nodes(self, step: int) -> Tensor:
+        """Which nodes every rank treats as alive at outer step ``step`` (bool [N]).
+
+        Without a monitor everyone is alive. With one, the ranks agree through the store: the
+        first rank to reach ``step`` writes the dead set it knows, and all ranks use that set.
+        """
+        alive = torch.ones(self._world_size, dtype=torch.bool)
+        if self.monitor is not None:
+            dead = self.monitor.agreed_dead(step)
+            self._learn(dead)
+            alive[list(dead)] = False
+        return alive
 
     def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
         if not x.is_floating_point():
@@ -122,18 +171,67 @@ class TorchCommunicator:
             if j < 0:
                 received[0, slot].zero_()  # padding holds zeros, like a message that never came
         arrived = torch.tensor([[j >= 0 for j in recv_from]], dtype=torch.bool, device=x.device)
-        ops = [dist.P2POp(dist.isend, src, self._global(j), self.group) for j in send_to]
-        ops += [dist.P2POp(dist.irecv, received[0, slot], self._global(j), self.group)
-                for slot, j in enumerate(recv_from) if j >= 0]
-        if ops:
-            peers_involved = tuple(sorted(set(send_to) | {j for j in recv_from if j >= 0}))
-            for work in dist.batch_isend_irecv(ops):
-                self._wait(work, "exchange", peers_involved)
+        if self.monitor is None:
+            ops = [dist.P2POp(dist.isend, src, self._global(j), self.group) for j in send_to]
+            ops += [dist.P2POp(dist.irecv, received[0, slot], self._global(j), self.group)
+                    for slot, j in enumerate(recv_from) if j >= 0]
+            if ops:
+                peers_involved = tuple(sorted(set(send_to) | {j for j in recv_from if j >= 0}))
+                for work in dist.batch_isend_irecv(ops):
+                    self._wait(work, "exchange", peers_involved)
+        else:
+            send_to = self._exchange_surviving(src, received, arrived, send_to, recv_from)
         self._traffic.add("exchange", len(send_to) * src.numel() * src.element_size(),
                           messages=len(send_to))
         if stage:
             received = received.to(x.device)
         return received, arrived
+
+    def _exchange_surviving(self, src: Tensor, received: Tensor, arrived: Tensor,
+                            send_to: list[int], recv_from: list[int]) -> list[int]:
+        """Exchange with every peer not known dead; a peer that fails is reported and skipped.
+
+        Each operation is posted and waited on its own, so one dead peer cannot take the others'
+        messages down with it. Returns the peers that were sent to.
+        """
+        assert self.monitor is not None
+        dead = set(self.monitor.dead()) | set(self.deaths)
+        posted: list[tuple[int, int, dist.Work | None]] = []  # (peer, slot or -1, work)
+        for j in send_to:
+            if j not in dead:
+                posted.append((j, -1, self._post(dist.isend, src, j)))
+        for slot, j in enumerate(recv_from):
+            if j < 0:
+                continue
+            if j in dead:
+                arrived[0, slot] = False
+                received[0, slot].zero_()
+                continue
+            posted.append((j, slot, self._post(dist.irecv, received[0, slot], j)))
+        failed: set[int] = set()
+        for j, slot, work in posted:
+            ok = work is not None and j not in failed
+            if ok:
+                try:
+                    self._wait(work, "exchange", (j,))
+                except CommError:
+                    ok = False
+            if not ok:
+                failed.add(j)
+                if slot >= 0:
+                    arrived[0, slot] = False
+                    received[0, slot].zero_()
+        for j in failed:
+            self.deaths.setdefault(j, self.step)
+            self.monitor.report_dead(j, self.step)
+        return [j for j in send_to if j not in dead and j not in failed]
+
+    def _post(self, op: object, tensor: Tensor, peer: int) -> dist.Work | None:
+        """Post one isend/irecv; None if the peer's connection is already gone."""
+        try:
+            return op(tensor, self._global(peer), self.group)  # type: ignore[operator]
+        except RuntimeError:
+            return None
 
     def _recv_buffer(self, k: int, p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A [1, k, p] buffer that the next exchange of the same width and dtype reuses.
@@ -162,13 +260,15 @@ class TorchCommunicator:
 
 
 def init_from_env(
-    backend: str | None = None, *, timeout: float = 300.0, init_method: str | None = None
+    backend: str | None = None, *, timeout: float = 300.0, init_method: str | None = None,
+    survive_peer_failures: bool = False, dead_after: float = 5.0,
 ) -> TorchCommunicator:
     """Join the process group that torchrun (or the Ray launcher) describes in the environment.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. The backend is NCCL when CUDA
     is available and Gloo otherwise; an explicit ``backend`` wins. Under NCCL the current CUDA
-    device is set to LOCAL_RANK.
+    device is set to LOCAL_RANK. ``survive_peer_failures`` attaches a :class:`PeerMonitor`
+    (heartbeats through the rendezvous store; a rank silent for ``dead_after`` s is dead).
     """
     for var in ("RANK", "WORLD_SIZE"):
         if var not in os.environ:
@@ -186,4 +286,8 @@ def init_from_env(
             torch.cuda.set_device(local_rank)
             kwargs["device_id"] = torch.device("cuda", local_rank)
         dist.init_process_group(**kwargs)
-    return TorchCommunicator(timeout=timeout)
+    monitor = None
+    if survive_peer_failures:
+        monitor = PeerMonitor(PeerMonitor.default_store(), dist.get_rank(),
+                              dist.get_world_size(), dead_after=min(dead_after, timeout))
+    return TorchCommunicator(timeout=timeout, monitor=monitor)
