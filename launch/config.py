@@ -139,6 +139,12 @@ class TrainConfig:
         "steps between checkpoints, plus one at the end (0 = never)"))
     resume: bool = field(default=False, metadata=_help(
         "resume from the latest checkpoint in --out (start fresh if there is none)"))
+    survive_failures: bool = field(default=False, metadata=_help(
+        "keep going when ranks die: noloco and the gossip family leave dead peers out; fedavg "
+        "and diloco fail fast naming the dead rank. Needs a store that outlives workers "
+        "(torchrun's agent store, or TORCHELASTIC_USE_AGENT_STORE=True with an external one)"))
+    dead_after: float = field(default=5.0, metadata=_help(
+        "with --survive-failures: seconds without a heartbeat before a rank counts as dead"))
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -166,6 +172,7 @@ class TrainConfig:
         if self.backend == "nccl" and self.device == "cpu":
             _bad("device", self.device, "'cuda' or 'auto' with backend='nccl'")
         _positive("timeout", self.timeout)
+        _positive("dead_after", self.dead_after)
         _positive("eval_every", self.eval_every)
         if self.checkpoint_every < 0:
             _bad("checkpoint_every", self.checkpoint_every, "an integer >= 0 (0 = never)")

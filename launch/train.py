@@ -39,10 +39,11 @@ from torch import Tensor, nn
 
 from gossip import checkpoint as ckpt
 from gossip.algorithms import build_algorithm, needs_topology, same_init
-from gossip.comm import TorchCommunicator, init_from_env
+from gossip.comm import CommError, TorchCommunicator, init_from_env
+from gossip.comm.monitor import PeerMonitor
 from gossip.data import partition
 from gossip.flat import FlatParams, scope_from_spec
-from gossip.metrics import RunWriter, atomic_write_text, read_jsonl
+from gossip.metrics import RunWriter, atomic_write_text, read_jsonl, to_jsonable
 from gossip.plots import plot_metrics
 from gossip.tasks import Task, get_task
 from gossip.topology import make_topology
@@ -187,7 +188,8 @@ def _agree(fn: Any) -> Any:
     return result
 
 
-def join_process_group(backend: str | None, timeout: float) -> TorchCommunicator:
+def join_process_group(backend: str | None, timeout: float, *, survive: bool = False,
+                       dead_after: float = 5.0) -> TorchCommunicator:
     """``init_from_env``, made safe for ``torchrun --max-restarts`` on one node.
 
     torchrun's workers share the rendezvous TCPStore across restarts (TORCHELASTIC_USE_AGENT_STORE),
@@ -214,7 +216,8 @@ def join_process_group(backend: str | None, timeout: float) -> TorchCommunicator
             kwargs["device_id"] = torch.device("cuda", local_rank)
         dist.init_process_group(backend, store=dist.PrefixStore(f"gossip/restart_{restart}", base),
                                 rank=rank, world_size=world, timeout=wait, **kwargs)
-    return init_from_env(backend, timeout=timeout)
+    return init_from_env(backend, timeout=timeout, survive_peer_failures=survive,
+                         dead_after=dead_after)
 
 
 def _free_port() -> int:
@@ -298,6 +301,9 @@ class _Run:
                      "world_size": self.n}
         self.counters = _Counters()
         self.records: list[dict[str, Any]] = []  # this rank's records not yet written
+        self.deaths_seen: set[int] = set()
+        # surviving dead peers: no collectives after the start; each rank writes its own records
+        self.tolerant = comm.monitor is not None
         self.final: dict[str, Any] = {}
         self.start_step = 0
 
@@ -360,14 +366,47 @@ class _Run:
             "launcher": dataclasses.asdict(self.counters),
         }
         ckpt.atomic_torch_save(state, ckpt.rank_file(self.out, step, self.rank))
+        if self.tolerant:  # no collective: the marker moves only if every rank wrote its file
+            if self._all_ranks_wrote(step) and self.rank == 0:
+                ckpt.write_latest(self.out, step, self.meta)
+            return
         self.comm.barrier()  # every rank's file is on disk before the marker moves
         if self.rank == 0:
             ckpt.write_latest(self.out, step, self.meta)
 
+    def _all_ranks_wrote(self, step: int) -> bool:
+        """Count this rank's checkpoint in the store; True once all ranks have (bounded wait).
+
+        After a death a checkpoint can never be complete (the world size is fixed), so the
+        ``latest`` marker stays at the last checkpoint every rank wrote.
+        """
+        store = PeerMonitor.default_store()
+        key = f"gossip/checkpoint/{step}"
+        store.add(key, 1)
+        deadline = time.monotonic() + self.cfg.timeout
+        while time.monotonic() < deadline:
+            if store.add(key, 0) >= self.n:
+                return True
+            if self.comm.deaths or (self.comm.monitor and self.comm.monitor.dead()):
+                return False
+            time.sleep(0.01)
+        return False
+
     # ------------------------------------------------------------------ records
 
     def flush(self, writer: RunWriter) -> None:
-        """Gather every rank's pending records on rank 0 and append them to metrics.jsonl."""
+        """Gather every rank's pending records on rank 0 and append them to metrics.jsonl.
+
+        When surviving failures, each rank appends its own ``ranks/rank_<r>.jsonl`` instead (no
+        collective); the summary's writer merges them at the end.
+        """
+        if self.tolerant:
+            path = self.out / "ranks" / f"rank_{self.rank}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.writelines(json.dumps(to_jsonable(r)) + "\n" for r in self.records)
+            self.records = []
+            return
         gathered: list[Any] | None = [None] * self.n if self.rank == 0 else None
         dist.gather_object(self.records, gathered, dst=0)
         self.records = []
@@ -389,13 +428,24 @@ class _Run:
                              "loss": loss, "bytes_sent": stats.bytes_sent,
                              "sync_seconds": stats.seconds, "bytes_total": c.bytes_sent,
                              **stats.extra})
+        for dead, at in self.comm.deaths.items():
+            if dead not in self.deaths_seen:
+                self.deaths_seen.add(dead)
+                log.warning("rank %d: peer rank %d is dead (noticed at step %d); going on "
+                            "without it", self.rank, dead, at)
+                self.records.append({"kind": "death", "step": stats.step, "rank": dead,
+                                     "detected_by": self.rank, "detected_at_step": at,
+                                     "unix_time": time.time()})
 
     def on_eval(self, step: int, *, final: bool, record: bool = True) -> dict[str, Any]:
         c = self.counters
         metrics = evaluate(self.task, self.model, self.x_test, self.y_test)
         train_loss = c.eval_loss_sum / c.eval_loss_count if c.eval_loss_count else None
         c.eval_loss_sum, c.eval_loss_count = 0.0, 0
-        distance, mean = consensus(self.params, self.n, self.cfg.timeout)
+        distance: float | None = None
+        mean: Tensor | None = None
+        if not self.tolerant:  # an all-reduce would wait on dead ranks
+            distance, mean = consensus(self.params, self.n, self.cfg.timeout)
         rec: dict[str, Any] = {"kind": "eval", "step": step, "rank": self.rank,
                                "test_loss": metrics["loss"], "train_loss": train_loss,
                                "bytes_total": c.bytes_sent, "sync_seconds_total": c.sync_seconds}
@@ -403,15 +453,50 @@ class _Run:
             rec["test_accuracy"] = metrics["accuracy"]
         if record:
             self.records.append(rec)
-            if self.rank == 0:
+            if self.rank == 0 and distance is not None:
                 self.records.append({"kind": "consensus", "step": step,
                                      "consensus_distance": distance})
         if final:
             self.final = {"eval": rec, "consensus_distance": distance}
-            if self.rank == 0:
+            if self.rank == 0 and mean is not None:
                 self.final["avg_model"] = self._eval_mean_model(mean)
         return {"test_loss": metrics["loss"], "test_accuracy": metrics.get("accuracy"),
                 "consensus": distance}
+
+    def _gather_from_files(self, mine: dict[str, Any], writer: RunWriter
+                           ) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+        """Without collectives: each rank leaves its final record in a file; the lowest rank
+        still alive waits (bounded) for the live ranks' files and merges everything."""
+        ranks_dir = self.out / "ranks"
+        atomic_write_text(ranks_dir / f"rank_{self.rank}.final.json",
+                          json.dumps(to_jsonable(mine)) + "\n")
+        monitor = self.comm.monitor
+        assert monitor is not None
+        if min(set(range(self.n)) - set(monitor.dead()) - set(self.comm.deaths)) != self.rank:
+            return None, []
+        deadline = time.monotonic() + self.cfg.timeout
+        while True:
+            dead = set(monitor.dead()) | set(self.comm.deaths)
+            done = {r for r in range(self.n) if (ranks_dir / f"rank_{r}.final.json").exists()}
+            if set(range(self.n)) <= done | dead or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        per_rank = [json.loads((ranks_dir / f"rank_{r}.final.json").read_text())
+                    for r in sorted(done)]
+        records: list[dict[str, Any]] = []
+        for r in range(self.n):
+            path = ranks_dir / f"rank_{r}.jsonl"
+            if path.exists():
+                records += read_jsonl(path)
+        order = {"sync": 0, "death": 1, "eval": 2}
+        records.sort(key=lambda r: (r["step"], order.get(r["kind"], 9), r.get("rank", -1)))
+        if writer.enabled:
+            for rec in records:
+                writer.log(rec)
+        else:  # rank 0 died: this rank writes metrics.jsonl
+            atomic_write_text(self.out / "metrics.jsonl",
+                              "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+        return per_rank, _death_summary(records)
 
     def _eval_mean_model(self, mean: Tensor) -> dict[str, float]:
         """Test metrics of the average of all ranks' models (rank 0 only)."""
@@ -430,6 +515,8 @@ class _Run:
         self.resume()
         resumed = self.start_step > 0
         writer = None
+        if resumed and self.tolerant:
+            _truncate_metrics(self.out / "ranks" / f"rank_{self.rank}.jsonl", self.start_step)
         if self.rank == 0:
             if resumed:
                 _truncate_metrics(self.out / "metrics.jsonl", self.start_step)
@@ -516,7 +603,7 @@ class _Run:
             return
         acc = res["test_accuracy"]
         text = (f"loss {res['test_loss']:.4f}" + (f" acc {acc:.4f}" if acc is not None else "")
-                + f" consensus {res['consensus']:.3g}")
+                + ("" if res["consensus"] is None else f" consensus {res['consensus']:.3g}"))
         if bar.disable:
             log.info("step %d/%d (rank 0) test %s", step, self.cfg.steps, text)
         else:
@@ -546,13 +633,26 @@ class _Run:
             "sync_seconds": c.sync_seconds,
             "syncs": c.syncs,
         }
-        per_rank: list[Any] | None = [None] * self.n if self.rank == 0 else None
-        dist.gather_object(mine, per_rank, dst=0)
-        if per_rank is None:
-            return None
+        if self.tolerant:
+            per_rank, deaths = self._gather_from_files(mine, writer)
+            if per_rank is None:
+                return None
+        else:
+            per_rank = [None] * self.n if self.rank == 0 else None
+            dist.gather_object(mine, per_rank, dst=0)
+            if per_rank is None:
+                return None
+            deaths = []
         summary = _summary(self.cfg, self.n, per_rank, self.final, c.wall_seconds,
                            resumed_from=self.start_step or None)
-        writer.summary(summary)
+        if self.tolerant:
+            summary["deaths"] = deaths
+            summary["survivors"] = [r["rank"] for r in per_rank]
+        if writer.enabled:
+            writer.summary(summary)
+        else:  # rank 0 died and this rank took over
+            atomic_write_text(self.out / "summary.json",
+                              json.dumps(to_jsonable(summary), indent=2, sort_keys=True) + "\n")
         try:
             plot_metrics(read_jsonl(self.out / "metrics.jsonl"), self.out,
                          title=f"{self.cfg.algo} on {self.cfg.task}, {self.n} ranks")
@@ -560,6 +660,20 @@ class _Run:
             log.exception("plotting failed")
         print(_table(summary), flush=True)
         return summary
+
+
+def _death_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per dead rank: when it was first noticed, and by whom."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r.get("kind") != "death":
+            continue
+        entry = out.setdefault(r["rank"], {"rank": r["rank"], "step": r["detected_at_step"],
+                                           "unix_time": r["unix_time"], "detected_by": []})
+        entry["step"] = min(entry["step"], r["detected_at_step"])
+        entry["unix_time"] = min(entry["unix_time"], r["unix_time"])
+        entry["detected_by"] = sorted({*entry["detected_by"], r["detected_by"]})
+    return [out[k] for k in sorted(out)]
 
 
 def _mean(values: list[Any]) -> float | None:
@@ -650,7 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
                            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                            "MASTER_PORT": str(_free_port())})
-    comm = join_process_group(backend, cfg.timeout)
+    comm = join_process_group(backend, cfg.timeout, survive=cfg.survive_failures,
+                              dead_after=cfg.dead_after)
     _setup_logging(comm.rank)
     try:
         train(cfg, comm)
@@ -658,9 +773,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if comm.rank == 0:
             log.error("%s", e)
         return 2
+    except CommError as e:
+        log.error("rank %d stops: %s", comm.rank, e)
+        return 3
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if comm.monitor is not None:
+            comm.monitor.close()
+        if dist.is_initialized() and not comm.deaths:
+            dist.destroy_process_group()  # with dead peers it could wait on them: just exit
     return 0
 
 

@@ -124,8 +124,9 @@ class NoLoCo:
         """``out`` [L, P] fp32 = mean over the arrived members of each local row's group.
 
         ``others`` [N, W]: each node's group without itself, sorted, padded with -1; ``pos`` [N]:
-        the node's place in its sorted group. Members are added one by one in sorted order (self included),
-        so every member of a group computes the same bits, on a real rank and in the simulator.
+        the node's place in its sorted group. Members are added one by one in sorted order (self
+        included), so every member of a group computes the same bits, on a real rank and in the
+        simulator.
         """
         received, arrived = self.comm.exchange(x, others)  # [L, W, P], [L, W]
         g = others.shape[1] + 1

@@ -80,6 +80,14 @@ class TorchCommunicator:
             ok = work.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as e:
             msg = str(e)
+            if self.monitor is not None and len(peers) > 1:
+                # Gloo names the address whose connection broke, not the rank: ask the monitor
+                dead = self.monitor.wait_for_verdict(peers, self.timeout)
+                if dead:
+                    self._learn(dead)
+                    raise PeerFailure(f"{what} failed: rank(s) {sorted(dead)} died",
+                                      rank=self.rank, peers=tuple(sorted(dead)),
+                                      step=self.step) from e
             kind = CommTimeout if "imeout" in msg or "imed out" in msg else PeerFailure
             raise kind(f"{what} failed: {msg.splitlines()[0] if msg else e!r}",
                        rank=self.rank, peers=peers, step=self.step) from e
