@@ -54,16 +54,21 @@ def masked_mean(x: Tensor, received: Tensor, mask: Tensor) -> Tensor:
     return total / count
 
 
-def mix(x: Tensor, received: Tensor, self_weight: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
+def mix(x: Tensor, received: Tensor, self_weight: Tensor, weights: Tensor, mask: Tensor,
+        *, out: Tensor | None = None) -> Tensor:
     """Gossip mixing ``x_i = W_ii x_i + sum_k W_ik x_k`` (D-PSGD, Lian et al. 2017).
 
     The weight of a peer whose model did not arrive goes to self, so rows stay stochastic.
-    Shapes: x [L, P], received [L, K, P], self_weight [L], weights/mask [L, K].
+    Shapes: x [L, P], received [L, K, P], self_weight [L], weights/mask [L, K]. ``out`` (not
+    ``x``) receives the result without model-sized temporaries.
     """
     w = torch.where(mask, weights, torch.zeros_like(weights)).to(x.dtype)
     lost = (weights.to(x.dtype) - w).sum(dim=-1)
     ws = (self_weight.to(x.dtype) + lost).unsqueeze(-1)
-    return ws * x + torch.einsum("lk,lkp->lp", w, received)
+    out = torch.mul(x, ws, out=out)
+    for k in range(received.shape[-2]):
+        out.addcmul_(received[..., k, :], w[..., k : k + 1])
+    return out
 
 
 def segment_variance(x: Tensor, seg: Segment) -> Tensor:
@@ -121,14 +126,18 @@ def noloco_update_(
     ``delta = alpha delta + beta mean_G(theta - phi) - gamma (phi - mean_G(phi))``;
     ``phi = phi + delta``. With ``gamma == beta`` the two terms fold into
     ``beta (mean_G(theta) - phi)`` and ``phi_mean`` is not needed (pass None).
+
+    ``theta_mean`` and ``phi_mean`` are scratch: they are overwritten (no model-sized
+    temporaries, which on CPU cost about as much as the exchange itself).
     """
     if phi_mean is None:
         if gamma != beta:
             raise ValueError(f"phi_mean is required when gamma ({gamma}) != beta ({beta})")
-        delta.mul_(alpha).add_(theta_mean - phi, alpha=beta)
+        delta.mul_(alpha).add_(theta_mean.sub_(phi), alpha=beta)
     else:
-        # mean_G(theta - phi) = mean_G(theta) - mean_G(phi)
-        delta.mul_(alpha).add_(theta_mean - phi_mean, alpha=beta).sub_(phi - phi_mean, alpha=gamma)
+        # mean_G(theta - phi) = mean_G(theta) - mean_G(phi); phi - mean_G(phi) = -(phi_mean - phi)
+        delta.mul_(alpha).add_(theta_mean.sub_(phi_mean), alpha=beta)
+        delta.add_(phi_mean.sub_(phi), alpha=gamma)
     phi.add_(delta)
 
 

@@ -83,13 +83,24 @@ def _run(group: WorkerGroup, entry: str, train_argv: Sequence[str]) -> list[int]
     return codes
 
 
+def _train_flags_help() -> str:
+    """The option list of ``python -m launch.train --help``, so one --help shows every flag."""
+    from launch.config import build_parser as train_parser
+
+    text = train_parser().format_help()
+    start = text.find("options:")
+    return text[start:] if start >= 0 else text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m launch.ray_launch", allow_abbrev=False,
         description="Run launch.train on Ray actors (one per rank). Flags after '--', and "
                     "flags this launcher does not know, go to launch.train.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: python -m launch.ray_launch --num-workers 4 -- --algo noloco "
-               "--task digits --steps 300 --out runs/noloco")
+               "--task digits --steps 300 --out runs/noloco\n\n"
+               "flags passed to launch.train:\n" + _train_flags_help())
     parser.add_argument("--num-workers", type=int, required=True, metavar="W",
                         help="ranks (Ray actors)")
     parser.add_argument("--address", default=None, help="Ray cluster to join: 'auto' (the one "

@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/lint-imports
-.venv/bin/python -m pytest -n auto -q "$@"
+.venv/bin/python -m pytest -n auto --dist loadgroup -q --durations=15 "$@"

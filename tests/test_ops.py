@@ -119,12 +119,14 @@ def test_noloco_update_matches_equation(alpha, beta, gamma):
     ref_delta = alpha * delta + beta * (theta_mean - phi_mean) - gamma * (phi - phi_mean)
     ref_phi = phi + ref_delta
     d, p = delta.clone(), phi.clone()
-    noloco_update_(d, p, theta_mean, phi_mean, alpha=alpha, beta=beta, gamma=gamma)
+    # theta_mean and phi_mean are scratch (overwritten): pass copies
+    noloco_update_(d, p, theta_mean.clone(), phi_mean.clone(), alpha=alpha, beta=beta,
+                   gamma=gamma)
     torch.testing.assert_close(d, ref_delta)
     torch.testing.assert_close(p, ref_phi)
     if gamma == beta:  # the folded form needs no phi_mean and gives the same result
         d2, p2 = delta.clone(), phi.clone()
-        noloco_update_(d2, p2, theta_mean, None, alpha=alpha, beta=beta, gamma=gamma)
+        noloco_update_(d2, p2, theta_mean.clone(), None, alpha=alpha, beta=beta, gamma=gamma)
         torch.testing.assert_close(d2, ref_delta)
         torch.testing.assert_close(p2, ref_phi)
     else:

@@ -67,8 +67,10 @@ class DiLoCo:
         # the pseudo-gradients live in persistent buffers: a fresh model-sized tensor per sync
         # costs a page fault per 4 KiB (about as much as the all-reduce itself on CPU)
         self._grads = [torch.empty_like(p) for p in self.phi]
-        # foreach: the single-tensor path allocates a model-sized tensor for the Nesterov term
-        # (grad.add(buf)); the foreach path updates the gradient in place. Same arithmetic.
+        # foreach: the default single-tensor SGD on CPU allocates a model-sized tensor for the
+        # Nesterov term (grad.add(buf)); foreach adds into the gradient in place, same bits.
+        # (fused=True would save three passes but rounds a few tail elements differently
+        # depending on the buffer length, so a real rank [1, P] and the simulator [N, P] differ.)
         self.outer = torch.optim.SGD(self.phi, lr=config.outer_lr, foreach=True,
                                      momentum=config.outer_momentum, nesterov=config.nesterov)
 

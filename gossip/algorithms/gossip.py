@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from gossip.algorithms._common import (
@@ -80,6 +81,15 @@ class Gossip:
         self.comm = comm
         self.topology = topology
         self.merges = 0
+        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+
+    def _scratch(self, x: Tensor) -> Tensor:
+        """A persistent buffer shaped like ``x`` (a fresh model-sized tensor per merge costs a
+        page fault per 4 KiB on CPU, about as long as the exchange)."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty_like(x)
+        return self._buffers[key]
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this merge."""
@@ -100,7 +110,7 @@ class Gossip:
                 received, arrived = self.comm.exchange(x, peers)
                 if cfg.merge == "mixing":
                     merged = mix(x, received, self_weight[nodes].to(x.device),
-                                 weights[nodes].to(x.device), arrived)
+                                 weights[nodes].to(x.device), arrived, out=self._scratch(x))
                 else:
                     m = arrived.to(x.dtype).unsqueeze(-1)
                     k = m.sum(dim=-2)  # [L, 1] models that arrived
