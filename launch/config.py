@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-import types
-import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from gossip import configs
 from gossip.algorithms import ALGORITHMS, make_config, needs_topology
+from gossip.configs import bad, check_positive, check_types, field_flag, help_text
 from gossip.data import partition as _partition
 from gossip.flat import scope_from_spec
 from gossip.tasks import TASK_NAMES
@@ -47,6 +46,8 @@ __all__ = [
     "TrainConfig",
     "applicable_fields",
     "build_parser",
+    "check_algorithm_fields",
+    "check_topology",
     "field_flag",
     "from_args",
     "load_toml",
@@ -77,123 +78,108 @@ _TOPOLOGY_ARGS = {
 }
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Everything one training run needs. None = the algorithm's or task's default."""
 
     # run
-    algo: str = field(default="fedavg", metadata=_help(f"one of {sorted(ALGORITHMS)}"))
-    task: str = field(default="digits", metadata=_help(f"one of {list(TASK_NAMES)}"))
-    steps: int = field(default=300, metadata=_help("inner steps per rank (total, incl. resumed)"))
-    out: str = field(default="runs/latest", metadata=_help("run directory"))
-    seed: int = field(default=0, metadata=_help("seeds model init, data order, pairings, ..."))
+    algo: str = field(default="fedavg", metadata=help_text(f"one of {sorted(ALGORITHMS)}"))
+    task: str = field(default="digits", metadata=help_text(f"one of {list(TASK_NAMES)}"))
+    steps: int = field(default=300, metadata=help_text(
+        "inner steps per rank (total, incl. resumed)"))
+    out: str = field(default="runs/latest", metadata=help_text("run directory"))
+    seed: int = field(default=0, metadata=help_text("seeds model init, data order, pairings, ..."))
     # data
-    partition: str = field(default="iid", metadata=_help(
+    partition: str = field(default="iid", metadata=help_text(
         "iid | dirichlet:ALPHA | shards:K | quantity:ALPHA (one shard of the train set per rank)"))
-    batch_size: int | None = field(default=None, metadata=_help("default: the task's"))
+    batch_size: int | None = field(default=None, metadata=help_text("default: the task's"))
     # inner optimizer
-    optimizer: str | None = field(default=None, metadata=_help(
+    optimizer: str | None = field(default=None, metadata=help_text(
         f"{' | '.join(OPTIMIZERS)}; default: AdamW for diloco, Adam for noloco, else the task's"))
-    lr: float | None = field(default=None, metadata=_help("inner learning rate"))
-    weight_decay: float | None = field(default=None, metadata=_help(
+    lr: float | None = field(default=None, metadata=help_text("inner learning rate"))
+    weight_decay: float | None = field(default=None, metadata=help_text(
         "inner weight decay (default: the optimizer's)"))
-    grad_clip: float | None = field(default=None, metadata=_help(
+    grad_clip: float | None = field(default=None, metadata=help_text(
         "clip the gradient norm to this value (default: off)"))
     # algorithm (each maps to the field of the same name of the algorithm's config)
-    sync_every: int | None = field(default=None, metadata=_help("inner steps between syncs (H)"))
-    outer_lr: float | None = field(default=None, metadata=_help("diloco: outer SGD lr"))
-    outer_momentum: float | None = field(default=None, metadata=_help(
+    sync_every: int | None = field(default=None, metadata=help_text(
+        "inner steps between syncs (H)"))
+    outer_lr: float | None = field(default=None, metadata=help_text("diloco: outer SGD lr"))
+    outer_momentum: float | None = field(default=None, metadata=help_text(
         "diloco: outer SGD momentum"))
-    nesterov: bool | None = field(default=None, metadata=_help("diloco: Nesterov outer SGD"))
-    alpha: float | None = field(default=None, metadata=_help("noloco: outer momentum"))
-    beta: float | None = field(default=None, metadata=_help("noloco: outer lr"))
-    gamma: float | None = field(default=None, metadata=_help("noloco: pull to the group's phi"))
-    group_size: int | None = field(default=None, metadata=_help("noloco: nodes per group"))
-    client_fraction: float | None = field(default=None, metadata=_help(
+    nesterov: bool | None = field(default=None, metadata=help_text("diloco: Nesterov outer SGD"))
+    alpha: float | None = field(default=None, metadata=help_text("noloco: outer momentum"))
+    beta: float | None = field(default=None, metadata=help_text("noloco: outer lr"))
+    gamma: float | None = field(default=None, metadata=help_text("noloco: pull to the group's phi"))
+    group_size: int | None = field(default=None, metadata=help_text("noloco: nodes per group"))
+    client_fraction: float | None = field(default=None, metadata=help_text(
         "fedavg: fraction of ranks sampled per round"))
-    self_weight: float | None = field(default=None, metadata=_help(
+    self_weight: float | None = field(default=None, metadata=help_text(
         "gossip, gossip-vc: self weight beta of the merge"))
-    vc_eps: float | None = field(default=None, metadata=_help("gossip-vc: variance ratio guard"))
-    vc_ratio: float | None = field(default=None, metadata=_help(
+    vc_eps: float | None = field(default=None, metadata=help_text(
+        "gossip-vc: variance ratio guard"))
+    vc_ratio: float | None = field(default=None, metadata=help_text(
         "gossip-vc: partial correction (1 = full)"))
-    vc_scope: str | None = field(default=None, metadata=_help(
+    vc_scope: str | None = field(default=None, metadata=help_text(
         "gossip-vc: tensors rescaled: weights | all | none | re:REGEX (default: weights)"))
-    topology: str | None = field(default=None, metadata=_help(
+    topology: str | None = field(default=None, metadata=help_text(
         "dpsgd, gossip, gossip-vc: NAME[:ARGS], e.g. ring, random-regular:4, exponential "
         "(default: ring)"))
-    topology_weights: str | None = field(default=None, metadata=_help(
+    topology_weights: str | None = field(default=None, metadata=help_text(
         "dpsgd: mixing weights of static graphs: metropolis | uniform (default: metropolis)"))
     # runtime
-    backend: str = field(default="auto", metadata=_help(
+    backend: str = field(default="auto", metadata=help_text(
         "auto | nccl | gloo (auto: nccl when CUDA is available)"))
-    device: str = field(default="auto", metadata=_help(
+    device: str = field(default="auto", metadata=help_text(
         "auto | cpu | cuda (auto: cuda:LOCAL_RANK when CUDA is available)"))
-    timeout: float = field(default=300.0, metadata=_help("seconds any communication may wait"))
-    eval_every: int | None = field(default=None, metadata=_help(
+    timeout: float = field(default=300.0, metadata=help_text("seconds any communication may wait"))
+    eval_every: int | None = field(default=None, metadata=help_text(
         "steps between test-set evaluations (default: every sync if 10 <= H <= 50, else 50)"))
-    checkpoint_every: int = field(default=0, metadata=_help(
+    checkpoint_every: int = field(default=0, metadata=help_text(
         "steps between checkpoints, plus one at the end (0 = never)"))
-    resume: bool = field(default=False, metadata=_help(
+    resume: bool = field(default=False, metadata=help_text(
         "resume from the latest checkpoint in --out (start fresh if there is none)"))
-    survive_failures: bool = field(default=False, metadata=_help(
+    survive_failures: bool = field(default=False, metadata=help_text(
         "keep going when ranks die: noloco and the gossip family leave dead peers out; fedavg "
         "and diloco fail fast naming the dead rank. Needs a store that outlives workers "
         "(torchrun's agent store, or TORCHELASTIC_USE_AGENT_STORE=True with an external one)"))
-    dead_after: float = field(default=5.0, metadata=_help(
+    dead_after: float = field(default=5.0, metadata=help_text(
         "with --survive-failures: seconds without a heartbeat before a rank counts as dead"))
 
     def __post_init__(self) -> None:
-        _check_types(self)
+        check_types(self)
         if self.algo not in ALGORITHMS:
-            _bad("algo", self.algo, f"one of {sorted(ALGORITHMS)}")
+            bad("algo", self.algo, f"one of {sorted(ALGORITHMS)}")
         if self.task not in TASK_NAMES:
-            _bad("task", self.task, f"one of {list(TASK_NAMES)}")
-        _positive("steps", self.steps)
+            bad("task", self.task, f"one of {list(TASK_NAMES)}")
+        check_positive("steps", self.steps)
         if self.seed < 0:
-            _bad("seed", self.seed, "an integer >= 0")
+            bad("seed", self.seed, "an integer >= 0")
         if not self.out:
-            _bad("out", self.out, "a non-empty path")
+            bad("out", self.out, "a non-empty path")
         _check_partition(self.partition)
-        _positive("batch_size", self.batch_size)
+        check_positive("batch_size", self.batch_size)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            _bad("optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
-        _positive("lr", self.lr)
+            bad("optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
+        check_positive("lr", self.lr)
         if self.weight_decay is not None and not self.weight_decay >= 0:
-            _bad("weight_decay", self.weight_decay, "a number >= 0")
-        _positive("grad_clip", self.grad_clip)
+            bad("weight_decay", self.weight_decay, "a number >= 0")
+        check_positive("grad_clip", self.grad_clip)
         if self.backend not in BACKENDS:
-            _bad("backend", self.backend, f"one of {list(BACKENDS)}")
+            bad("backend", self.backend, f"one of {list(BACKENDS)}")
         if self.device not in DEVICES:
-            _bad("device", self.device, f"one of {list(DEVICES)}")
+            bad("device", self.device, f"one of {list(DEVICES)}")
         if self.backend == "nccl" and self.device == "cpu":
-            _bad("device", self.device, "'cuda' or 'auto' with backend='nccl'")
-        _positive("timeout", self.timeout)
-        _positive("dead_after", self.dead_after)
-        _positive("eval_every", self.eval_every)
+            bad("device", self.device, "'cuda' or 'auto' with backend='nccl'")
+        check_positive("timeout", self.timeout)
+        check_positive("dead_after", self.dead_after)
+        check_positive("eval_every", self.eval_every)
         if self.checkpoint_every < 0:
-            _bad("checkpoint_every", self.checkpoint_every, "an integer >= 0 (0 = never)")
+            bad("checkpoint_every", self.checkpoint_every, "an integer >= 0 (0 = never)")
         self._check_algorithm_fields()
 
     def _check_algorithm_fields(self) -> None:
-        allowed = applicable_fields(self.algo)
-        for name in sorted(ALGO_FIELDS - allowed):
-            value = getattr(self, name)
-            if value is not None:
-                raise ValueError(f"{name}={value!r} does not apply to algo={self.algo!r} "
-                                 f"(its fields: {', '.join(sorted(allowed))})")
-        if self.topology is not None:
-            _check_topology(self.topology)
-        if self.topology_weights is not None and self.topology_weights not in TOPOLOGY_WEIGHTS:
-            _bad("topology_weights", self.topology_weights, f"one of {list(TOPOLOGY_WEIGHTS)}")
-        if self.vc_scope is not None:
-            try:
-                scope_from_spec(self.vc_scope)
-            except ValueError as e:
-                raise ValueError(f"vc_scope={self.vc_scope!r} is invalid: {e}") from None
+        check_algorithm_fields(self, applicable_fields(self.algo), ALGO_FIELDS)
         self.algorithm_config()  # the algorithm's own checks name field and value
 
     def algorithm_config(self) -> Any:
@@ -274,42 +260,26 @@ def applicable_fields(algo: str) -> set[str]:
     return names
 
 
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """``{name: (base type, optional)}`` for every TrainConfig field."""
-    hints = typing.get_type_hints(TrainConfig)
-    out: dict[str, tuple[type, bool]] = {}
-    for f in dataclasses.fields(TrainConfig):
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):
-            base = next(a for a in args if a is not type(None))
-            out[f.name] = (base, type(None) in args)
-        else:
-            out[f.name] = (hint, False)
-    return out
+def check_algorithm_fields(cfg: Any, allowed: Set[str], algo_fields: Set[str]) -> None:
+    """Check the algorithm-specific fields of ``cfg`` (a TrainConfig or a SimConfig).
 
-
-def _check_types(cfg: TrainConfig) -> None:
-    for name, (base, optional) in _field_types().items():
+    Of ``algo_fields``, only ``allowed`` ones may be set; topology, topology_weights and vc_scope
+    must be well-formed. Raises ValueError naming the field and its value.
+    """
+    for name in sorted(algo_fields - allowed):
         value = getattr(cfg, name)
-        if value is None and optional:
-            continue
-        if base is float and isinstance(value, int) and not isinstance(value, bool):
-            object.__setattr__(cfg, name, float(value))
-            continue
-        ok = isinstance(value, base) and not (base is not bool and isinstance(value, bool))
-        if not ok:
-            what = base.__name__ + (" or None" if optional else "")
-            raise ValueError(f"{name}={value!r} is invalid: expected {what}")
-
-
-def _bad(name: str, value: Any, expected: str) -> None:
-    raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
-
-
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and not value > 0:
-        _bad(name, value, "a number > 0")
+        if value is not None:
+            raise ValueError(f"{name}={value!r} does not apply to algo={cfg.algo!r} "
+                             f"(its fields: {', '.join(sorted(allowed))})")
+    if cfg.topology is not None:
+        check_topology(cfg.topology)
+    if cfg.topology_weights is not None and cfg.topology_weights not in TOPOLOGY_WEIGHTS:
+        bad("topology_weights", cfg.topology_weights, f"one of {list(TOPOLOGY_WEIGHTS)}")
+    if cfg.vc_scope is not None:
+        try:
+            scope_from_spec(cfg.vc_scope)
+        except ValueError as e:
+            raise ValueError(f"vc_scope={cfg.vc_scope!r} is invalid: {e}") from None
 
 
 def _check_partition(spec: str) -> None:
@@ -320,80 +290,39 @@ def _check_partition(spec: str) -> None:
         raise ValueError(f"partition={spec!r} is invalid: {e}") from None
 
 
-def _check_topology(spec: str) -> None:
-    # Full checks need the world size; here: a known name with the right number of arguments.
+def check_topology(spec: str) -> None:
+    """A known topology name with the right number of ``:``-separated arguments.
+
+    Full checks need the world size (see gossip.topology.make_topology).
+    """
     name, _, rest = spec.strip().partition(":")
     if name == "file":
         if not rest:
-            _bad("topology", spec, "'file:PATH'")
+            bad("topology", spec, "'file:PATH'")
         return
     if name not in _TOPOLOGY_ARGS:
-        _bad("topology", spec, f"one of {[*_TOPOLOGY_ARGS, 'file']} with its arguments, "
-                               "e.g. 'ring', 'random-regular:4'")
+        bad("topology", spec, f"one of {[*_TOPOLOGY_ARGS, 'file']} with its arguments, "
+                              "e.g. 'ring', 'random-regular:4'")
     low, high = _TOPOLOGY_ARGS[name]
     count = len(rest.split(":")) if rest else 0
     if not low <= count <= high:
-        _bad("topology", spec, f"{name!r} with {low}..{high} ':'-separated arguments")
+        bad("topology", spec, f"{name!r} with {low}..{high} ':'-separated arguments")
 
 
 # ----------------------------------------------------------------------------- CLI and files
 
 
-def field_flag(name: str) -> str:
-    """``sync_every`` -> ``--sync-every``."""
-    return "--" + name.replace("_", "-")
-
-
 def build_parser(prog: str = "python -m launch.train") -> argparse.ArgumentParser:
     """One flag per TrainConfig field (and ``--config``); unset flags are absent from the result."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Decentralized training (run under torchrun).",
-        argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", metavar="FILE.toml", help="load fields from a TOML file "
-                        "(flags on the command line override it)")
-    types_ = _field_types()
-    for f in dataclasses.fields(TrainConfig):
-        base, _ = types_[f.name]
-        default = f.default
-        help_text = f.metadata.get("help", "")
-        if default is not None:
-            help_text += f" (default: {default})"
-        if base is bool:
-            parser.add_argument(field_flag(f.name), dest=f.name,
-                                action=argparse.BooleanOptionalAction, help=help_text)
-        else:
-            parser.add_argument(field_flag(f.name), dest=f.name, type=base,
-                                metavar=f.name.upper(), help=help_text)
-    return parser
+    return configs.build_parser(
+        TrainConfig, prog=prog, description="Decentralized training (run under torchrun).")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Read a flat TOML file of TrainConfig fields; unknown keys raise ValueError naming them."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover - Python 3.10
-        import tomli as tomllib
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"config={str(path)!r} is invalid: no such file") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config={str(path)!r} is not valid TOML: {e}") from None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        if name not in names:
-            raise ValueError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(names))}")
-        out[name] = value
-    return out
+    return configs.load_toml(TrainConfig, path)
 
 
 def from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Parse the command line (``sys.argv[1:]`` by default) into a validated TrainConfig."""
-    ns = vars(build_parser().parse_args(argv))
-    config_file = ns.pop("config", None)
-    base: Mapping[str, Any] = load_toml(config_file) if config_file else {}
-    return TrainConfig(**{**base, **ns})
+    return configs.from_args(TrainConfig, argv, parser=build_parser())
