@@ -21,6 +21,12 @@ algorithms average. A training step runs all rows at once:
   rows and the idle rows are restored (:func:`gossip.algorithms._common.frozen_rows`); a zero
   gradient would not be a skipped step.
 - **clipping**: ``grad_clip`` clips each node's gradient norm (over all its tensors) separately.
+- **fused SGD** (the common case: SGD on a plain MLP, no clipping): forward and backward written
+  out by hand in chunks of rows that fit in cache, every weight updated in place by the
+  ``baddbmm`` that forms its gradient, and only the active rows computed (gathered, updated,
+  scattered back) instead of computing all rows and restoring the idle ones. Same update as
+  ``torch.optim.SGD`` up to float32 rounding; no gradient tensors, so peak memory is about the
+  parameters plus one chunk's activations (:meth:`LocalTrainer.fused_applies`).
 """
 
 from __future__ import annotations
@@ -401,6 +407,13 @@ class LocalTrainer:
         optimizer: ``sgd`` | ``adam`` | ``adamw``.
         lr, momentum, weight_decay: optimizer settings (weight_decay None = its default).
         grad_clip: clip each node's gradient norm to this (None = off).
+
+    SGD on a plain MLP (``impl="matmul"``) with a classification or regression loss and no
+    clipping takes a fused path (:meth:`fused_applies`): forward and backward written out by
+    hand, each weight updated in place by the same ``baddbmm`` that forms its gradient (no
+    gradient tensors, no autograd graph), in chunks of rows small enough to stay in cache, and
+    only on the active rows. It computes what ``torch.optim.SGD`` does (momentum, weight
+    decay) up to float32 rounding; set ``trainer.fused = False`` to force the autograd path.
     """
 
     def __init__(self, model: StackedModel, x_train: Tensor, y_train: Tensor, *,
@@ -413,6 +426,8 @@ class LocalTrainer:
         self.params = model.parameters
         self.optimizer = make_optimizer(optimizer, self.params, lr=lr, momentum=momentum,
                                         weight_decay=weight_decay)
+        self.fused = True
+        self._neg: dict[tuple[int, ...], Tensor] = {}
 
     def state_tensors(self) -> list[Tensor]:
         """Parameters, model buffers and every per-row optimizer state tensor."""
@@ -423,9 +438,12 @@ class LocalTrainer:
 
     def step(self, idx: Tensor, active: Tensor | None = None) -> Tensor:
         """Train every active row on its batch ``idx`` [L, B]; returns per-node losses [L]
-        (detached; idle rows hold the loss they would have had, or 0 with the loop impl)."""
+        (detached; idle rows hold the loss they would have had, or 0 with the loop impl and
+        the fused SGD path)."""
         if active is not None and bool(active.all()):
             active = None
+        if self.fused and self.fused_applies():
+            return self._fused_step(idx, active)
         xb, yb = self.x_train[idx], self.y_train[idx]
         losses = self.model.node_losses(xb, yb, active)
         grads = torch.autograd.grad(losses.sum(), self.params, allow_unused=True)
@@ -438,6 +456,153 @@ class LocalTrainer:
         for p in self.params:
             p.grad = None
         return losses.detach()
+
+    # --------------------------------------------------------------------- fused SGD path
+
+    def fused_applies(self) -> bool:
+        """Whether :meth:`step` takes the fused SGD path (see the class docstring)."""
+        opt = self.optimizer
+        if self.model.plan is None or type(opt) is not torch.optim.SGD \
+                or self.grad_clip is not None or len(opt.param_groups) != 1 \
+                or self.model.task.data.kind not in ("classification", "regression"):
+            return False
+        g = opt.param_groups[0]
+        kind = self.model.task.data.kind
+        shapes_ok = self.x_train.dim() == 2 and self.y_train.dim() == (
+            1 if kind == "classification" else 2)
+        return shapes_ok and not (g["nesterov"] or g["dampening"] or g["maximize"]) \
+            and all(p.dtype == torch.float32 for p in self.params)
+
+    def _fused_step(self, idx: Tensor, active: Tensor | None) -> Tensor:
+        group = self.optimizer.param_groups[0]
+        hyper = (float(group["lr"]), float(group["momentum"]), float(group["weight_decay"]))
+        params = self.model.params
+        bufs: dict[str, Tensor] = {}
+        if hyper[1]:  # SGD's first step sets buf = grad: the same as from a zero buffer
+            for name, p in params.items():
+                state = self.optimizer.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs[name] = state["momentum_buffer"]
+        rows = self.model.rows
+        losses = torch.zeros(rows, device=idx.device)
+        chunk = self._chunk_rows(idx.shape[1])
+        with torch.no_grad():
+            if active is None:
+                for r0 in range(0, rows, chunk):
+                    sl = slice(r0, r0 + chunk)
+                    losses[sl] = self._fused_chunk(
+                        {n: t[sl] for n, t in params.items()},
+                        {n: t[sl] for n, t in bufs.items()}, idx[sl], hyper)
+                return losses
+            live = active.to(idx.device).nonzero().flatten()
+            for r0 in range(0, len(live), chunk):
+                sel = live[r0:r0 + chunk]
+                p_c = {n: t.index_select(0, sel) for n, t in params.items()}
+                b_c = {n: t.index_select(0, sel) for n, t in bufs.items()}
+                losses[sel] = self._fused_chunk(p_c, b_c, idx.index_select(0, sel), hyper)
+                for n, t in p_c.items():
+                    params[n].index_copy_(0, sel, t)
+                for n, t in b_c.items():
+                    bufs[n].index_copy_(0, sel, t)
+        return losses
+
+    def _chunk_rows(self, batch: int) -> int:
+        """Rows per fused chunk: all on a GPU; on a CPU about 2 MiB of parameters and
+        activations, so a chunk's weights stay in cache from forward to update (measured on
+        the digits MLP: 32-56 rows best, 16 and 80+ rows 10-70% slower)."""
+        if self.model.device.type != "cpu":
+            return self.model.rows
+        per_row = 4 * self.model.flat.numel
+        per_row += 4 * batch * (self.x_train[0].numel() + 3 * self.model._width())
+        return max(4, min(self.model.rows, (2 << 20) // max(1, per_row)))
+
+    def _fused_chunk(self, params: dict[str, Tensor], bufs: dict[str, Tensor], idx: Tensor,
+                     hyper: tuple[float, float, float]) -> Tensor:
+        """Forward, loss, backward and SGD update of the rows in ``params`` (views or copies
+        [C, ...]) on their batches ``idx`` [C, B]; returns their losses [C].
+
+        Activations are kept feature-major, ``[C, features, B]``: every product then reads a
+        weight ``[C, out, in]`` as stored (``W @ h``), which streams it from memory faster
+        than the transposed view ``h @ W^T`` does, and its update ``W += g @ h^T`` writes it
+        as stored."""
+        plan = self.model.plan
+        assert plan is not None
+        x = self.x_train[idx]  # [C, B, in]
+        y = self.y_train[idx]
+        h = x.transpose(1, 2)
+        saved: list[Tensor] = []  # saved[i]: the input of plan[i]; saved[i + 1]: its output
+        for i, (op, w_name, b_name) in enumerate(plan):  # forward
+            saved.append(h)
+            if op == "linear":
+                w = params[w_name]
+                h = torch.bmm(w, h) if b_name is None else torch.baddbmm(
+                    params[b_name].unsqueeze(2), w, h)
+            else:  # in place on a linear layer's output: the backward needs ours only
+                inplace = i > 0 and plan[i - 1][0] == "linear"
+                if op == "relu":
+                    h = h.relu_() if inplace else torch.relu(h)
+                else:
+                    h = h.tanh_() if inplace else torch.tanh(h)
+        saved.append(h)
+        loss, g = self._loss_and_grad(h, y)
+        first = next(i for i, (op, _, _) in enumerate(plan) if op == "linear")
+        for i in range(len(plan) - 1, first - 1, -1):  # backward, updating as it goes
+            op, w_name, b_name = plan[i]
+            if op == "relu":
+                g = torch.ops.aten.threshold_backward(g, saved[i + 1], 0)
+            elif op == "tanh":
+                g = torch.ops.aten.tanh_backward(g, saved[i + 1])
+            else:
+                assert w_name is not None
+                w = params[w_name]
+                below = torch.bmm(w.transpose(1, 2), g) if i > first else None  # old w
+                _sgd_(w, bufs.get(w_name), hyper, g, saved[i].transpose(1, 2))
+                if b_name is not None:
+                    _sgd_(params[b_name], bufs.get(b_name), hyper, grad=g.sum(dim=2))
+                if below is not None:
+                    g = below
+        return loss
+
+    def _loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row mean loss [C] and its gradient with respect to ``out`` [C, K, B]."""
+        c, b = out.shape[0], out.shape[2]
+        if self.model.task.data.kind == "regression":
+            diff = out - y.transpose(1, 2)
+            loss = diff.square().reshape(c, -1).mean(dim=1)
+            return loss, diff.mul_(2.0 / diff[0].numel())
+        target = y.reshape(c, 1, b)
+        logp = torch.log_softmax(out, dim=1)
+        loss = -logp.gather(1, target).reshape(c, b).mean(dim=1)
+        g = logp.exp_()
+        neg = self._neg.get((c, b))
+        if neg is None or neg.device != g.device:
+            neg = self._neg[(c, b)] = torch.full((c, 1, b), -1.0, device=g.device)
+        return loss, g.scatter_add_(1, target, neg).mul_(1.0 / b)
+
+
+def _sgd_(p: Tensor, buf: Tensor | None, hyper: tuple[float, float, float],
+          g_t: Tensor | None = None, a: Tensor | None = None, *, grad: Tensor | None = None
+          ) -> None:
+    """``torch.optim.SGD``'s update of ``p`` in place, the gradient given as ``grad`` or as
+    the batched product ``g_t @ a`` (fused into the update)."""
+    lr, momentum, wd = hyper
+    if buf is None:  # p <- p - lr (grad + wd p)
+        if grad is None:
+            p.baddbmm_(g_t, a, beta=1.0 - lr * wd, alpha=-lr)
+        else:
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(grad, alpha=-lr)
+        return
+    # buf <- momentum buf + grad + wd p;  p <- p - lr buf
+    if grad is None:
+        buf.baddbmm_(g_t, a, beta=momentum)
+    else:
+        buf.mul_(momentum).add_(grad)
+    if wd:
+        buf.add_(p, alpha=wd)
+    p.add_(buf, alpha=-lr)
 
 
 def clip_rows_(params: Sequence[Tensor], max_norm: float) -> Tensor:

@@ -1,0 +1,98 @@
+"""Smoke tests of the benchmark scripts (tiny ``--quick`` settings, run as subprocesses), and of
+the fast batch schedule the simulator benchmark relies on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gossip.batching import StackedBatches, _fast_draws_ok, node_batch
+from gossip.data import partition
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _start(script: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(BENCH / script), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Both scripts started together (they are mostly imports and waiting)."""
+    out = tmp_path_factory.mktemp("vv")
+    procs = {"throughput": _start("sim_throughput.py", "--quick"),
+             "variance": _start("reproduce_vanishing_variance.py", "--quick", "--out", str(out))}
+    return {"out": out, **{k: _finish(p) for k, p in procs.items()}}
+
+
+def test_sim_throughput_quick(quick_runs: dict) -> None:
+    rc, out, err = quick_runs["throughput"]
+    assert rc == 0, err
+    recs = _json_lines(out)
+    check = next(r for r in recs if r.get("check") == "same_math")
+    assert check["max_abs_diff_vs_loop"] < 1e-5  # the loop and the simulator agree
+    thr = next(r for r in recs if r.get("bench") == "throughput")
+    assert thr["sim_client_steps_per_s"] > 0 and thr["loop_client_steps_per_s"] > 0
+    assert thr["ratio_wall"] > 0 and thr["fused_sgd"] is True
+    mem = next(r for r in recs if r.get("bench") == "memory")
+    assert "error" not in mem, mem
+    assert mem["peak_bytes_per_node"] > 0 and mem["state_bytes_per_node"] > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA guard")
+def test_sim_throughput_cuda_guard() -> None:
+    rc, out, err = _finish(_start("sim_throughput.py", "--quick", "--device", "cuda"))
+    assert rc == 2, err
+    assert "cuda" in _json_lines(out)[0]["error"]
+
+
+def test_vanishing_variance_quick(quick_runs: dict) -> None:
+    rc, out, err = quick_runs["variance"]
+    assert rc == 0, err
+    recs = {r["algo"]: r for r in _json_lines(out)}
+    assert set(recs) == {"fedavg", "gossip", "gossip-vc"}
+    assert recs["fedavg"]["independent_init"] is False
+    assert recs["gossip"]["independent_init"] is True
+    assert recs["gossip-vc"]["independent_init"] is True
+    base = quick_runs["out"]
+    for name in ("accuracy.png", "variance.png", "summary.json"):
+        assert (base / name).stat().st_size > 0
+    assert (base / "gossip-vc" / "metrics.jsonl").exists()
+
+
+def test_stacked_batches_equal_node_batch() -> None:
+    """The vectorized epoch draws give exactly node_batch's schedule (many epochs, sizes)."""
+    assert _fast_draws_ok()
+    labels = np.repeat(np.arange(10), 40)
+    n = 60
+    shards = partition("dirichlet:0.3", labels, n, seed=4)
+    assert min(len(s) for s in shards) == 1 < max(len(s) for s in shards)
+    batches = StackedBatches(shards, list(range(100, 100 + n)), 8, seed=9)
+    rng = np.random.default_rng(0)
+    local = np.zeros(n, dtype=np.int64)
+    for _ in range(10):
+        got = batches.batch(torch.from_numpy(local))
+        for i in range(n):
+            ref = node_batch(shards[i], 8, seed=9, node=100 + i, step=int(local[i]))
+            assert np.array_equal(got[i].numpy(), ref), (i, int(local[i]))
+        local += rng.integers(0, 6, size=n)
+    assert torch.equal(batches.batch(3), torch.stack([
+        torch.from_numpy(node_batch(s, 8, seed=9, node=100 + i, step=3))
+        for i, s in enumerate(shards)]))
