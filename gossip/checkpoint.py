@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from gossip.flat import FlatParams
+from gossip.metrics import atomic_write, atomic_write_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -59,44 +59,16 @@ def rank_file(root: str | os.PathLike[str], step: int, rank: int) -> Path:
     return checkpoint_dir(root) / f"step_{step}" / f"rank_{rank}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    _atomic_write(Path(path), lambda fh: torch.save(obj, fh))
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def write_latest(root: str | os.PathLike[str], step: int, meta: Mapping[str, Any]) -> None:
     """Mark ``step`` as the latest complete checkpoint (call once every rank has written)."""
     record = {"step": int(step), **meta}
     text = json.dumps(record, sort_keys=True) + "\n"
-    _atomic_write(checkpoint_dir(root) / "latest", lambda fh: fh.write(text.encode()))
+    atomic_write_text(checkpoint_dir(root) / "latest", text)
 
 
 def read_latest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
