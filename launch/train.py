@@ -13,21 +13,21 @@ checkpoints (see :mod:`gossip.checkpoint`); ``--resume`` continues from the late
 ``--out`` bit for bit, also as the restart command of ``torchrun --max-restarts``.
 
 All randomness derives from ``--seed`` and the rank: the model init (shared or per rank, as the
-algorithm wants), the data order (per (seed, rank, epoch)), the algorithm's pairings/sampling
-(per step); the torch RNG (unused by the built-in models) is seeded per rank and checkpointed.
+algorithm wants), the data order (:func:`gossip.batching.node_batch`, as in the simulator), the
+algorithm's pairings/sampling (per step); the torch RNG (unused by the built-in models) is seeded
+per rank and checkpointed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from gossip import checkpoint as ckpt
 from gossip.algorithms import build_algorithm, needs_topology, same_init
+from gossip.batching import node_batch
 from gossip.comm import CommError, TorchCommunicator, init_from_env
 from gossip.comm.monitor import PeerMonitor
 from gossip.data import partition
@@ -71,47 +72,38 @@ def derived_seed(*parts: int) -> int:
 
 
 class ShardStream:
-    """Endless batches of one rank's shard: epoch e is shuffled by (seed, e); resumable.
+    """This rank's batches: :func:`gossip.batching.node_batch` over its shard.
 
-    ``state()`` is ``{"epoch", "offset"}`` (batches already taken from that epoch).
+    The schedule is a pure function of (seed, rank, step), the very one a simulated node with the
+    same id follows, so real runs and simulations see the same samples. ``state()`` is the
+    number of batches taken (all a checkpoint needs to resume the order).
     """
 
-    def __init__(self, task: Task, indices: np.ndarray, batch_size: int, seed: int,
+    def __init__(self, task: Task, indices: np.ndarray, batch_size: int, seed: int, node: int,
                  device: torch.device) -> None:
         if len(indices) == 0:
             raise ValueError("the shard is empty")
-        self.task = task
-        self.indices = indices
+        self.x = task.data.x_train
+        self.y = task.data.y_train
+        self.indices = np.asarray(indices)
         self.batch_size = batch_size
         self.seed = seed
+        self.node = node
         self.device = device
-        self.drop_last = len(indices) >= batch_size  # else one short batch per epoch
-        self.epoch = 0
-        self.offset = 0
-        self._it: Iterator[tuple[Tensor, Tensor]] | None = None
+        self.taken = 0
 
     def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"taken": self.taken}
 
     def load_state(self, state: dict[str, int]) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._it = None
+        self.taken = int(state["taken"])
 
     def next(self) -> tuple[Tensor, Tensor]:
-        while True:
-            if self._it is None:
-                it = self.task.batches(self.indices, self.batch_size, self.seed, self.epoch,
-                                       drop_last=self.drop_last)
-                self._it = itertools.islice(it, self.offset, None)
-            batch = next(self._it, None)
-            if batch is not None:
-                self.offset += 1
-                x, y = batch
-                return (x.to(self.device, non_blocking=True),
-                        y.to(self.device, non_blocking=True))
-            self.epoch += 1
-            self.offset = 0
-            self._it = None
+        idx = torch.from_numpy(node_batch(self.indices, self.batch_size, seed=self.seed,
+                                          node=self.node, step=self.taken))
+        self.taken += 1
+        return (self.x[idx].to(self.device, non_blocking=True),
+                self.y[idx].to(self.device, non_blocking=True))
 
 
 def make_optimizer(cfg: TrainConfig, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
@@ -295,8 +287,8 @@ class _Run:
                 weight=torch.tensor([float(len(self.shard))], dtype=torch.float64))
         except ValueError as e:
             raise RunError(f"algo={cfg.algo!r} cannot run with {self.n} ranks: {e}") from None
-        self.stream = ShardStream(self.task, self.shard, cfg.batch_size or 1,
-                                  derived_seed(cfg.seed, self.rank, 0), self.device)
+        self.stream = ShardStream(self.task, self.shard, cfg.batch_size or 1, cfg.seed,
+                                  self.rank, self.device)
         self.meta = {"format": ckpt.FORMAT_VERSION, "algo": cfg.algo, "task": cfg.task,
                      "world_size": self.n}
         self.counters = _Counters()
