@@ -269,10 +269,11 @@ class Simulation:
 
     @contextmanager
     def _freeze_down(self, up: Tensor) -> Iterator[None]:
-        """Nodes that are down keep parameters and algorithm state through the sync, and
-        state created lazily during it (e.g. DiLoCo's outer momentum) starts at zero for them."""
-        if bool(up.all()):
-            yield
+        """Nodes that are down keep parameters and algorithm state through the sync, and state
+        created lazily during it starts at zero for them. Not for algorithms with one global
+        model (FedAvg, DiLoCo): a node that was down pulls the current global model."""
+        if bool(up.all()) or getattr(self.algorithm, "global_model", False):
+            yield  # FedAvg/DiLoCo: down nodes get the global model too (pulled on return)
             return
         before = _row_tensors(self.algorithm, len(self.nodes))
         seen = {id(t) for t in before}

@@ -5,12 +5,14 @@ simulation derives the same masks without talking. Each round yields:
 
 - ``alive(r)`` [N] bool: nodes that are up. A crashed node is down from its crash round on, for
   good; a churned node is down for ``churn_rounds`` consecutive rounds from a random round. A down
-  node neither trains nor sends nor receives, and keeps its parameters and optimizer state
-  untouched (the simulator passes the mask to ``comm.set_faults`` and as ``active`` to the
-  training step and to ``algorithm.step``). The behaviours that follow are the algorithms':
-  FedAvg/DiLoCo average the nodes that are up, gossip merges what arrived (a missing
-  neighbour's weight goes to self), a NoLoCo node whose partner is down averages with whoever
-  of its group it heard from (alone: keeps its own model for that step).
+  node neither trains nor sends (the simulator passes the mask to ``comm.set_faults`` and as
+  ``active`` to the training step and to ``algorithm.step``). The behaviours that follow are the
+  algorithms': FedAvg/DiLoCo average the nodes that are up, and every node, a down one included,
+  continues from that one global model (a node that returns pulls it); gossip and NoLoCo nodes
+  keep their own models, so a down node keeps its parameters and state untouched, gossip merges
+  what arrived (a missing neighbour's weight goes to self), and a NoLoCo node whose partner is
+  down averages with whoever of its group it heard from (alone: keeps its own model for that
+  step); from the next round on, peers leave the down node out of pairings and neighbourhoods.
 - ``slowdown(r)`` [N] float: 1 for most nodes, ``straggler_slowdown`` for a fraction of them,
   redrawn every round (transient load, not a fixed slow tier).
 - ``drop_prob``: the chance each message is lost, drawn per message by the communicator.

@@ -57,6 +57,8 @@ class DiLoCo:
 
     name: ClassVar[str] = "diloco"
     same_init: ClassVar[bool] = True
+    #: one global model: a node that is down pulls it when it returns
+    global_model: ClassVar[bool] = True
 
     def __init__(self, config: DiLoCoConfig, params: FlatParams, comm: Communicator) -> None:
         self.config = config

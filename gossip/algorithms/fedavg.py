@@ -58,6 +58,8 @@ class FedAvg:
 
     name: ClassVar[str] = "fedavg"
     same_init: ClassVar[bool] = True
+    #: one global model: a node that is down pulls it when it returns
+    global_model: ClassVar[bool] = True
 
     def __init__(self, config: FedAvgConfig, params: FlatParams, comm: Communicator,
                  *, weight: Tensor | None = None) -> None:

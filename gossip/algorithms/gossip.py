@@ -71,6 +71,8 @@ class Gossip:
 
     name: ClassVar[str] = "gossip"
     same_init: ClassVar[bool] = False
+    #: every node keeps its own model: a node that is down keeps its state
+    global_model: ClassVar[bool] = False
 
     def __init__(self, config: GossipConfig, params: FlatParams, comm: Communicator,
                  topology: Topology) -> None:

@@ -104,6 +104,8 @@ class NoLoCo:
 
     name: ClassVar[str] = "noloco"
     same_init: ClassVar[bool] = True
+    #: every node keeps its own model: a node that is down keeps its state
+    global_model: ClassVar[bool] = False
 
     def __init__(self, config: NoLoCoConfig, params: FlatParams, comm: Communicator) -> None:
         n, g = comm.world_size, config.group_size

@@ -125,7 +125,9 @@ class StackedCommunicator:
         xs = x if bool(part.all()) else x.masked_fill(~part.unsqueeze(-1), 0)
         acc = self._sum((w / total).to(x.dtype) @ xs)
         senders = int(alive_local.sum())
-        x[alive_local] = acc.unsqueeze(0).expand(senders, -1).to(x.dtype)
+        # every row gets the result: a node that is down contributes nothing, and pulls the
+        # current global model when it comes back (as a returning FedAvg client or DiLoCo worker)
+        x.copy_(acc.unsqueeze(0).expand_as(x))
         n = self._world_size
         nbytes = x.shape[1] * x.element_size()
         self.bytes_per_node[self.alive] += nbytes * 2 * (n - 1) / n
