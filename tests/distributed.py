@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -46,8 +47,6 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
 
 def _store_barrier(store: dist.Store, world_size: int, timeout: float = 60.0) -> None:
     """A barrier through the store (it works even when a test closed some Gloo pairs)."""
-    import time
-
     store.add("harness/done", 1)
     deadline = time.monotonic() + timeout
     while store.add("harness/done", 0) < world_size and time.monotonic() < deadline:
@@ -66,8 +65,6 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
         for p in procs:
             p.start()
         outs: dict[int, Any] = {}
-        import time
-
         deadline = time.monotonic() + timeout
         while len(outs) < world_size:
             if not results.empty():

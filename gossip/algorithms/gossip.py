@@ -111,17 +111,17 @@ class Gossip:
                 x = group.buffer
                 received, arrived = self.comm.exchange(x, peers)
                 if cfg.merge == "mixing":
-                    merged = mix(x, received, self_weight[nodes].to(x.device),
-                                 weights[nodes].to(x.device), arrived, out=self._scratch(x))
+                    w_self, w_peers = self_weight[nodes], weights[nodes]
                 else:
-                    m = arrived.to(x.dtype).unsqueeze(-1)
-                    k = m.sum(dim=-2)  # [L, 1] models that arrived
-                    recv_mean = (received * m).sum(dim=-2) / k.clamp(min=1)
-                    w = cfg.self_weight
-                    merged = (w * x + (1 - w) * recv_mean).where(k > 0, x)
-                    if cfg.variance_correction:
-                        variance_correct_(merged, received, arrived, group.segments,
-                                          eps=cfg.vc_eps, ratio=cfg.vc_ratio)
+                    # beta x + (1 - beta) mean(arrived); with nothing arrived: x unchanged
+                    k = arrived.sum(dim=-1, keepdim=True)  # [L, 1]
+                    w_peers = arrived * ((1 - cfg.self_weight) / k.clamp(min=1))
+                    w_self = torch.where(k[:, 0] > 0, cfg.self_weight, 1.0)
+                merged = mix(x, received, w_self.to(x.device), w_peers.to(x.device), arrived,
+                             out=self._scratch(x))
+                if cfg.variance_correction:  # implies merge == "beta" (checked by the config)
+                    variance_correct_(merged, received, arrived, group.segments,
+                                      eps=cfg.vc_eps, ratio=cfg.vc_ratio)
                 with frozen_rows([x], active):
                     x.copy_(merged)
         self.merges += 1

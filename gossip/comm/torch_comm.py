@@ -73,14 +73,15 @@ class TorchCommunicator:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    def _wait(self, work: dist.Work, what: str, peers: tuple[int, ...]) -> None:
-        if self.monitor is not None and what.startswith("all_reduce"):
+    def _wait(self, work: dist.Work, what: str, peers: tuple[int, ...], *,
+              collective: bool = False) -> None:
+        if self.monitor is not None and collective:
             self._watch(work, what, peers)
         try:
             ok = work.wait(timeout=timedelta(seconds=self.timeout))
         except RuntimeError as e:
             msg = str(e)
-            if self.monitor is not None and len(peers) > 1:
+            if self.monitor is not None and collective:
                 # Gloo names the address whose connection broke, not the rank: ask the monitor
                 dead = self.monitor.wait_for_verdict(peers, self.timeout)
                 if dead:
@@ -141,7 +142,7 @@ class TorchCommunicator:
             mine = float(weight.detach().reshape(()))
             total = torch.tensor([mine], dtype=torch.float64, device=x.device)
             self._wait(dist.all_reduce(total, group=self.group, async_op=True),
-                       "all_reduce of weights", everyone)
+                       "all_reduce of weights", everyone, collective=True)
             if float(total) <= 0:
                 raise CommError(f"all weights are zero (total {float(total)})",
                                 rank=self.rank, step=self.step)
@@ -149,7 +150,8 @@ class TorchCommunicator:
                 x.zero_()  # contributes exact zeros, even if this rank's model holds NaN/inf
             else:
                 x.mul_(mine / float(total))
-        self._wait(dist.all_reduce(x, group=self.group, async_op=True), "all_reduce", everyone)
+        self._wait(dist.all_reduce(x, group=self.group, async_op=True), "all_reduce", everyone,
+                   collective=True)
         if weight is None:
             x.div_(n)
         self._traffic.add("all_reduce", x.numel() * x.element_size() * 2 * (n - 1) // n)
@@ -264,7 +266,8 @@ class TorchCommunicator:
                 raise CommTimeout(f"barrier failed: {str(e).splitlines()[0]}",
                                   rank=self.rank, peers=everyone, step=self.step) from e
         else:
-            self._wait(dist.barrier(self.group, async_op=True), "barrier", everyone)
+            self._wait(dist.barrier(self.group, async_op=True), "barrier", everyone,
+                       collective=True)
 
 
 def init_from_env(
