@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 import sysconfig
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,39 +125,6 @@ class Task:
         with torch.no_grad():
             output = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
         return self.metrics(output, y)
-
-    def batches(
-        self,
-        indices: np.ndarray,
-        batch_size: int,
-        seed: int,
-        epoch: int,
-        *,
-        drop_last: bool = False,
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)`` train batches of ``indices`` shuffled by ``default_rng((seed, epoch))``.
-
-        Validation happens eagerly; the last batch may be short unless ``drop_last``.
-        """
-        batch_size = _check_int("batch_size", batch_size)
-        seed = _check_int("seed", seed, 0)
-        epoch = _check_int("epoch", epoch, 0)
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = self.data.num_train
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(
-                f"indices must lie in [0, {n}), got range [{int(idx.min())}, {int(idx.max())}]"
-            )
-        return self._iter_batches(idx, batch_size, seed, epoch, drop_last)
-
-    def _iter_batches(
-        self, idx: np.ndarray, batch_size: int, seed: int, epoch: int, drop_last: bool
-    ) -> Iterator[tuple[Tensor, Tensor]]:
-        order = torch.from_numpy(np.random.default_rng((seed, epoch)).permutation(idx))
-        stop = len(order) - batch_size + 1 if drop_last else len(order)
-        for start in range(0, stop, batch_size):
-            chunk = order[start : start + batch_size]
-            yield self.data.x_train[chunk], self.data.y_train[chunk]
 
 
 # --------------------------------------------------------------------------- digits

@@ -82,7 +82,7 @@ class Topology(ABC):
         ``K`` is the maximum in-degree at that step.
         """
         w = self.mixing_matrix(step)
-        nbrs = self.neighbors(step)
+        nbrs = _support(w)
         k = max((len(row) for row in nbrs), default=0)
         peers = torch.full((self.n, k), -1, dtype=torch.int64)
         weights = torch.zeros((self.n, k), dtype=torch.float64)
@@ -105,10 +105,18 @@ class StaticTopology(Topology):
         super().__init__(w.shape[0], time_varying=False, spec=spec)
         self._w = w
         self._neighbors = _support(w)
+        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def mixing_matrix(self, step: int = 0) -> torch.Tensor:
         _check_step(step)
         return self._w.clone()
+
+    def peer_table(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Built once (the same every step); callers must not modify the returned tensors."""
+        _check_step(step)
+        if self._table is None:
+            self._table = super().peer_table(0)
+        return self._table
 
     def neighbors(self, step: int) -> list[list[int]]:
         _check_step(step)

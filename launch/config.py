@@ -142,7 +142,8 @@ class TrainConfig:
     survive_failures: bool = field(default=False, metadata=help_text(
         "keep going when ranks die: noloco and the gossip family leave dead peers out; fedavg "
         "and diloco fail fast naming the dead rank. Needs a store that outlives workers "
-        "(torchrun's agent store, or TORCHELASTIC_USE_AGENT_STORE=True with an external one)"))
+        "(torchrun's agent store, or TORCHELASTIC_USE_AGENT_STORE=True with an external one). "
+        "Gloo only (auto picks Gloo, also on GPUs)"))
     dead_after: float = field(default=5.0, metadata=help_text(
         "with --survive-failures: seconds without a heartbeat before a rank counts as dead"))
 
@@ -171,6 +172,8 @@ class TrainConfig:
             bad("device", self.device, f"one of {list(DEVICES)}")
         if self.backend == "nccl" and self.device == "cpu":
             bad("device", self.device, "'cuda' or 'auto' with backend='nccl'")
+        if self.survive_failures and self.backend == "nccl":
+            bad("backend", self.backend, "'gloo' (or 'auto' on CPUs) with survive_failures")
         check_positive("timeout", self.timeout)
         check_positive("dead_after", self.dead_after)
         check_positive("eval_every", self.eval_every)

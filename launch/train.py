@@ -145,16 +145,15 @@ def evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor, chunk: int = 10
         model.train(was_training)
 
 
-def consensus(params: FlatParams, world_size: int, timeout: float) -> tuple[float, Tensor]:
+def consensus(params: FlatParams, comm: TorchCommunicator) -> tuple[float, Tensor]:
     """Mean squared distance of the ranks' models to their mean, and the mean (fp64, flat).
 
-    One all-reduce of ``[x, ||x||^2]`` in float64 (the difference of two large numbers).
+    One all-reduce mean of ``[x, ||x||^2]`` in float64 (the difference of two large numbers),
+    through the communicator (its timeout, its errors naming rank and peers).
     """
     x = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in params.buffers()])
     packed = torch.cat([x, (x * x).sum().reshape(1)])
-    work = dist.all_reduce(packed, async_op=True)
-    work.wait(timeout=timedelta(seconds=timeout))
-    packed /= world_size
+    comm.all_reduce_mean_(packed)
     mean = packed[:-1]
     mean_sq = float(packed[-1])
     distance = mean_sq - float(mean.dot(mean))
@@ -196,7 +195,7 @@ def join_process_group(backend: str | None, timeout: float, *, survive: bool = F
     one_node = env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE")
     if shared and one_node and restart != "0" and not dist.is_initialized():
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if torch.cuda.is_available() and not survive else "gloo"
         rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
         wait = timedelta(seconds=timeout)
         base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
@@ -338,6 +337,8 @@ class _Run:
         return state
 
     def resume(self) -> None:
+        if self.tolerant:  # a previous attempt's final record must not pass for this one's
+            (self.out / "ranks" / f"rank_{self.rank}.final.json").unlink(missing_ok=True)
         state = _agree(self._load)
         if state is None:
             if self.cfg.resume:
@@ -437,7 +438,7 @@ class _Run:
         distance: float | None = None
         mean: Tensor | None = None
         if not self.tolerant:  # an all-reduce would wait on dead ranks
-            distance, mean = consensus(self.params, self.n, self.cfg.timeout)
+            distance, mean = consensus(self.params, self.comm)
         rec: dict[str, Any] = {"kind": "eval", "step": step, "rank": self.rank,
                                "test_loss": metrics["loss"], "train_loss": train_loss,
                                "bytes_total": c.bytes_sent, "sync_seconds_total": c.sync_seconds}

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gossip.algorithms import needs_topology
 from gossip.metrics import atomic_write_text, to_jsonable
 from simulations.config import SimConfig
 from simulations.engine import run
@@ -52,7 +53,7 @@ def compare(algos: Sequence[str] = DEFAULT_ALGOS, *, out: str | Path | None = "r
         if algo not in ALGO_SETTINGS:
             raise ValueError(f"algos: {algo!r} is not one of {sorted(ALGO_SETTINGS)}")
         shared = dict(fields)
-        if algo not in ("dpsgd", "gossip", "gossip-vc"):
+        if not needs_topology(algo):
             shared.pop("topology", None)
         cfg = SimConfig(algo=algo, **{**ALGO_SETTINGS[algo], **shared},
                         out=None if out is None else str(Path(out) / algo), progress=progress)

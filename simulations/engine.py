@@ -58,31 +58,6 @@ __all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "set_threads",
 _ROW_CHUNK = 256
 
 
-class CachedTopology:
-    """A topology whose static peer table is computed once (``peer_table`` of a static graph
-    otherwise rebuilds it from the dense mixing matrix at every merge)."""
-
-    def __init__(self, topology: Topology) -> None:
-        self.inner = topology
-        self.n = topology.n
-        self.time_varying = topology.time_varying
-        self.spec = topology.spec
-        self._table: tuple[Tensor, Tensor, Tensor] | None = None
-
-    def mixing_matrix(self, step: int = 0) -> Tensor:
-        return self.inner.mixing_matrix(step)
-
-    def neighbors(self, step: int) -> list[list[int]]:
-        return self.inner.neighbors(step)
-
-    def peer_table(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
-        if self.time_varying:
-            return self.inner.peer_table(step)
-        if self._table is None:
-            self._table = self.inner.peer_table(0)
-        return self._table
-
-
 class Simulation:
     """The nodes ``nodes`` (global ids; default all ``cfg.nodes``) of one simulated run.
 
@@ -149,7 +124,7 @@ class Simulation:
             optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
             weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
         self.comm = StackedCommunicator(n, ids, group=group, seed=cfg.seed)
-        self.topology: CachedTopology | None = None
+        self.topology: Topology | None = None
         if needs_topology(cfg.algo):
             assert cfg.topology is not None
             try:
@@ -158,7 +133,7 @@ class Simulation:
             except ValueError as e:
                 raise ValueError(f"topology={cfg.topology!r} is invalid with {n} nodes: "
                                  f"{e}") from None
-            self.topology = CachedTopology(topo)
+            self.topology = topo
         self.algorithm = build_algorithm(
             cfg.algo, cfg.algorithm_config(self.steps_per_round), self.model.flat, self.comm,
             topology=self.topology,  # type: ignore[arg-type]
@@ -174,7 +149,6 @@ class Simulation:
         k = cfg.eval_samples or data.num_test
         self.x_test = data.x_test[:k].to(self.device)
         self.y_test = data.y_test[:k].to(self.device)
-        self.node_steps = 0
         self.build_seconds = time.perf_counter() - t_start
 
     # --------------------------------------------------------------------- description
@@ -232,7 +206,6 @@ class Simulation:
             loss_sum += losses.double() * act.to(self.device)
             self.local_step += act
         node_steps = int(steps.sum())
-        self.node_steps += node_steps
 
         first = len(self.comm.events)
         up_local = alive[self.nodes]
@@ -536,6 +509,9 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
     ``cfg.actors > 1`` shards the nodes over Ray actors (:mod:`simulations.ray_backend`).
     """
     if cfg.actors > 1:
+        if task is not None:
+            raise ValueError("task= is not supported with actors > 1 (each actor builds "
+                             f"task={cfg.task!r} itself)")
         from simulations import ray_backend  # type: ignore[attr-defined]
 
         return ray_backend.run_on_ray(cfg)

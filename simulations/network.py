@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from gossip.comm.stacked import CommEvent
@@ -157,5 +156,3 @@ class SimClock:
         if up.any() and not up.all():
             self.t[~up] = self.t[up].max()
 
-    def state(self) -> Tensor:
-        return torch.from_numpy(self.t.copy())

@@ -153,7 +153,7 @@ class RaySimulation:
                                             num_cpus=max(os.cpu_count() or 1, cfg.actors))
                 workers = WorkerGroup(WorkerGroupConfig(
                     num_workers=cfg.actors,
-                    cpus_per_worker=float(getattr(cfg, "cpus_per_actor", 1.0)),
+                    cpus_per_worker=1.0,
                     gpus_per_worker=_gpus_per_actor(cfg), address=cfg.address))
                 self._to_stop = workers
             elif workers.world_size != cfg.actors:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.func import functional_call, stack_module_state
 
+from gossip.batching import node_batch
 from gossip.tasks import TASK_NAMES, Task, TaskData, get_task
 
 
@@ -155,41 +156,18 @@ def test_same_seed_same_init(tasks: dict[str, Task], name: str) -> None:
     assert not _params_equal(a, c)
 
 
-def test_batches_deterministic_per_epoch(tasks: dict[str, Task]) -> None:
-    task = tasks["digits"]
-    idx = np.arange(10, 60)
-
-    def ys(seed: int, epoch: int) -> list[int]:
-        return torch.cat([y for _, y in task.batches(idx, 16, seed, epoch)]).tolist()
-
-    batches = list(task.batches(idx, 16, 0, 0))
-    assert [len(x) for x, _ in batches] == [16, 16, 16, 2]
-    assert [len(x) for x, _ in task.batches(idx, 16, 0, 0, drop_last=True)] == [16, 16, 16]
-    xs = torch.cat([x for x, _ in batches])
-    assert sorted(map(tuple, xs.tolist())) == sorted(map(tuple, task.data.x_train[idx].tolist()))
-    assert ys(0, 0) == ys(0, 0)
-    assert ys(0, 0) != ys(0, 1)
-    assert ys(0, 0) != ys(1, 0)
-    with pytest.raises(ValueError, match="batch_size=0"):
-        task.batches(idx, 0, 0, 0)
-    with pytest.raises(ValueError, match="100000"):
-        task.batches(np.array([100000]), 4, 0, 0)
-
-
 def test_digits_sgd_reaches_90_percent(tasks: dict[str, Task]) -> None:
     # Default lr/batch: ~600 steps reach 90%, 1500 steps (~17 epochs, ~0.5 s) about 94%.
     task = tasks["digits"]
     model = task.make_model(0)
     opt = torch.optim.SGD(model.parameters(), lr=task.default_lr)
     idx = np.arange(task.data.num_train)
-    steps, epoch = 0, 0
-    while steps < 1500:
-        for x, y in task.batches(idx, task.default_batch_size, seed=0, epoch=epoch):
-            opt.zero_grad()
-            task.loss(model(x), y).backward()
-            opt.step()
-            steps += 1
-        epoch += 1
+    for step in range(1500):
+        batch = torch.from_numpy(node_batch(idx, task.default_batch_size, seed=0, node=0,
+                                            step=step))
+        opt.zero_grad()
+        task.loss(model(task.data.x_train[batch]), task.data.y_train[batch]).backward()
+        opt.step()
     metrics = task.evaluate(model)
     assert metrics["accuracy"] > 0.9
     assert metrics["loss"] < task.evaluate(task.make_model(0))["loss"] / 5

@@ -64,8 +64,8 @@ class PeerMonitor:
             try:
                 self._beat()
                 self._scan()
-            except Exception:
-                return
+            except Exception:  # a store hiccup: beat again next time (only close() stops us)
+                continue
 
     def _scan(self) -> None:
         now = time.monotonic()

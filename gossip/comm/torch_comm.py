@@ -205,7 +205,9 @@ class TorchCommunicator:
         messages down with it. Returns the peers that were sent to.
         """
         assert self.monitor is not None
-        dead = set(self.monitor.dead()) | set(self.deaths)
+        # only deaths this rank saw itself or all ranks agreed on: skipping a send on a mere
+        # suspicion would make a live peer time out on us
+        dead = set(self.deaths)
         posted: list[tuple[int, int, dist.Work | None]] = []  # (peer, slot or -1, work)
         for j in send_to:
             if j not in dead:
@@ -284,10 +286,13 @@ def init_from_env(
     for var in ("RANK", "WORLD_SIZE"):
         if var not in os.environ:
             raise RuntimeError(f"{var} is not set: launch with torchrun or the Ray launcher")
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend is None:  # surviving dead peers needs Gloo (CUDA tensors are staged through CPU)
+        backend = "nccl" if torch.cuda.is_available() and not survive_peer_failures else "gloo"
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if survive_peer_failures and backend != "gloo":
+        # surviving posts each send/recv on its own; NCCL needs a pair's send and recv grouped
+        raise ValueError(f"survive_peer_failures needs backend='gloo', got {backend!r}")
     if not dist.is_initialized():
         kwargs: dict = {"backend": backend, "timeout": timedelta(seconds=timeout)}
         if init_method is not None:
