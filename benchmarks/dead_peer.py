@@ -30,6 +30,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from gossip.metrics import read_jsonl
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,8 +44,7 @@ def _free_port() -> int:
 def _victim_step(path: Path) -> int:
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=0)
+    return max((r["step"] for r in read_jsonl(path)), default=0)
 
 
 def run_case(algo: str, *, world: int = 4, victim: int = 2, steps: int = 3000,

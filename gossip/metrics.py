@@ -14,11 +14,12 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["RunWriter", "atomic_write", "atomic_write_text", "read_jsonl", "to_jsonable"]
+__all__ = ["RunWriter", "append_jsonl", "atomic_write", "atomic_write_text", "read_jsonl",
+           "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -77,8 +78,31 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file.
+
+    Every record is written with its newline, so a last line without one is a record still
+    being written (by a live process) or cut short (by a killed one): it is skipped. A broken
+    line anywhere else is corruption and raises.
+    """
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        text = f.read()
+    lines = text.split("\n")
+    return [json.loads(line) for line in lines[:-1] if line.strip()]
+
+
+def append_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> None:
+    """Append ``records`` to ``path`` with one ``write`` call, so that a concurrent reader or a
+    kill sees whole lines or, at worst, one unterminated tail that :func:`read_jsonl` skips."""
+    data = "".join(json.dumps(to_jsonable(r)) + "\n" for r in records).encode()
+    if not data:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 class RunWriter:

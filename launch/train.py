@@ -44,7 +44,7 @@ from gossip.comm import CommError, TorchCommunicator, init_from_env
 from gossip.comm.monitor import PeerMonitor
 from gossip.data import partition
 from gossip.flat import FlatParams, scope_from_spec
-from gossip.metrics import RunWriter, atomic_write_text, read_jsonl, to_jsonable
+from gossip.metrics import RunWriter, append_jsonl, atomic_write_text, read_jsonl, to_jsonable
 from gossip.plots import plot_metrics
 from gossip.tasks import Task, get_task
 from gossip.topology import make_topology
@@ -396,8 +396,7 @@ class _Run:
         if self.tolerant:
             path = self.out / "ranks" / f"rank_{self.rank}.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a") as f:
-                f.writelines(json.dumps(to_jsonable(r)) + "\n" for r in self.records)
+            append_jsonl(path, self.records)
             self.records = []
             return
         gathered: list[Any] | None = [None] * self.n if self.rank == 0 else None
