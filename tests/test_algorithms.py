@@ -28,7 +28,7 @@ from gossip.algorithms import (
     NoLoCo,
     NoLoCoConfig,
 )
-from gossip.comm import Communicator, StackedCommunicator, Traffic
+from gossip.comm import Communicator, Received, StackedCommunicator, Traffic
 from gossip.flat import FlatParams
 from gossip.topology import make_topology
 
@@ -66,6 +66,10 @@ class RecordingComm:
     def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
         self.calls["exchange"] += 1
         return self.inner.exchange(x, peers)
+
+    def exchange_slots(self, x: Tensor, peers: Tensor) -> Received:
+        self.calls["exchange"] += 1
+        return self.inner.exchange_slots(x, peers)
 
     def barrier(self) -> None:
         self.calls["barrier"] += 1

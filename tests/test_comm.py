@@ -20,6 +20,7 @@ from gossip.comm import (
     CommError,
     CommTimeout,
     Communicator,
+    DenseReceived,
     StackedCommunicator,
     TorchCommunicator,
     Traffic,
@@ -311,6 +312,38 @@ def test_stacked_faults_drops_and_events():
         comm.all_reduce_mean_(xs.clone(), torch.zeros(n))
     with pytest.raises(ValueError, match="world_size"):
         StackedCommunicator(0)
+
+
+def test_stacked_exchange_read_slot_by_slot_equals_the_dense_exchange():
+    n, p = 7, 11
+    xs = torch.randn(n, p, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    table = torch.tensor([[(i + d) % n for d in (1, 3, 5)] for i in range(n)])
+    table[4, 2] = -1  # padding
+    alive = torch.ones(n, dtype=torch.bool)
+    alive[1] = False
+    dense, lazy = StackedCommunicator(n, seed=5), StackedCommunicator(n, seed=5)
+    for comm in (dense, lazy):
+        comm.set_faults(alive=alive, drop_prob=0.3)
+    received, arrived = dense.exchange(xs, table)
+    received = received.clone()
+    got = lazy.exchange_slots(xs, table)
+    assert torch.equal(got.arrived, arrived) and got.num_slots == 3
+    assert 0 < int(arrived.sum()) < n * 3 - 1  # some dropped, some delivered
+    for k in range(3):  # slot k: the sender's row where it arrived, zeros elsewhere
+        ref = torch.stack([xs[int(table[i, k])] if arrived[i, k] else torch.zeros(p)
+                           for i in range(n)])
+        assert torch.equal(got.slot(k), ref)
+        assert torch.equal(received[:, k], ref)
+
+    def stats(t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t.sum(-1), t.var(-1, unbiased=False)], dim=-1)
+
+    ref = stats(received.reshape(n * 3, p)).view(n, 3, 2).masked_fill(~arrived.unsqueeze(-1), 0)
+    assert torch.equal(got.sender_stats(stats), ref)
+    assert torch.equal(DenseReceived(received, arrived).sender_stats(stats), ref)
+    # both communicators counted the same traffic and logged the same event
+    assert dense.traffic == lazy.traffic
+    assert torch.equal(dense.bytes_per_node, lazy.bytes_per_node)
 
 
 def test_traffic_add():

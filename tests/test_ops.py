@@ -8,11 +8,12 @@ import torch
 from gossip.ops import (
     Segment,
     consensus_distance,
-    masked_mean,
     mix,
     noloco_update_,
-    segment_variance,
+    row_var_mean,
+    segment_variances,
     variance_correct_,
+    vc_segments,
 )
 
 
@@ -24,27 +25,24 @@ def test_segment_end():
     assert Segment("w", 3, 5, (5,)).end == 8
 
 
-@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
-def test_segment_variance_is_population_variance_over_the_slice(lead):
-    x = torch.randn(*lead, 20, generator=_gen(0), dtype=torch.float64)
-    seg = Segment("w", 4, 10, (2, 5))
-    got = segment_variance(x, seg)
-    part = x[..., 4:14]
-    ref = ((part - part.sum(-1, keepdim=True) / 10) ** 2).sum(-1) / 10
-    assert got.shape == lead
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+@pytest.mark.parametrize("block", [1, 7, 1 << 18])
+def test_row_var_mean_matches_torch_on_any_block_size(block):
+    x = torch.randn(9, 13, generator=_gen(4), dtype=torch.float64)[:, 2:12] * 3 + 5
+    var, mean = row_var_mean(x, block=block)
+    torch.testing.assert_close(var, x.var(dim=-1, unbiased=False), rtol=1e-12, atol=0)
+    torch.testing.assert_close(mean, x.mean(dim=-1), rtol=1e-12, atol=0)
 
 
-def test_masked_mean_matches_loop_reference():
-    g = _gen(1)
-    x = torch.randn(4, 6, generator=g, dtype=torch.float64)
-    recv = torch.randn(4, 3, 6, generator=g, dtype=torch.float64)
-    mask = torch.tensor([[True, True, True], [True, False, True], [False, False, False],
-                         [False, True, False]])
-    got = masked_mean(x, recv, mask)
-    for i in range(4):
-        members = [x[i]] + [recv[i, k] for k in range(3) if mask[i, k]]
-        torch.testing.assert_close(got[i], sum(members) / len(members))
+def test_segment_variances_are_population_variances_over_each_slice():
+    x = torch.randn(3, 20, generator=_gen(0), dtype=torch.float64)
+    segs = [Segment("w", 4, 10, (2, 5)), Segment("v", 15, 5, (5,))]
+    got = segment_variances(x, segs)
+    assert got.shape == (3, 2)
+    for j, seg in enumerate(segs):
+        part = x[:, seg.offset:seg.end]
+        ref = ((part - part.sum(-1, keepdim=True) / seg.numel) ** 2).sum(-1) / seg.numel
+        torch.testing.assert_close(got[:, j], ref, rtol=1e-12, atol=1e-12)
+    assert segment_variances(x, []).shape == (3, 0)
 
 
 def test_mix_is_row_of_w_times_x_and_lost_weight_goes_to_self():
@@ -55,6 +53,8 @@ def test_mix_is_row_of_w_times_x_and_lost_weight_goes_to_self():
     w = torch.tensor([[0.25, 0.25], [0.3, 0.5], [0.4, 0.0]], dtype=torch.float64)
     mask = torch.tensor([[True, True], [True, False], [True, False]])
     got = mix(x, recv, self_w, w, mask)
+    # slot by slot (what a stacked communicator hands over) gives the same bits
+    assert torch.equal(mix(x, lambda k: recv[:, k].clone(), self_w, w, mask), got)
     ref0 = 0.5 * x[0] + 0.25 * recv[0, 0] + 0.25 * recv[0, 1]
     ref1 = (0.2 + 0.5) * x[1] + 0.3 * recv[1, 0]  # slot 1 lost: its weight goes to self
     ref2 = 0.6 * x[2] + 0.4 * recv[2, 0]
@@ -91,7 +91,8 @@ def test_variance_correct_matches_reference(ratio):
     received = torch.randn(3, 2, p, generator=g, dtype=torch.float64)
     mask = torch.tensor([[True, True], [True, False], [False, False]])
     ref = _vc_reference(merged, received, mask, segs, 1e-8, ratio)
-    got = variance_correct_(merged.clone(), received, mask, segs, eps=1e-8, ratio=ratio)
+    rv = segment_variances(received.reshape(6, p), vc_segments(segs)).reshape(3, 2, -1)
+    got = variance_correct_(merged.clone(), rv, mask, segs, eps=1e-8, ratio=ratio)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     # out of scope, single elements and rows with nothing received are untouched
     assert torch.equal(got[:, 12:15], merged[:, 12:15])

@@ -14,6 +14,7 @@ what arrived (a missing neighbour's weight goes to self).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -30,7 +31,7 @@ from gossip.algorithms._common import (
 )
 from gossip.comm.base import Communicator
 from gossip.flat import FlatParams
-from gossip.ops import mix, variance_correct_
+from gossip.ops import mix, segment_variances, variance_correct_, vc_segments
 from gossip.topology import Topology
 
 __all__ = ["Gossip", "GossipConfig"]
@@ -109,7 +110,8 @@ class Gossip:
         with timed_sync(self.comm, SyncStats(step)) as stats:
             for group in self.params.groups:
                 x = group.buffer
-                received, arrived = self.comm.exchange(x, peers)
+                received = self.comm.exchange_slots(x, peers)
+                arrived = received.arrived
                 if cfg.merge == "mixing":
                     w_self, w_peers = self_weight[nodes], weights[nodes]
                 else:
@@ -117,10 +119,12 @@ class Gossip:
                     k = arrived.sum(dim=-1, keepdim=True)  # [L, 1]
                     w_peers = arrived * ((1 - cfg.self_weight) / k.clamp(min=1))
                     w_self = torch.where(k[:, 0] > 0, cfg.self_weight, 1.0)
-                merged = mix(x, received, w_self.to(x.device), w_peers.to(x.device), arrived,
-                             out=self._scratch(x))
+                merged = mix(x, received.slot, w_self.to(x.device), w_peers.to(x.device),
+                             arrived, out=self._scratch(x))
                 if cfg.variance_correction:  # implies merge == "beta" (checked by the config)
-                    variance_correct_(merged, received, arrived, group.segments,
+                    received_var = received.sender_stats(
+                        partial(segment_variances, segments=vc_segments(group.segments)))
+                    variance_correct_(merged, received_var, arrived, group.segments,
                                       eps=cfg.vc_eps, ratio=cfg.vc_ratio)
                 with frozen_rows([x], active):
                     x.copy_(merged)

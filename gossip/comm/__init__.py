@@ -1,6 +1,15 @@
 """Communicators: the transport behind the algorithms (see :mod:`gossip.comm.base`)."""
 
-from gossip.comm.base import CommError, CommTimeout, Communicator, PeerFailure, Traffic
+from gossip.comm.base import (
+    CommError,
+    CommTimeout,
+    Communicator,
+    DenseReceived,
+    GatheredReceived,
+    PeerFailure,
+    Received,
+    Traffic,
+)
 from gossip.comm.stacked import StackedCommunicator
 from gossip.comm.torch_comm import TorchCommunicator, init_from_env
 
@@ -8,7 +17,10 @@ __all__ = [
     "CommError",
     "CommTimeout",
     "Communicator",
+    "DenseReceived",
+    "GatheredReceived",
     "PeerFailure",
+    "Received",
     "StackedCommunicator",
     "TorchCommunicator",
     "Traffic",

@@ -8,13 +8,24 @@ Every rank derives the same table from shared seeds, so nobody has to agree on w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["CommError", "CommTimeout", "Communicator", "PeerFailure", "Traffic", "check_peers"]
+__all__ = [
+    "CommError",
+    "CommTimeout",
+    "Communicator",
+    "DenseReceived",
+    "GatheredReceived",
+    "PeerFailure",
+    "Received",
+    "Traffic",
+    "check_peers",
+]
 
 
 @dataclass
@@ -54,6 +65,97 @@ class PeerFailure(CommError):
     """A peer is known to be dead (its connection closed or it missed a deadline)."""
 
 
+class Received:
+    """What one exchange delivered, read slot by slot.
+
+    Slot ``k`` of local row ``l`` holds the model of ``peers[nodes[l], k]``, or zeros where
+    ``arrived[l, k]`` is False. A real rank holds every slot (:class:`DenseReceived`); a stacked
+    communicator gathers a slot from the senders' rows when it is read (:class:`GatheredReceived`),
+    so a merge over K neighbours of N stacked nodes needs one ``[L, P]`` temporary, not
+    ``[L, K, P]``. Read it before the exchanged buffer changes or the next exchange.
+    """
+
+    arrived: Tensor  #: [L, K] bool
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.arrived.shape[1])
+
+    def slot(self, k: int) -> Tensor:
+        """Slot ``k`` of every local row, [L, P]."""
+        raise NotImplementedError
+
+    def sender_stats(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """``fn`` (rows [M, P] -> per-row statistics [M, S]) of every received model, [L, K, S];
+        0 where nothing arrived. A stacked communicator applies ``fn`` once per sender instead of
+        once per message."""
+        raise NotImplementedError
+
+    def dense(self) -> Tensor:
+        """Every slot at once, [L, K, P]."""
+        raise NotImplementedError
+
+
+class DenseReceived(Received):
+    """Slots held in one tensor ``received`` [L, K, P] (what a real rank receives into)."""
+
+    def __init__(self, received: Tensor, arrived: Tensor) -> None:
+        self.received = received
+        self.arrived = arrived
+
+    def slot(self, k: int) -> Tensor:
+        return self.received[:, k]
+
+    def sender_stats(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        rows, slots = self.received.shape[:2]
+        stats = fn(self.received.reshape(rows * slots, -1))
+        stats = stats.reshape(rows, slots, -1)
+        return stats.masked_fill(~self.arrived.unsqueeze(-1), 0)
+
+    def dense(self) -> Tensor:
+        return self.received
+
+
+class GatheredReceived(Received):
+    """Slots gathered on demand: slot k of row l is ``full[source[l, k]]``.
+
+    Args:
+        full: every sender's row [N, P] (all nodes, or all gathered from the shards).
+        source: [L, K] row of ``full`` that each slot comes from (any valid row where nothing
+            arrived).
+        arrived: [L, K] bool.
+        scratch: returns a reusable tensor of a given shape to gather into (a fresh model-sized
+            tensor per read costs a page fault per 4 KiB on CPU, several times the gather).
+            A slot read is valid until the next read.
+    """
+
+    def __init__(self, full: Tensor, source: Tensor, arrived: Tensor,
+                 scratch: Callable[[tuple[int, ...]], Tensor]) -> None:
+        self.full = full
+        self.source = source
+        self.arrived = arrived
+        self._scratch = scratch
+
+    def _gather(self, source: Tensor, arrived: Tensor) -> Tensor:
+        out = self._scratch((source.numel(), self.full.shape[1]))
+        torch.index_select(self.full, 0, source.reshape(-1), out=out)
+        lost = ~arrived.reshape(-1)
+        if bool(lost.any()):
+            out[lost] = 0
+        return out
+
+    def slot(self, k: int) -> Tensor:
+        return self._gather(self.source[:, k], self.arrived[:, k])
+
+    def sender_stats(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        stats = fn(self.full)  # [N, S]: once per node, not once per message
+        out = stats[self.source]
+        return out.masked_fill_(~self.arrived.unsqueeze(-1), 0)
+
+    def dense(self) -> Tensor:
+        return self._gather(self.source, self.arrived).view(*self.source.shape, -1)
+
+
 @runtime_checkable
 class Communicator(Protocol):
     """What an algorithm may ask of the transport."""
@@ -86,6 +188,10 @@ class Communicator(Protocol):
         Returns ``received`` [L, K, P] (row l, slot k = the model of ``peers[nodes[l], k]``) and
         ``arrived`` [L, K] bool: False for padding (-1) and for messages that did not arrive.
         """
+        ...
+
+    def exchange_slots(self, x: Tensor, peers: Tensor) -> Received:
+        """:meth:`exchange`, with what arrived read slot by slot (:class:`Received`)."""
         ...
 
     def barrier(self) -> None:

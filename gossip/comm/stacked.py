@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import Traffic, check_peers
+from gossip.comm.base import GatheredReceived, Traffic, check_peers
 
 __all__ = ["CommEvent", "StackedCommunicator"]
 
@@ -65,6 +65,7 @@ class StackedCommunicator:
         self._known_alive = self.alive
         self.drop_prob = 0.0
         self._gen = torch.Generator().manual_seed(seed)
+        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
 
     @property
     def nodes(self) -> Tensor:
@@ -91,6 +92,14 @@ class StackedCommunicator:
         self.alive = (torch.ones(self._world_size, dtype=torch.bool) if alive is None
                       else alive.to("cpu", torch.bool))
         self.drop_prob = drop_prob
+
+    def _scratch(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A persistent buffer that received models are gathered into (reused by the next
+        exchange, as a real rank's receive buffer is)."""
+        key = (shape, like.dtype, like.device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._buffers[key]
 
     def _full(self, x: Tensor) -> Tensor:
         """All N rows (gathered from the shards when the nodes are spread over processes)."""
@@ -136,6 +145,13 @@ class StackedCommunicator:
         self.events.append(CommEvent("all_reduce", nbytes, None, None, self.alive.clone()))
 
     def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
+        """See :meth:`Communicator.exchange`. ``received`` is a buffer this communicator owns
+        and reuses: the next exchange of the same shape overwrites it (copy it to keep it)."""
+        got = self.exchange_slots(x, peers)
+        return got.dense(), got.arrived
+
+    def exchange_slots(self, x: Tensor, peers: Tensor) -> GatheredReceived:
+        """A gather along the node axis, read slot by slot (no [L, K, P] tensor)."""
         table = check_peers(peers, self._world_size)
         valid = table >= 0
         src = table.clamp(min=0)
@@ -143,11 +159,11 @@ class StackedCommunicator:
         if self.drop_prob > 0:
             kept = torch.rand(table.shape, generator=self._gen) >= self.drop_prob
             delivered &= kept
+        # like a real rank, slots whose message did not arrive read as zeros
         full = self._full(x)
-        received = full[src[self._nodes].to(x.device)]  # [L, K, P]
-        arrived = delivered[self._nodes].to(x.device)
-        # like a real rank: slots whose message did not arrive hold zeros, not another model
-        received.masked_fill_(~arrived.unsqueeze(-1), 0)
+        received = GatheredReceived(
+            full, src[self._nodes].to(x.device), delivered[self._nodes].to(x.device),
+            lambda shape: self._scratch(shape, full))
         nbytes = x.shape[1] * x.element_size()
         # every sender pays for each message it sends, delivered or not
         sends = torch.bincount(src[valid & self.alive.unsqueeze(1) & self.alive[src]],
@@ -157,7 +173,7 @@ class StackedCommunicator:
         self._traffic.add("exchange", int(local_sends.sum()) * nbytes,
                           messages=int(local_sends.sum()))
         self.events.append(CommEvent("exchange", nbytes, table, delivered, None))
-        return received, arrived
+        return received
 
     def barrier(self) -> None:
         if self.group is not None:

@@ -24,7 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import CommError, CommTimeout, PeerFailure, Traffic, check_peers
+from gossip.comm.base import (
+    CommError,
+    CommTimeout,
+    DenseReceived,
+    PeerFailure,
+    Traffic,
+    check_peers,
+)
 from gossip.comm.monitor import PeerMonitor
 
 __all__ = ["TorchCommunicator", "init_from_env"]
@@ -196,6 +203,10 @@ class TorchCommunicator:
         if stage:
             received = received.to(x.device)
         return received, arrived
+
+    def exchange_slots(self, x: Tensor, peers: Tensor) -> DenseReceived:
+        """:meth:`exchange`; every slot is held at once (the communicator's reused buffer)."""
+        return DenseReceived(*self.exchange(x, peers))
 
     def _exchange_surviving(self, src: Tensor, received: Tensor, arrived: Tensor,
                             send_to: list[int], recv_from: list[int]) -> list[int]:
