@@ -19,10 +19,12 @@ noise hits them alike; medians are reported, in wall-clock seconds and in CPU se
 process (the CPU figure is steadier on a loaded machine). A client-step is one local SGD step
 of one client; both sides do exactly ``sum_i ceil(n_i / 16)`` of them per round.
 
-Memory (``--memory``): a child process per N builds the simulation and trains ``--rounds``
-rounds; peak RSS (VmHWM, reset through /proc/self/clear_refs after the task's data is loaded)
-minus the RSS at that point, divided by N, against the bytes of one node's state tensors
-(parameters + gradients + optimizer state = what a per-node PyTorch model needs). On CUDA:
+Memory (``--memory``): a child process per N (and per algorithm of ``--memory-algos``: the
+FedAvg workload, and gossip-VC merging over a random 8-regular graph) builds the simulation and
+trains ``--rounds`` rounds; peak RSS (VmHWM, reset through /proc/self/clear_refs after the
+task's data is loaded) minus the RSS at that point, divided by N, against the bytes of one
+node's state tensors (parameters + gradients + optimizer state = what a per-node PyTorch model
+needs). On CUDA:
 ``torch.cuda.max_memory_allocated``.
 
 N larger than the training set (``--big-nodes``, default 10000 > 1437 samples): a disjoint
@@ -76,12 +78,19 @@ def load() -> str:
         return "n/a"
 
 
-def sim_config(nodes: int, *, samples: int, device: str, threads: int, seed: int) -> SimConfig:
+#: the gossip workload of the memory measurement: Tian et al.'s merge over 8 neighbours
+GOSSIP_TOPOLOGY = "random-regular:8"
+
+
+def sim_config(nodes: int, *, samples: int, device: str, threads: int, seed: int,
+               algo: str = "fedavg") -> SimConfig:
     partition = f"dirichlet:{ALPHA}" if nodes <= samples else f"sample:dirichlet:{ALPHA}"
-    return SimConfig(algo="fedavg", task="digits", nodes=nodes, rounds=10**6, seed=seed,
+    extra: dict[str, Any] = ({"client_fraction": 1.0} if algo == "fedavg"
+                             else {"topology": GOSSIP_TOPOLOGY})
+    return SimConfig(algo=algo, task="digits", nodes=nodes, rounds=10**6, seed=seed,
                      partition=partition, batch_size=BATCH, local_epochs=1, optimizer="sgd",
-                     lr=LR, client_fraction=1.0, eval_every=10**6, device=device,
-                     threads=threads, progress=False)
+                     lr=LR, eval_every=10**6, device=device, threads=threads, progress=False,
+                     **extra)
 
 
 def uses_fused(sim: Simulation) -> bool:
@@ -287,16 +296,16 @@ def _rss_kib(field: str) -> int:
 
 
 def memory_child(nodes: int, *, rounds: int, device: torch.device, threads: int,
-                 seed: int, fused: bool = True) -> dict[str, Any]:
+                 seed: int, fused: bool = True, algo: str = "fedavg") -> dict[str, Any]:
     """Peak memory of building and training the simulation, per node (run in a child)."""
     torch.set_num_threads(threads)
     task = get_task("digits", seed=seed)
     cfg = sim_config(nodes, samples=task.data.num_train, device=device.type, threads=threads,
-                     seed=seed)
+                     seed=seed, algo=algo)
     # one-time costs (lazy imports, BLAS/OpenMP buffers, first-call caches) are not per node:
-    # pay them with a 2-node run first
-    warm = Simulation(sim_config(2, samples=task.data.num_train, device=device.type,
-                                 threads=threads, seed=seed), task=task)
+    # pay them with a small run first
+    warm = Simulation(sim_config(10, samples=task.data.num_train, device=device.type,
+                                 threads=threads, seed=seed, algo=algo), task=task)
     warm.trainer.fused = fused
     for r in range(2):
         warm.run_round(r)
@@ -326,7 +335,9 @@ def memory_child(nodes: int, *, rounds: int, device: torch.device, threads: int,
     opt_state = sum(t[0].numel() * t.element_size() for s in sim.trainer.optimizer.state.values()
                     for t in s.values() if isinstance(t, Tensor) and t.dim() >= 1)
     state = 2 * params + opt_state  # parameters + gradients + optimizer state
-    return {"bench": "memory", "nodes": nodes, "partition": cfg.partition, "method": method,
+    return {"bench": "memory", "algo": algo,
+            "topology": cfg.topology if algo != "fedavg" else None,
+            "nodes": nodes, "partition": cfg.partition, "method": method,
             "rounds": rounds, "peak_bytes": peak, "peak_bytes_per_node": peak / nodes,
             "state_bytes_per_node": state, "param_bytes_per_node": params,
             "peak_over_state": peak / nodes / state, "device": str(device),
@@ -335,13 +346,14 @@ def memory_child(nodes: int, *, rounds: int, device: torch.device, threads: int,
 
 
 def memory(nodes: int, *, rounds: int, device: str, threads: int, seed: int,
-           fused: bool = True) -> dict[str, Any]:
+           fused: bool = True, algo: str = "fedavg") -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--_memory-child", str(nodes), "--rounds", str(rounds),
            "--device", device, "--threads", str(threads), "--seed", str(seed),
-           "--fused" if fused else "--no-fused"]
+           "--fused" if fused else "--no-fused", "--memory-algos", algo]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        return {"bench": "memory", "nodes": nodes, "error": out.stderr.strip()[-2000:]}
+        return {"bench": "memory", "algo": algo, "nodes": nodes,
+                "error": out.stderr.strip()[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -361,6 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory per node in a child process per N")
+    p.add_argument("--memory-algos", default="fedavg,gossip-vc",
+                   help="algorithms whose memory is measured (gossip-vc merges over "
+                        f"{GOSSIP_TOPOLOGY})")
     p.add_argument("--check", action=argparse.BooleanOptionalAction, default=True,
                    help="first check that both sides compute the same round")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
@@ -384,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args._memory_child:
         emit(memory_child(args._memory_child, rounds=args.rounds, device=device,
-                          threads=args.threads, seed=args.seed, fused=args.fused))
+                          threads=args.threads, seed=args.seed, fused=args.fused,
+                          algo=args.memory_algos))
         return 0
     nodes = [int(n) for n in args.nodes.split(",") if n.strip() and int(n) > 0]
     big = [int(n) for n in args.big_nodes.split(",") if n.strip() and int(n) > 0]
@@ -405,9 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         emit(throughput(task, n, rounds=args.big_rounds, repeats=max(1, args.repeats // 2),
                         device=device, threads=args.threads, seed=args.seed, fused=args.fused))
     if args.memory:
-        for n in nodes + big:
-            emit(memory(n, rounds=args.rounds, device=args.device, threads=args.threads,
-                        seed=args.seed, fused=args.fused))
+        for algo in args.memory_algos.split(","):
+            for n in nodes + big:
+                emit(memory(n, rounds=args.rounds, device=args.device, threads=args.threads,
+                            seed=args.seed, fused=args.fused, algo=algo))
     return 0
 
 
