@@ -428,6 +428,7 @@ class LocalTrainer:
                                         weight_decay=weight_decay)
         self.fused = True
         self._neg: dict[tuple[int, ...], Tensor] = {}
+        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
 
     def state_tensors(self) -> list[Tensor]:
         """Parameters, model buffers and every per-row optimizer state tensor."""
@@ -557,12 +558,22 @@ class LocalTrainer:
                 assert w_name is not None
                 w = params[w_name]
                 below = torch.bmm(w.transpose(1, 2), g) if i > first else None  # old w
-                _sgd_(w, bufs.get(w_name), hyper, g, saved[i].transpose(1, 2))
+                _sgd_(w, bufs.get(w_name), hyper, g, saved[i].transpose(1, 2),
+                      scratch=self._scratch(w.shape, w))
                 if b_name is not None:
                     _sgd_(params[b_name], bufs.get(b_name), hyper, grad=g.sum(dim=2))
                 if below is not None:
                     g = below
         return loss
+
+    def _scratch(self, shape: torch.Size, like: Tensor) -> Tensor:
+        """A reused contiguous buffer (a fresh one per chunk would be a malloc and page faults
+        per call)."""
+        key = (tuple(shape), like.dtype, like.device)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def _loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row mean loss [C] and its gradient with respect to ``out`` [C, K, B]."""
@@ -582,12 +593,17 @@ class LocalTrainer:
 
 
 def _sgd_(p: Tensor, buf: Tensor | None, hyper: tuple[float, float, float],
-          g_t: Tensor | None = None, a: Tensor | None = None, *, grad: Tensor | None = None
-          ) -> None:
+          g_t: Tensor | None = None, a: Tensor | None = None, *, grad: Tensor | None = None,
+          scratch: Tensor | None = None) -> None:
     """``torch.optim.SGD``'s update of ``p`` in place, the gradient given as ``grad`` or as
     the batched product ``g_t @ a`` (fused into the update)."""
     lr, momentum, wd = hyper
     if buf is None:  # p <- p - lr (grad + wd p)
+        if grad is None and not p.is_contiguous():
+            # torch's in-place baddbmm_ on a strided self (a chunk of the flat [L, P] buffer)
+            # loops over the batch one addmm at a time: form the product with one batched
+            # GEMM into a contiguous scratch instead
+            grad = torch.bmm(g_t, a, out=scratch) if scratch is not None else g_t @ a
         if grad is None:
             p.baddbmm_(g_t, a, beta=1.0 - lr * wd, alpha=-lr)
         else:
