@@ -122,17 +122,16 @@ class NoLoCo:
         self._phi_mean = ([] if config.gamma == config.beta
                           else [torch.empty_like(p) for p in self.phi])
 
-    def _group_mean(self, x: Tensor, others: Tensor, pos: Tensor, out: Tensor) -> Tensor:
+    def _group_mean(self, x: Tensor, received: Tensor, arrived: Tensor, me: Tensor,
+                    out: Tensor) -> Tensor:
         """``out`` [L, P] fp32 = mean over the arrived members of each local row's group.
 
-        ``others`` [N, W]: each node's group without itself, sorted, padded with -1; ``pos`` [N]:
-        the node's place in its sorted group. Members are added one by one in sorted order (self
-        included), so every member of a group computes the same bits, on a real rank and in the
-        simulator.
+        ``received`` [L, W, P] / ``arrived`` [L, W]: the rest of each row's group in sorted
+        order (an exchange with ``others``); ``me`` [L]: each row's place in its sorted group.
+        Members are added one by one in sorted order (self included), so every member of a
+        group computes the same bits, on a real rank and in the simulator.
         """
-        received, arrived = self.comm.exchange(x, others)  # [L, W, P], [L, W]
-        g = others.shape[1] + 1
-        me = pos[self.comm.nodes].to(x.device)
+        g = received.shape[1] + 1
         count = torch.ones(x.shape[0], 1, dtype=torch.float32, device=x.device)
         count += arrived.sum(dim=1, keepdim=True)
         if x.shape[0] == 1 and bool(arrived.all()):
@@ -166,16 +165,30 @@ class NoLoCo:
         cfg = self.config
         others, pos = group_table(self.comm.world_size, cfg.group_size, step, cfg.seed,
                                   self.comm.alive_nodes(step))
+        me = pos[self.comm.nodes]
         tied = cfg.gamma == cfg.beta
         with timed_sync(self.comm, SyncStats(step)) as stats:
             for i, (theta, phi, delta) in enumerate(
                     zip(self.params.buffers(), self.phi, self.delta, strict=True)):
-                theta_mean = self._group_mean(theta, others, pos, self._theta_mean[i])
-                phi_mean = None if tied else self._group_mean(phi, others, pos, self._phi_mean[i])
-                with frozen_rows([theta, phi, delta], active):
-                    noloco_update_(delta, phi, theta_mean, phi_mean,
-                                   alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
-                    theta.copy_(phi)
+                me = me.to(theta.device)
+                recv, arrived = self.comm.exchange(theta, others)
+                if not tied:  # phi travels too; its exchange may reuse theta's receive buffer
+                    self._group_mean(theta, recv, arrived, me, self._theta_mean[i])
+                    recv, arrived = self.comm.exchange(phi, others)
+                for cols in _column_blocks(theta):
+                    if tied:
+                        theta_mean = self._group_mean(theta[:, cols], recv[..., cols], arrived,
+                                                      me, self._theta_mean[i][:, cols])
+                        phi_mean = None
+                    else:
+                        theta_mean = self._theta_mean[i][:, cols]
+                        phi_mean = self._group_mean(phi[:, cols], recv[..., cols], arrived, me,
+                                                    self._phi_mean[i][:, cols])
+                    block = [theta[:, cols], phi[:, cols], delta[:, cols]]
+                    with frozen_rows(block, active):
+                        noloco_update_(block[2], block[1], theta_mean, phi_mean,
+                                       alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
+                        block[0].copy_(block[1])
         return stats
 
     def state_dict(self) -> dict[str, Any]:
@@ -184,3 +197,19 @@ class NoLoCo:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for dst, src in zip(self.phi + self.delta, state["phi"] + state["delta"], strict=True):
             dst.copy_(src)
+
+
+#: Elements per column block of a real rank's outer update: the group mean and the update of a
+#: block run while it is in cache (measured on a 64 MB model, CPU: about 1.5x faster than whole-
+#: buffer passes). A multiple of every SIMD width, so the blocks round like whole buffers.
+BLOCK = 1 << 18
+
+
+def _column_blocks(x: Tensor) -> list[slice]:
+    """Column slices of ``x`` [L, P]: blocks of :data:`BLOCK` on a real rank (L = 1); the whole
+    width in the simulator, where each op already streams all L rows."""
+    width = x.shape[1]
+    if x.shape[0] != 1:
+        return [slice(0, width)]
+    return [slice(c, min(width, c + BLOCK)) for c in range(0, width, BLOCK)]
+
