@@ -1,11 +1,15 @@
 """Who is still alive: heartbeats and an agreed membership over the rendezvous store.
 
 Each rank's daemon thread bumps a counter ``hb/<rank>`` in the c10d store every ``interval``
-seconds; a rank whose counter has not moved for ``dead_after`` seconds, or that a peer reported
-(``dead/<rank>``), is dead. For algorithms that re-plan around dead peers (NoLoCo pairings, gossip
-neighbourhoods), :meth:`PeerMonitor.agreed_dead` makes every rank use the same dead set at an
-outer step without a collective: the first rank to reach the step writes its view with the
-store's atomic ``compare_set``, and everyone reads that one value back.
+seconds and reads every peer's counter with one ``multi_get``; a rank whose counter has not moved
+for ``dead_after`` seconds, or that a peer reported (appended to one ``dead`` list, announced by
+the counter ``dead_count``), is dead. A scan costs two store requests whatever the world size, so
+the store serves O(N) requests per interval, not O(N^2).
+
+For algorithms that re-plan around dead peers (NoLoCo pairings, gossip neighbourhoods),
+:meth:`PeerMonitor.agreed_dead` makes every rank use the same dead set at an outer step without
+a collective: the first rank to reach the step writes its view with the store's atomic
+``compare_set``, and everyone reads that one value back.
 
 The store must outlive any worker: under torchrun it is the agent's (it survives a worker's
 death); with plain env:// initialisation rank 0 hosts it, so rank 0's death ends the run.
@@ -48,6 +52,9 @@ class PeerMonitor:
         self._lock = threading.Lock()
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it last moved)
         self._dead: dict[int, float] = {}  # rank -> monotonic time we learned it
+        self._all_started = False
+        self._reports: set[int] = set()
+        self._reports_read = 0
         self._stop = threading.Event()
         self._beat()
         self._thread = threading.Thread(target=self._run, name="gossip-heartbeat", daemon=True)
@@ -67,27 +74,48 @@ class PeerMonitor:
             except Exception:  # a store hiccup: beat again next time (only close() stops us)
                 continue
 
+    def _counters(self, peers: list[int]) -> list[int]:
+        """The peers' heartbeat counters: one ``multi_get`` once every peer has beaten (a get
+        of a key nobody wrote yet would wait for it), one ``add(key, 0)`` per peer before."""
+        keys = [self._key("hb", r) for r in peers]
+        if not self._all_started:
+            self._all_started = self.store.check(keys)
+        if self._all_started:
+            return [int(v) for v in self.store.multi_get(keys)]
+        return [self.store.add(k, 0) for k in keys]
+
+    def _reported(self) -> set[int]:
+        """Ranks that a peer reported dead (read again only when the report count moved)."""
+        count = self.store.add(self._key("dead_count", "all"), 0)
+        if count != self._reports_read:
+            text = self.store.get(self._key("dead", "all")).decode()
+            self._reports = {int(item.split(":")[0]) for item in text.split(",") if item}
+            self._reports_read = count
+        return self._reports
+
     def _scan(self) -> None:
         now = time.monotonic()
-        for r in range(self.world_size):
-            if r == self.rank or r in self._dead:
-                continue
-            counter = self.store.add(self._key("hb", r), 0)
-            reported = self.store.check([self._key("dead", r)])
-            with self._lock:
+        peers = [r for r in range(self.world_size) if r != self.rank and r not in self._dead]
+        if not peers:
+            return
+        counters = self._counters(peers)
+        reported = self._reported()
+        with self._lock:
+            for r, counter in zip(peers, counters, strict=True):
                 last = self._seen.get(r)
                 if last is None or counter != last[0]:
                     self._seen[r] = (counter, now)
-                elif now - last[1] > self.dead_after or reported:
+                elif now - last[1] > self.dead_after:
                     self._dead[r] = now
-                if reported:
+                if r in reported:
                     self._dead.setdefault(r, now)
 
     def report_dead(self, rank: int, step: int) -> None:
         """Tell every rank that ``rank`` failed (e.g. its connection closed) at ``step``."""
         with self._lock:
             self._dead.setdefault(rank, time.monotonic())
-        self.store.set(self._key("dead", rank), str(step))
+        self.store.append(self._key("dead", "all"), f"{rank}:{step},")
+        self.store.add(self._key("dead_count", "all"), 1)
 
     def dead(self) -> frozenset[int]:
         """Ranks this rank knows to be dead (its own detection plus reports)."""

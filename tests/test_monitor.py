@@ -1,0 +1,102 @@
+"""PeerMonitor on a real c10d store: heartbeats, reports, agreed membership, store load.
+
+Several monitors share one store in this process (each with its own heartbeat thread), as the
+ranks of a run share the rendezvous store; a monitor that is closed stops beating, as a killed
+rank does. The kill of a real rank is tested in tests/test_dead_peer.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+import torch.distributed as dist
+
+from gossip.comm.monitor import _PREFIX, PeerMonitor
+
+INTERVAL, DEAD_AFTER = 0.05, 0.4
+
+
+class CountingStore(dist.Store):
+    """A store that counts the requests it serves (delegates to a HashStore)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = dist.HashStore()
+        self.calls: Counter[str] = Counter()
+
+    def set(self, key, value):
+        self.calls["set"] += 1
+        return self.inner.set(key, value)
+
+    def get(self, key):
+        self.calls["get"] += 1
+        return self.inner.get(key)
+
+    def add(self, key, value):
+        self.calls["add"] += 1
+        return self.inner.add(key, value)
+
+    def check(self, keys):
+        self.calls["check"] += 1
+        return self.inner.check(keys)
+
+    def multi_get(self, keys):
+        self.calls["multi_get"] += 1
+        return self.inner.multi_get(keys)
+
+    def append(self, key, value):
+        self.calls["append"] += 1
+        return self.inner.append(key, value)
+
+    def compare_set(self, key, expected, desired):
+        self.calls["compare_set"] += 1
+        return self.inner.compare_set(key, expected, desired)
+
+
+def _monitors(store: dist.Store, n: int) -> list[PeerMonitor]:
+    return [PeerMonitor(store, r, n, interval=INTERVAL, dead_after=DEAD_AFTER) for r in range(n)]
+
+
+def _wait_until(cond, timeout: float = 10.0) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not met in time"
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
+def test_silent_rank_is_found_dead_and_reports_spread():
+    store = CountingStore()
+    mons = _monitors(store, 4)
+    try:
+        time.sleep(3 * INTERVAL)
+        assert all(m.dead() == frozenset() for m in mons)
+        mons[2].close()  # rank 2 stops beating
+        waited = _wait_until(lambda: all(2 in m.dead() for i, m in enumerate(mons) if i != 2))
+        assert waited < DEAD_AFTER + 10 * INTERVAL + 1.0
+        assert mons[0].dead() == mons[1].dead() == mons[3].dead() == frozenset({2})
+        # a reported failure reaches the others without waiting for dead_after
+        mons[0].report_dead(3, step=17)
+        _wait_until(lambda: 3 in mons[1].dead(), timeout=DEAD_AFTER)
+        # one agreed dead set per step, whoever asks first
+        first = mons[1].agreed_dead(20)
+        assert first == mons[0].agreed_dead(20) == frozenset({2, 3})
+    finally:
+        for m in mons:
+            m.close()
+
+
+@pytest.mark.parametrize("n", [4, 16])
+def test_a_scan_costs_two_store_requests_whatever_the_world_size(n):
+    store = CountingStore()
+    for r in range(1, n):  # every peer has beaten once
+        store.add(f"{_PREFIX}/hb/{r}", 1)
+    mon = PeerMonitor(store, 0, n, interval=INTERVAL, dead_after=DEAD_AFTER)
+    mon.close()  # no background scans: count this rank's own
+    mon._scan()  # the first scan checks that every peer has started
+    before = store.calls.copy()
+    mon._scan()
+    assert store.calls - before == Counter({"multi_get": 1, "add": 1})
+    assert mon.dead() == frozenset()
