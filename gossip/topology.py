@@ -52,8 +52,15 @@ _MAX_RESAMPLES = 100
 # ----------------------------------------------------------------------------- topologies
 
 
+PeerTable = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class Topology(ABC):
-    """A (possibly time-varying) communication graph over ``n`` nodes with its mixing weights."""
+    """A (possibly time-varying) communication graph over ``n`` nodes with its mixing weights.
+
+    The primary form is sparse, :meth:`peer_table` (``O(n K)``): the simulator merges thousands
+    of nodes from it; the dense ``[n, n]`` :meth:`mixing_matrix` is derived for analysis.
+    """
 
     n: int
     time_varying: bool
@@ -67,60 +74,61 @@ class Topology(ABC):
         self.spec = spec
 
     @abstractmethod
+    def peer_table(self, step: int) -> PeerTable:
+        """Padded per-node peer table at outer step ``step``.
+
+        Returns ``(peers, weights, self_weight)``: ``peers`` is ``[n, K]`` int64, each row's
+        in-neighbours in increasing order padded with -1; ``weights[i, k] = W[i, peers[i, k]]``
+        (0 at pads) and ``self_weight[i] = W[i, i]`` (float64), where ``K`` is the maximum
+        in-degree at that step. Callers must not modify the returned tensors.
+        """
+
     def mixing_matrix(self, step: int = 0) -> torch.Tensor:
         """``[n, n]`` float64 mixing matrix used at outer step ``step``; rows sum to 1."""
+        return _dense(self.peer_table(step))
 
     def neighbors(self, step: int) -> list[list[int]]:
         """Sorted in-neighbours (excluding self) of each node at outer step ``step``."""
-        return _support(self.mixing_matrix(step))
+        peers = self.peer_table(step)[0]
+        return [[j for j in row if j >= 0] for row in peers.tolist()]
 
-    def peer_table(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Padded per-node peer table at ``step``.
-
-        Returns ``(peers, weights, self_weight)``: ``peers`` is ``[n, K]`` int64 padded with -1,
-        ``weights[i, k] = W[i, peers[i, k]]`` (0 at pads) and ``self_weight[i] = W[i, i]``, where
-        ``K`` is the maximum in-degree at that step.
-        """
-        w = self.mixing_matrix(step)
-        nbrs = _support(w)
-        k = max((len(row) for row in nbrs), default=0)
-        peers = torch.full((self.n, k), -1, dtype=torch.int64)
-        weights = torch.zeros((self.n, k), dtype=torch.float64)
-        for i, row in enumerate(nbrs):
-            if row:
-                idx = torch.tensor(row, dtype=torch.int64)
-                peers[i, : len(row)] = idx
-                weights[i, : len(row)] = w[i, idx]
-        return peers, weights, torch.diagonal(w).clone()
+    def check_doubly_stochastic(self, step: int = 0, atol: float = 1e-9) -> None:
+        """Raise ``ValueError`` unless ``W`` at ``step`` has rows and columns summing to 1."""
+        peers, weights, self_weight = self.peer_table(step)
+        cols = self_weight.clone()
+        valid = peers >= 0
+        cols.index_add_(0, peers[valid], weights[valid])
+        try:
+            _check_sums(self_weight + weights.sum(dim=1), cols, atol)
+        except ValueError as e:
+            raise ValueError(f"topology {self.spec!r} (n={self.n}): mixing weights are not "
+                             f"doubly stochastic: {e}") from None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(spec={self.spec!r}, n={self.n})"
 
 
 class StaticTopology(Topology):
-    """A fixed graph: every step has the same neighbours and mixing matrix."""
+    """A fixed graph: every step has the same neighbours and mixing weights."""
 
-    def __init__(self, w: torch.Tensor, *, spec: str) -> None:
+    def __init__(self, table: PeerTable, *, spec: str) -> None:
+        peers, weights, self_weight = table
+        super().__init__(peers.shape[0], time_varying=False, spec=spec)
+        self._table = (peers, weights, self_weight)
+
+    @classmethod
+    def from_matrix(cls, w: torch.Tensor, *, spec: str) -> StaticTopology:
+        """The topology whose mixing matrix is ``w`` (its off-diagonal support = the edges)."""
         w = _as_square(w, "W")
-        super().__init__(w.shape[0], time_varying=False, spec=spec)
-        self._w = w
-        self._neighbors = _support(w)
-        self._table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        off = w != 0
+        off.fill_diagonal_(False)
+        nbrs = [torch.nonzero(row).flatten().numpy() for row in off]
+        return cls(_table(nbrs, lambda i, row: w[i, torch.from_numpy(row)].numpy(),
+                          torch.diagonal(w).clone()), spec=spec)
 
-    def mixing_matrix(self, step: int = 0) -> torch.Tensor:
+    def peer_table(self, step: int) -> PeerTable:
         _check_step(step)
-        return self._w.clone()
-
-    def peer_table(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Built once (the same every step); callers must not modify the returned tensors."""
-        _check_step(step)
-        if self._table is None:
-            self._table = super().peer_table(0)
         return self._table
-
-    def neighbors(self, step: int) -> list[list[int]]:
-        _check_step(step)
-        return [list(row) for row in self._neighbors]
 
 
 class OnePeerExponentialTopology(Topology):
@@ -135,13 +143,12 @@ class OnePeerExponentialTopology(Topology):
         super().__init__(n, time_varying=True, spec=spec)
         self.tau = _ceil_log2(n)
 
-    def mixing_matrix(self, step: int = 0) -> torch.Tensor:
+    def peer_table(self, step: int) -> PeerTable:
         _check_step(step)
         shift = 2 ** (step % self.tau)
-        w = 0.5 * torch.eye(self.n, dtype=torch.float64)
-        rows = torch.arange(self.n)
-        w[rows, (rows - shift) % self.n] += 0.5
-        return w
+        peers = ((torch.arange(self.n) - shift) % self.n).unsqueeze(1)
+        half = torch.full((self.n,), 0.5, dtype=torch.float64)
+        return peers, half.unsqueeze(1), half
 
 
 class MatchingTopology(Topology):
@@ -153,13 +160,14 @@ class MatchingTopology(Topology):
         super().__init__(n, time_varying=True, spec=spec)
         self.seed = seed
 
-    def mixing_matrix(self, step: int = 0) -> torch.Tensor:
+    def peer_table(self, step: int) -> PeerTable:
         _check_step(step)
-        w = 0.5 * torch.eye(self.n, dtype=torch.float64)
-        for a, b in random_matching(self.n, 2, step, self.seed):
-            w[a, b] = 0.5
-            w[b, a] = 0.5
-        return w
+        pairs = torch.tensor(random_matching(self.n, 2, step, self.seed), dtype=torch.int64)
+        peers = torch.empty(self.n, dtype=torch.int64)
+        peers[pairs[:, 0]] = pairs[:, 1]
+        peers[pairs[:, 1]] = pairs[:, 0]
+        half = torch.full((self.n,), 0.5, dtype=torch.float64)
+        return peers.unsqueeze(1), half.unsqueeze(1), half
 
 
 # ----------------------------------------------------------------------------- weights
@@ -172,13 +180,7 @@ def metropolis_hastings(adj: AdjacencyLike) -> torch.Tensor:
     adjacency matrix (nonzero off-diagonal entries are edges; the diagonal is ignored). The result
     is symmetric, doubly stochastic and non-negative.
     """
-    a = _adjacency(adj)
-    if not np.array_equal(a, a.T):
-        raise ValueError("adj must be symmetric (undirected) for metropolis_hastings weights")
-    deg = a.sum(axis=1)
-    w = np.where(a, 1.0 / (1.0 + np.maximum(deg[:, None], deg[None, :])), 0.0)
-    np.fill_diagonal(w, 1.0 - w.sum(axis=1))
-    return torch.from_numpy(w)
+    return _dense(_metropolis_table(_in_neighbors(adj, symmetric=True)))
 
 
 def uniform_weights(adj: AdjacencyLike) -> torch.Tensor:
@@ -188,11 +190,20 @@ def uniform_weights(adj: AdjacencyLike) -> torch.Tensor:
     (e.g. regular undirected graphs). ``adj[i, j]`` nonzero means node ``i`` receives from ``j``;
     a ``networkx.DiGraph`` edge ``(u, v)`` means ``v`` receives from ``u``.
     """
-    a = _adjacency(adj)
-    deg = a.sum(axis=1)
-    w = np.where(a, 1.0, 0.0)
-    np.fill_diagonal(w, 1.0)
-    return torch.from_numpy(w / (deg[:, None] + 1.0))
+    return _dense(_uniform_table(_in_neighbors(adj)))
+
+
+def _metropolis_table(nbrs: list[np.ndarray]) -> PeerTable:
+    deg = np.array([len(row) for row in nbrs], dtype=np.float64)
+    table = _table(nbrs, lambda i, row: 1.0 / (1.0 + np.maximum(deg[i], deg[row])),
+                   torch.ones(len(nbrs), dtype=torch.float64))
+    table[2].sub_(table[1].sum(dim=1))  # W_ii = 1 - sum of the row
+    return table
+
+
+def _uniform_table(nbrs: list[np.ndarray]) -> PeerTable:
+    share = torch.tensor([1.0 / (len(row) + 1.0) for row in nbrs], dtype=torch.float64)
+    return _table(nbrs, lambda i, row: np.full(len(row), float(share[i])), share)
 
 
 def spectral_gap(w: torch.Tensor) -> float:
@@ -215,12 +226,16 @@ def check_doubly_stochastic(w: torch.Tensor, atol: float = 1e-9) -> None:
     if min_entry < -atol:
         i, j = divmod(int(torch.argmin(m)), m.shape[1])
         raise ValueError(f"W has a negative entry W[{i}, {j}]={min_entry:.3g}")
-    for axis, what in ((1, "row"), (0, "column")):
-        err = (m.sum(dim=axis) - 1.0).abs()
+    _check_sums(m.sum(dim=1), m.sum(dim=0), atol)
+
+
+def _check_sums(rows: torch.Tensor, cols: torch.Tensor, atol: float) -> None:
+    for sums, what in ((rows, "row"), (cols, "column")):
+        err = (sums - 1.0).abs()
         worst = int(torch.argmax(err))
         if float(err[worst]) > atol:
-            total = float(m.sum(dim=axis)[worst])
-            raise ValueError(f"W {what} {worst} sums to {total!r}, expected 1 (atol={atol})")
+            raise ValueError(f"W {what} {worst} sums to {float(sums[worst])!r}, expected 1 "
+                             f"(atol={atol})")
 
 
 # ----------------------------------------------------------------------------- matchings
@@ -278,7 +293,7 @@ def make_topology(spec: str, n: int, *, seed: int = 0, weights: str = "metropoli
         return MatchingTopology(n, seed=seed, spec=spec)
     if name == "exponential":
         _expect_args(spec, name, args, 0)
-        return StaticTopology(uniform_weights(_exponential_adjacency(n)), spec=spec)
+        return StaticTopology(_uniform_table(_exponential_in_neighbors(n)), spec=spec)
     if name == "ring":
         _expect_args(spec, name, args, 0)
         return _static(nx.cycle_graph(n), spec, weights)
@@ -337,8 +352,9 @@ def _static(graph: nx.Graph, spec: str, weights: str) -> StaticTopology:
     if not nx.is_connected(graph):
         parts = nx.number_connected_components(graph)
         raise ValueError(f"topology {spec!r} with n={n} is disconnected ({parts} components)")
-    w = metropolis_hastings(graph) if weights == "metropolis" else uniform_weights(graph)
-    return StaticTopology(w, spec=spec)
+    nbrs = _in_neighbors(graph)
+    table = _metropolis_table(nbrs) if weights == "metropolis" else _uniform_table(nbrs)
+    return StaticTopology(table, spec=spec)
 
 
 def _first_connected(spec: str, n: int, seed: int, sample: Callable[[int], nx.Graph]) -> nx.Graph:
@@ -352,13 +368,10 @@ def _first_connected(spec: str, n: int, seed: int, sample: Callable[[int], nx.Gr
     )
 
 
-def _exponential_adjacency(n: int) -> np.ndarray:
+def _exponential_in_neighbors(n: int) -> list[np.ndarray]:
     """Directed static exponential graph: node ``i`` receives from ``(i - 2**k) mod n``."""
-    a = np.zeros((n, n), dtype=bool)
-    rows = np.arange(n)
-    for k in range(_ceil_log2(n)):
-        a[rows, (rows - 2**k) % n] = True
-    return a
+    shifts = 2 ** np.arange(_ceil_log2(n))
+    return [np.sort((i - shifts) % n) for i in range(n)]
 
 
 def _near_square_rows(n: int) -> int:
@@ -405,23 +418,52 @@ def _read_edge_list(path: str, n: int) -> nx.Graph:
     return graph
 
 
-def _adjacency(adj: AdjacencyLike) -> np.ndarray:
-    """Boolean ``[n, n]`` matrix, ``a[i, j]`` = node ``i`` receives from ``j``; no self-loops."""
+def _in_neighbors(adj: AdjacencyLike, *, symmetric: bool = False) -> list[np.ndarray]:
+    """Sorted in-neighbours of each node (``i`` receives from ``j``), self-loops dropped.
+
+    A ``networkx`` graph is read edge by edge (no ``n x n`` matrix); a matrix ``adj[i, j]``
+    nonzero means ``i`` receives from ``j``; ``symmetric`` requires an undirected graph."""
     if isinstance(adj, nx.Graph):
         n = adj.number_of_nodes()
         if set(adj.nodes) != set(range(n)):
             raise ValueError(f"adj graph nodes must be 0..{n - 1}, got {sorted(adj.nodes)!r}")
-        a = nx.to_numpy_array(adj, nodelist=range(n), weight=None) != 0
-        if adj.is_directed():
-            a = a.T  # networkx row u has u's out-edges; we index by receiver
-    else:
-        t = adj.detach().cpu().numpy() if isinstance(adj, torch.Tensor) else np.asarray(adj)
-        if t.ndim != 2 or t.shape[0] != t.shape[1]:
-            raise ValueError(f"adj must be a square matrix, got shape {tuple(t.shape)}")
-        a = t != 0
-    a = a.copy()
+        if symmetric and adj.is_directed():
+            raise ValueError("adj must be symmetric (undirected) for metropolis_hastings weights")
+        source = adj.pred if adj.is_directed() else adj.adj
+        return [np.array(sorted(j for j in source[i] if j != i), dtype=np.int64)
+                for i in range(n)]
+    t = adj.detach().cpu().numpy() if isinstance(adj, torch.Tensor) else np.asarray(adj)
+    if t.ndim != 2 or t.shape[0] != t.shape[1]:
+        raise ValueError(f"adj must be a square matrix, got shape {tuple(t.shape)}")
+    a = t != 0
     np.fill_diagonal(a, False)
-    return a
+    if symmetric and not np.array_equal(a, a.T):
+        raise ValueError("adj must be symmetric (undirected) for metropolis_hastings weights")
+    return [np.flatnonzero(row) for row in a]
+
+
+def _table(nbrs: Sequence[np.ndarray], weight: Callable[[int, np.ndarray], np.ndarray],
+           self_weight: torch.Tensor) -> PeerTable:
+    """A peer table from sorted in-neighbour lists and ``weight(i, row)`` of each row."""
+    n = len(nbrs)
+    k = max((len(row) for row in nbrs), default=0)
+    peers = np.full((n, k), -1, dtype=np.int64)
+    weights = np.zeros((n, k), dtype=np.float64)
+    for i, row in enumerate(nbrs):
+        if len(row):
+            peers[i, : len(row)] = row
+            weights[i, : len(row)] = weight(i, row)
+    return torch.from_numpy(peers), torch.from_numpy(weights), self_weight
+
+
+def _dense(table: PeerTable) -> torch.Tensor:
+    peers, weights, self_weight = table
+    n = peers.shape[0]
+    w = torch.diag(self_weight.to(torch.float64))
+    valid = peers >= 0
+    rows = torch.arange(n).unsqueeze(1).expand_as(peers)
+    w.index_put_((rows[valid], peers[valid]), weights[valid], accumulate=True)
+    return w
 
 
 def _as_square(w: torch.Tensor, name: str) -> torch.Tensor:
@@ -429,12 +471,6 @@ def _as_square(w: torch.Tensor, name: str) -> torch.Tensor:
     if m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {tuple(m.shape)}")
     return m
-
-
-def _support(w: torch.Tensor) -> list[list[int]]:
-    off = w != 0
-    off.fill_diagonal_(False)
-    return [torch.nonzero(row).flatten().tolist() for row in off]
 
 
 def _check_step(step: int) -> None:

@@ -61,6 +61,15 @@ def test_nodes_not_divisible_by_group_size(tmp_path: Path,
     assert res.returncode == 2 and "group_size=2" in res.stderr and "N=1" in res.stderr
 
 
+def test_dpsgd_rejects_weights_that_are_not_doubly_stochastic(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _sim(capsys, "--algo", "dpsgd", "--nodes", "5", "--topology", "star",
+               "--topology-weights", "uniform", "--rounds", "1", "--out", str(tmp_path / "sim"))
+    assert "doubly stochastic" in err and "'star'" in err and "column 0" in err
+    assert "metropolis" in err  # what to use instead
+    assert not (tmp_path / "sim").exists()
+
+
 def test_disconnected_topology_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     edges = tmp_path / "two_islands.txt"
     edges.write_text("0 1\n1 2\n2 3\n3 0\n4 5\n5 6\n6 7\n7 4\n")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gossip.topology import (
+    StaticTopology,
     check_doubly_stochastic,
     make_topology,
     metropolis_hastings,
@@ -298,3 +299,39 @@ def test_errors_name_the_bad_value() -> None:
         make_topology("erdos-renyi:0.0", 6)
     with pytest.raises(ValueError, match="group_size=3 does not divide n=8"):
         random_matching(8, 3, 0)
+
+
+# ----------------------------------------------------------------------------- sparse form
+
+
+def test_large_graphs_are_built_without_a_dense_matrix() -> None:
+    # a dense float64 W at n = 20000 would be 3.2 GB; the peer tables are O(n K)
+    topo = make_topology("random-regular:8", 20_000, seed=1)
+    peers, weights, self_weight = topo.peer_table(0)
+    assert peers.shape == (20_000, 8) and bool((peers >= 0).all())
+    torch.testing.assert_close(weights, torch.full((20_000, 8), 1 / 9, dtype=torch.float64))
+    torch.testing.assert_close(self_weight, torch.full((20_000,), 1 / 9, dtype=torch.float64))
+    topo.check_doubly_stochastic()
+    assert make_topology("matching", 20_000).peer_table(5)[0].shape == (20_000, 1)
+
+
+@pytest.mark.parametrize("spec", ["ring", "star", "erdos-renyi:0.4", "exponential"])
+def test_peer_table_and_matrix_agree_and_round_trip(spec: str) -> None:
+    topo = make_topology(spec, 10, seed=3, weights="uniform")
+    w = topo.mixing_matrix()
+    peers, weights, self_weight = topo.peer_table(0)
+    for i in range(10):
+        row = [int(j) for j in peers[i] if j >= 0]
+        assert row == sorted(row) == topo.neighbors(0)[i]
+        assert weights[i, : len(row)].tolist() == w[i, row].tolist()
+    assert torch.equal(torch.diagonal(w), self_weight)
+    again = StaticTopology.from_matrix(w, spec="custom")
+    assert all(torch.equal(a, b) for a, b in zip(again.peer_table(0), topo.peer_table(0),
+                                                 strict=True))
+
+
+def test_topology_check_doubly_stochastic_names_the_topology() -> None:
+    make_topology("star", 5).check_doubly_stochastic()  # metropolis: fine
+    with pytest.raises(ValueError, match=r"topology 'star' \(n=5\).*column 0 sums to 2\.2"):
+        make_topology("star", 5, weights="uniform").check_doubly_stochastic()
+

@@ -79,6 +79,13 @@ class Gossip:
                  topology: Topology) -> None:
         if topology.n != comm.world_size:
             raise ValueError(f"topology has n={topology.n} nodes, the run has {comm.world_size}")
+        if config.merge == "mixing":
+            # D-PSGD keeps the nodes' average only if W is doubly stochastic (Lian et al. 2017)
+            try:
+                topology.check_doubly_stochastic(0)
+            except ValueError as e:
+                raise ValueError(f"D-PSGD mixing needs doubly stochastic weights; {e} (use "
+                                 "topology_weights='metropolis')") from None
         self.config = config
         self.params = params
         self.comm = comm
