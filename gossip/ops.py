@@ -19,7 +19,6 @@ from torch import Tensor
 
 __all__ = [
     "Segment",
-    "consensus_distance",
     "mix",
     "noloco_update_",
     "row_var_mean",
@@ -157,9 +156,3 @@ def noloco_update_(
         delta.mul_(alpha).add_(theta_mean.sub_(phi_mean), alpha=beta)
         delta.add_(phi_mean.sub_(phi), alpha=gamma)
     phi.add_(delta)
-
-
-def consensus_distance(x: Tensor) -> float:
-    """Mean squared distance of the rows of ``x`` [N, P] to their mean: (1/N) sum ||x_i - x̄||²."""
-    xf = x.double()
-    return float(((xf - xf.mean(dim=0, keepdim=True)) ** 2).sum(dim=-1).mean())

@@ -7,7 +7,6 @@ import torch
 
 from gossip.ops import (
     Segment,
-    consensus_distance,
     mix,
     noloco_update_,
     row_var_mean,
@@ -134,11 +133,3 @@ def test_noloco_update_matches_equation(alpha, beta, gamma):
         with pytest.raises(ValueError, match="phi_mean is required"):
             noloco_update_(delta.clone(), phi.clone(), theta_mean, None, alpha=alpha, beta=beta,
                            gamma=gamma)
-
-
-def test_consensus_distance():
-    x = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 3.0]])
-    mean = x.mean(0)
-    ref = sum(float(((r - mean) ** 2).sum()) for r in x) / 3
-    assert consensus_distance(x) == pytest.approx(ref)
-    assert consensus_distance(torch.ones(4, 5)) == 0.0

@@ -153,6 +153,18 @@ def _capture_sync(sim: Simulation) -> dict[str, torch.Tensor]:
     return seen
 
 
+def test_consensus_distance_is_the_mean_squared_distance_to_the_mean(monkeypatch) -> None:
+    sim = _sim(algo="gossip", nodes=9, topology="ring")  # independent inits: rows differ
+    monkeypatch.setattr("simulations.engine._ROW_CHUNK", 4)  # several row chunks
+    x = sim.flat_params().double()
+    mask = torch.tensor([True, False, True, True, True, False, True, True, True])
+    for m in (None, mask):
+        rows = x if m is None else x[m]
+        ref = float(((rows - rows.mean(0)) ** 2).sum(dim=1).mean())
+        assert sim.consensus_distance(m) == pytest.approx(ref, rel=1e-12)
+    assert ref > 0
+
+
 def test_fedavg_averages_the_clients_that_are_up() -> None:
     sim = _sim(algo="fedavg", crash_fraction=0.25, crash_round=0)
     seen = _capture_sync(sim)
