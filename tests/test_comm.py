@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from gossip.comm import (
     CommError,
@@ -344,6 +345,48 @@ def test_stacked_exchange_read_slot_by_slot_equals_the_dense_exchange():
     # both communicators counted the same traffic and logged the same event
     assert dense.traffic == lazy.traffic
     assert torch.equal(dense.bytes_per_node, lazy.bytes_per_node)
+
+
+def _sharded_exchange(comm: TorchCommunicator, n: int, tables: dict) -> dict:
+    """One shard of n stacked nodes per rank: exchange over each table, slot by slot."""
+    shards, me = comm.world_size, comm.rank
+    size = n // shards
+    nodes = torch.arange(me * size, (me + 1) * size)
+    stacked = StackedCommunicator(n, nodes, group=dist.group.WORLD, seed=4)
+    stacked.set_faults(drop_prob=0.25)
+    xs = torch.arange(n * 3, dtype=torch.float32).view(n, 3)[nodes]
+    out = {}
+    for name, table in tables.items():
+        before = stacked.rows_fetched
+        got = stacked.exchange_slots(xs, table)
+        out[name] = ([got.slot(k).clone() for k in range(got.num_slots)], got.arrived.clone(),
+                     stacked.rows_fetched - before)
+    return out
+
+
+def test_sharded_exchange_moves_only_the_rows_each_shard_reads():
+    n, shards = 12, 4
+    ring = _table("ring", n)
+    tables = {"ring": ring, "random": torch.stack([torch.randperm(n)[:3] for _ in range(n)])}
+    tables["random"][tables["random"] == torch.arange(n).unsqueeze(1)] = -1  # no self
+    outs = run_ranks(_sharded_exchange, shards, n, tables)
+    whole = StackedCommunicator(n, seed=4)
+    whole.set_faults(drop_prob=0.25)
+    xs = torch.arange(n * 3, dtype=torch.float32).view(n, 3)
+    for name, table in tables.items():
+        ref = whole.exchange_slots(xs, table)
+        slots = [torch.cat([o[name][0][k] for o in outs]) for k in range(ref.num_slots)]
+        assert torch.equal(torch.cat([o[name][1] for o in outs]), ref.arrived)
+        for k in range(ref.num_slots):
+            assert torch.equal(slots[k], ref.slot(k)), (name, k)
+        # a shard fetches each foreign sender its delivered slots read, once
+        for r, o in enumerate(outs):
+            mine = range(3 * r, 3 * r + 3)
+            senders = {int(table[i, k]) for i in mine for k in range(table.shape[1])
+                       if ref.arrived[i, k] and int(table[i, k]) not in mine}
+            assert o[name][2] == len(senders), (name, r)
+    # on a ring a shard reads at most its two boundary neighbours, not all N rows
+    assert all(o["ring"][2] <= 2 for o in outs)
 
 
 def test_traffic_add():

@@ -2,7 +2,8 @@
 
 All N virtual nodes live in one tensor ``x`` [N, P] (or a shard of them [L, P] when the nodes are
 spread over several processes joined by a torch.distributed group). An exchange is an index
-gather along the node axis, an all-reduce a weighted mean over it. Faults are explicit inputs:
+gather along the node axis (across shards, an ``all_to_all`` that moves only the rows each shard
+reads), an all-reduce a weighted mean over it. Faults are explicit inputs:
 ``alive`` (crashed nodes neither send nor receive nor take part in means) and a per-message drop
 probability drawn from a seeded generator. Each call is logged as a :class:`CommEvent` so that a
 network model can turn it into simulated seconds.
@@ -66,6 +67,8 @@ class StackedCommunicator:
         self.drop_prob = 0.0
         self._gen = torch.Generator().manual_seed(seed)
         self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+        #: rows fetched from other shards by exchanges (0 without a group)
+        self.rows_fetched = 0
 
     @property
     def nodes(self) -> Tensor:
@@ -101,13 +104,47 @@ class StackedCommunicator:
             self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
         return self._buffers[key]
 
-    def _full(self, x: Tensor) -> Tensor:
-        """All N rows (gathered from the shards when the nodes are spread over processes)."""
+    def _senders(self, x: Tensor, src: Tensor, delivered: Tensor) -> tuple[Tensor, Tensor]:
+        """The rows the local slots read and where each slot finds its sender among them.
+
+        Returns ``(rows, source)``: without a group ``rows`` is ``x`` itself (all N nodes) and
+        ``source`` the sender ids. Across shards (equal contiguous ranges of node ids, in group
+        rank order) each shard sends every other shard exactly the rows it will read, with one
+        ``all_to_all``: ``rows`` is this shard's own rows followed by the fetched ones. Every
+        shard derives who needs what from the global table, so no sizes are exchanged.
+        """
+        mine = src[self._nodes]  # [L, K] global sender ids of the local slots
         if self.group is None:
-            return x
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts)
+            return x, mine
+        shards = dist.get_world_size(self.group)
+        me = dist.get_rank(self.group)
+        size = self._world_size // shards
+        if size * shards != self._world_size or not torch.equal(
+                self._nodes, torch.arange(me * size, (me + 1) * size)):
+            raise ValueError(f"shard {me} of {shards} must hold nodes {me * size}.."
+                             f"{(me + 1) * size - 1} of N={self._world_size} (equal contiguous "
+                             f"shards in rank order), got {self._nodes.tolist()[:8]}...")
+        owner = torch.arange(self._world_size) // size
+        # needs[s]: the sorted nodes of other shards that shard s's delivered slots read
+        wanted = torch.zeros(shards, self._world_size, dtype=torch.bool)
+        receivers = owner.unsqueeze(1).expand_as(src)
+        wanted[receivers[delivered], src[delivered]] = True
+        wanted[owner, torch.arange(self._world_size)] = False  # own rows are at hand
+        send = [wanted[s, me * size:(me + 1) * size].nonzero().flatten() for s in range(shards)]
+        fetch = wanted[me].nonzero().flatten()  # sorted by node id, so grouped by owner
+        device = x.device
+        staged = x if dist.get_backend(self.group) != "gloo" else x.cpu()
+        out = staged.new_empty((len(fetch), x.shape[1]))
+        dist.all_to_all_single(
+            out, staged[torch.cat(send).to(staged.device)].contiguous(),
+            output_split_sizes=torch.bincount(owner[fetch], minlength=shards).tolist(),
+            input_split_sizes=[len(t) for t in send], group=self.group)
+        self.rows_fetched += len(fetch)
+        where = torch.full((self._world_size,), -1, dtype=torch.long)
+        where[self._nodes] = torch.arange(len(self._nodes))
+        where[fetch] = len(self._nodes) + torch.arange(len(fetch))
+        source = where[mine].clamp(min=0)  # slots that read nothing point at row 0
+        return torch.cat([x, out.to(device)]), source
 
     def _sum(self, t: Tensor) -> Tensor:
         if self.group is not None:
@@ -160,10 +197,10 @@ class StackedCommunicator:
             kept = torch.rand(table.shape, generator=self._gen) >= self.drop_prob
             delivered &= kept
         # like a real rank, slots whose message did not arrive read as zeros
-        full = self._full(x)
-        received = GatheredReceived(
-            full, src[self._nodes].to(x.device), delivered[self._nodes].to(x.device),
-            lambda shape: self._scratch(shape, full))
+        rows, source = self._senders(x, src, delivered)
+        received = GatheredReceived(rows, source.to(x.device),
+                                    delivered[self._nodes].to(x.device),
+                                    lambda shape: self._scratch(shape, rows))
         nbytes = x.shape[1] * x.element_size()
         # every sender pays for each message it sends, delivered or not
         sends = torch.bincount(src[valid & self.alive.unsqueeze(1) & self.alive[src]],
