@@ -206,10 +206,11 @@ BLOCK = 1 << 18
 
 
 def _column_blocks(x: Tensor) -> list[slice]:
-    """Column slices of ``x`` [L, P]: blocks of :data:`BLOCK` on a real rank (L = 1); the whole
-    width in the simulator, where each op already streams all L rows."""
+    """Column slices of ``x`` [L, P]: blocks of :data:`BLOCK` on a real rank's CPU (L = 1); the
+    whole width in the simulator, where each op already streams all L rows, and on a GPU, where
+    more kernel launches would cost more than the cache saves."""
     width = x.shape[1]
-    if x.shape[0] != 1:
+    if x.shape[0] != 1 or x.device.type != "cpu":
         return [slice(0, width)]
     return [slice(c, min(width, c + BLOCK)) for c in range(0, width, BLOCK)]
 
