@@ -72,7 +72,7 @@ def row_var_mean(x: Tensor, *, block: int = 1 << 18) -> tuple[Tensor, Tensor]:
     squared deviation), in blocks of rows of about ``block`` elements: the deviations of a
     block stay in cache, which makes it several times faster than ``torch.var`` on a CPU (on a
     GPU, one block: each would be a few kernel launches)."""
-    rows = max(1, block // max(1, x.shape[1])) if x.device.type == "cpu" else x.shape[0]
+    rows = max(1, block // max(1, x.shape[1]) if x.device.type == "cpu" else x.shape[0])
     var = x.new_empty(x.shape[0])
     mean = x.new_empty(x.shape[0])
     for r0 in range(0, x.shape[0], rows):
