@@ -104,19 +104,34 @@ def build_parser(cls: type, *, prog: str | None = None, description: str | None 
     parser.add_argument("--config", metavar="FILE.toml", help="load fields from a TOML file "
                         "(flags on the command line override it)")
     types_ = field_types(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in exclude:
-            continue
-        base, _ = types_[f.name]
-        text = f.metadata.get("help", "")
-        if f.default is not None and f.default is not dataclasses.MISSING:
-            text += f" (default: {f.default})"
-        if base is bool:
-            parser.add_argument(field_flag(f.name), dest=f.name,
-                                action=argparse.BooleanOptionalAction, help=text)
-        else:
-            parser.add_argument(field_flag(f.name), dest=f.name, type=base,
-                                metavar=f.name.upper(), help=text)
+    # the class's own fields first; each dataclass base's fields after them, in a group titled
+    # by the first line of the base's docstring
+    sections: list[tuple[type, list[dataclasses.Field[Any]]]] = []
+    seen: set[str] = set()
+    for owner in cls.__mro__:
+        declared = vars(owner).get("__annotations__", {})
+        own = [f for f in dataclasses.fields(cls) if f.name in declared and f.name not in seen]
+        seen.update(f.name for f in own)
+        if own:
+            sections.append((owner, own))
+    for owner, fields in sections:
+        target: Any = parser
+        if owner is not cls:
+            title = (owner.__doc__ or owner.__name__).strip().splitlines()[0]
+            target = parser.add_argument_group(title)
+        for f in fields:
+            if f.name in exclude:
+                continue
+            base, _ = types_[f.name]
+            text = f.metadata.get("help", "")
+            if f.default is not None and f.default is not dataclasses.MISSING:
+                text += f" (default: {f.default})"
+            if base is bool:
+                target.add_argument(field_flag(f.name), dest=f.name,
+                                    action=argparse.BooleanOptionalAction, help=text)
+            else:
+                target.add_argument(field_flag(f.name), dest=f.name, type=base,
+                                    metavar=f.name.upper(), help=text)
     return parser
 
 

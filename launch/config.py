@@ -43,6 +43,7 @@ __all__ = [
     "ALGO_FIELDS",
     "NOT_FLAGS",
     "OPTIMIZERS",
+    "AlgorithmOptions",
     "TrainConfig",
     "applicable_fields",
     "build_parser",
@@ -79,7 +80,41 @@ _TOPOLOGY_ARGS = {
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class AlgorithmOptions:
+    """algorithm options (None = the algorithm's default)
+
+    Each maps to the field of the same name of the algorithm's config; a field the chosen
+    algorithm does not use must stay None.
+    """
+
+    outer_lr: float | None = field(default=None, metadata=help_text("diloco: outer SGD lr"))
+    outer_momentum: float | None = field(default=None, metadata=help_text(
+        "diloco: outer SGD momentum"))
+    nesterov: bool | None = field(default=None, metadata=help_text("diloco: Nesterov outer SGD"))
+    alpha: float | None = field(default=None, metadata=help_text("noloco: outer momentum"))
+    beta: float | None = field(default=None, metadata=help_text("noloco: outer lr"))
+    gamma: float | None = field(default=None, metadata=help_text("noloco: pull to the group's phi"))
+    group_size: int | None = field(default=None, metadata=help_text(
+        "noloco: nodes per group (must divide the number of nodes)"))
+    client_fraction: float | None = field(default=None, metadata=help_text(
+        "fedavg: fraction of the nodes (ranks) sampled per round"))
+    self_weight: float | None = field(default=None, metadata=help_text(
+        "gossip, gossip-vc: self weight beta of the merge"))
+    vc_eps: float | None = field(default=None, metadata=help_text(
+        "gossip-vc: variance ratio guard"))
+    vc_ratio: float | None = field(default=None, metadata=help_text(
+        "gossip-vc: partial correction (1 = full)"))
+    vc_scope: str | None = field(default=None, metadata=help_text(
+        "gossip-vc: tensors rescaled: weights | all | none | re:REGEX (default: weights)"))
+    topology: str | None = field(default=None, metadata=help_text(
+        "dpsgd, gossip, gossip-vc: NAME[:ARGS], e.g. ring, random-regular:4, exponential "
+        "(default: ring under torchrun; in the simulator random-regular:8, ring below 9 nodes)"))
+    topology_weights: str | None = field(default=None, metadata=help_text(
+        "dpsgd: mixing weights of static graphs: metropolis | uniform (default: metropolis)"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(AlgorithmOptions):
     """Everything one training run needs. None = the algorithm's or task's default."""
 
     # run
@@ -104,29 +139,6 @@ class TrainConfig:
     # algorithm (each maps to the field of the same name of the algorithm's config)
     sync_every: int | None = field(default=None, metadata=help_text(
         "inner steps between syncs (H)"))
-    outer_lr: float | None = field(default=None, metadata=help_text("diloco: outer SGD lr"))
-    outer_momentum: float | None = field(default=None, metadata=help_text(
-        "diloco: outer SGD momentum"))
-    nesterov: bool | None = field(default=None, metadata=help_text("diloco: Nesterov outer SGD"))
-    alpha: float | None = field(default=None, metadata=help_text("noloco: outer momentum"))
-    beta: float | None = field(default=None, metadata=help_text("noloco: outer lr"))
-    gamma: float | None = field(default=None, metadata=help_text("noloco: pull to the group's phi"))
-    group_size: int | None = field(default=None, metadata=help_text("noloco: nodes per group"))
-    client_fraction: float | None = field(default=None, metadata=help_text(
-        "fedavg: fraction of ranks sampled per round"))
-    self_weight: float | None = field(default=None, metadata=help_text(
-        "gossip, gossip-vc: self weight beta of the merge"))
-    vc_eps: float | None = field(default=None, metadata=help_text(
-        "gossip-vc: variance ratio guard"))
-    vc_ratio: float | None = field(default=None, metadata=help_text(
-        "gossip-vc: partial correction (1 = full)"))
-    vc_scope: str | None = field(default=None, metadata=help_text(
-        "gossip-vc: tensors rescaled: weights | all | none | re:REGEX (default: weights)"))
-    topology: str | None = field(default=None, metadata=help_text(
-        "dpsgd, gossip, gossip-vc: NAME[:ARGS], e.g. ring, random-regular:4, exponential "
-        "(default: ring)"))
-    topology_weights: str | None = field(default=None, metadata=help_text(
-        "dpsgd: mixing weights of static graphs: metropolis | uniform (default: metropolis)"))
     # runtime
     backend: str = field(default="auto", metadata=help_text(
         "auto | nccl | gloo (auto: nccl when CUDA is available)"))

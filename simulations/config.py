@@ -40,6 +40,7 @@ from gossip.configs import bad, check_positive, check_types, field_flag, help_te
 from gossip.data import partition as _partition
 from gossip.tasks import TASK_NAMES
 from launch import config as launch_config
+from launch.config import AlgorithmOptions
 from simulations.network import ALLREDUCE_ALGOS
 
 __all__ = [
@@ -64,7 +65,7 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimConfig:
+class SimConfig(AlgorithmOptions):
     """One simulated run. None = the algorithm's or task's default (see :meth:`resolved`)."""
 
     # run
@@ -100,30 +101,6 @@ class SimConfig:
         "clip each node's gradient norm to this value (default: off)"))
     train_impl: str = field(default="auto", metadata=help_text(
         "auto | matmul (MLPs of Linear/ReLU/Tanh) | vmap | loop (per-node; BatchNorm)"))
-    # algorithm (each maps to the field of the same name of the algorithm's config)
-    outer_lr: float | None = field(default=None, metadata=help_text("diloco: outer SGD lr"))
-    outer_momentum: float | None = field(default=None, metadata=help_text(
-        "diloco: outer SGD momentum"))
-    nesterov: bool | None = field(default=None, metadata=help_text("diloco: Nesterov outer SGD"))
-    alpha: float | None = field(default=None, metadata=help_text("noloco: outer momentum"))
-    beta: float | None = field(default=None, metadata=help_text("noloco: outer lr"))
-    gamma: float | None = field(default=None, metadata=help_text("noloco: pull to the group's phi"))
-    group_size: int | None = field(default=None, metadata=help_text(
-        "noloco: nodes per group (must divide nodes)"))
-    client_fraction: float | None = field(default=None, metadata=help_text(
-        "fedavg: fraction of nodes sampled per round"))
-    self_weight: float | None = field(default=None, metadata=help_text(
-        "gossip, gossip-vc: self weight beta of the merge"))
-    vc_eps: float | None = field(default=None, metadata=help_text(
-        "gossip-vc: variance ratio guard"))
-    vc_ratio: float | None = field(default=None, metadata=help_text(
-        "gossip-vc: partial correction (1 = full)"))
-    vc_scope: str | None = field(default=None, metadata=help_text(
-        "gossip-vc: tensors rescaled: weights | all | none | re:REGEX (default: weights)"))
-    topology: str | None = field(default=None, metadata=help_text(
-        "dpsgd, gossip, gossip-vc: NAME[:ARGS] (default: random-regular:8, ring when nodes < 9)"))
-    topology_weights: str | None = field(default=None, metadata=help_text(
-        "dpsgd: mixing weights of static graphs: metropolis | uniform (default: metropolis)"))
     # network / time model
     latency: float = field(default=0.05, metadata=help_text("per-message latency alpha, seconds"))
     bandwidth: float = field(default=12.5e6, metadata=help_text(
