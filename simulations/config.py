@@ -109,7 +109,9 @@ class SimConfig(AlgorithmOptions):
         "sigma of mean-one log-normal noise on message and compute times (0 = none)"))
     compute_time: float = field(default=0.01, metadata=help_text("seconds per inner step per node"))
     allreduce: str = field(default="ring", metadata=help_text(
-        "all-reduce time model: ring | halving-doubling"))
+        "all-reduce time model (fedavg, diloco): ring | halving-doubling | star (client-server)"))
+    server_bandwidth: float | None = field(default=None, metadata=help_text(
+        "allreduce=star: the server's link, bytes/s (default: bandwidth)"))
     straggler_fraction: float = field(default=0.0, metadata=help_text(
         "fraction of nodes that are slow in each round (redrawn every round)"))
     straggler_slowdown: float = field(default=4.0, metadata=help_text(
@@ -174,6 +176,9 @@ class SimConfig(AlgorithmOptions):
             if not getattr(self, name) >= 0:
                 bad(name, getattr(self, name), "a number >= 0")
         check_positive("bandwidth", self.bandwidth)
+        check_positive("server_bandwidth", self.server_bandwidth)
+        if self.server_bandwidth is not None and self.allreduce != "star":
+            bad("server_bandwidth", self.server_bandwidth, "None unless allreduce='star'")
         if self.allreduce not in ALLREDUCE_ALGOS:
             bad("allreduce", self.allreduce, f"one of {list(ALLREDUCE_ALGOS)}")
         for name in ("straggler_fraction", "churn_fraction"):

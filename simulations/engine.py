@@ -145,7 +145,8 @@ class Simulation:
             straggler_slowdown=cfg.straggler_slowdown, drop_prob=cfg.drop_prob)
         self.clock = SimClock(NetworkModel(
             latency=cfg.latency, bandwidth=cfg.bandwidth, jitter=cfg.jitter,
-            compute_time=cfg.compute_time, allreduce=cfg.allreduce, seed=cfg.seed), n)
+            compute_time=cfg.compute_time, allreduce=cfg.allreduce,
+            server_bandwidth=cfg.server_bandwidth, seed=cfg.seed), n)
         k = cfg.eval_samples or data.num_test
         self.x_test = data.x_test[:k].to(self.device)
         self.y_test = data.y_test[:k].to(self.device)

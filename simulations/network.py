@@ -11,7 +11,10 @@ Every node i has a clock ``t[i]`` (seconds). A round advances it in two phases:
      ``2 (P - 1) (latency + bytes / (P * bandwidth))`` for P participants, or with
      ``allreduce="halving-doubling"`` (Rabenseifner: reduce-scatter and all-gather by recursive
      halving/doubling, what MPI and Gloo use for small messages)
-     ``2 ceil(log2 P) latency + 2 (P - 1) / P * bytes / bandwidth``; times one jitter draw.
+     ``2 ceil(log2 P) latency + 2 (P - 1) / P * bytes / bandwidth``, or with ``allreduce="star"``
+     (client-server, FedAvg as deployed: every participant uploads its model to one server,
+     which sends the average back over its own link of ``server_bandwidth``)
+     ``2 latency + 2 max(P bytes / server_bandwidth, bytes / bandwidth)``; times one jitter draw.
      Every participant's clock becomes the finish time.
    - ``exchange`` (gossip, NoLoCo): a node waits only for its own messages. Sender j, with
      ``out_j`` messages to send, shares its uplink fairly among them, so all of them leave by
@@ -40,7 +43,7 @@ from gossip.comm.stacked import CommEvent
 __all__ = ["ALLREDUCE_ALGOS", "NetworkModel", "SimClock", "allreduce_seconds",
            "ring_allreduce_seconds"]
 
-ALLREDUCE_ALGOS = ("ring", "halving-doubling")
+ALLREDUCE_ALGOS = ("ring", "halving-doubling", "star")
 
 _COMPUTE, _MESSAGE, _COLLECTIVE = 0xC0, 0x3E, 0xA1
 
@@ -54,7 +57,8 @@ class NetworkModel:
         bandwidth: bytes/s of every node's uplink and downlink (1/beta).
         jitter: sigma of the mean-one log-normal noise on message and compute times.
         compute_time: seconds per inner step of one node.
-        allreduce: ``ring`` or ``halving-doubling``.
+        allreduce: ``ring``, ``halving-doubling`` or ``star`` (client-server).
+        server_bandwidth: bytes/s of the server's link with ``star`` (None: ``bandwidth``).
         seed: seeds the jitter.
     """
 
@@ -63,6 +67,7 @@ class NetworkModel:
     jitter: float = 0.0
     compute_time: float = 0.01
     allreduce: str = "ring"
+    server_bandwidth: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +76,8 @@ class NetworkModel:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if not self.bandwidth > 0:
             raise ValueError(f"bandwidth must be > 0, got {self.bandwidth!r}")
+        if self.server_bandwidth is not None and not self.server_bandwidth > 0:
+            raise ValueError(f"server_bandwidth must be > 0, got {self.server_bandwidth!r}")
         if self.allreduce not in ALLREDUCE_ALGOS:
             raise ValueError(f"allreduce must be one of {list(ALLREDUCE_ALGOS)}, got "
                              f"{self.allreduce!r}")
@@ -93,9 +100,15 @@ def ring_allreduce_seconds(participants: int, nbytes: float, latency: float,
 
 
 def allreduce_seconds(algo: str, participants: int, nbytes: float, latency: float,
-                      bandwidth: float) -> float:
-    """All-reduce time of ``algo`` (``ring`` or ``halving-doubling``); 0 for P <= 1."""
+                      bandwidth: float, server_bandwidth: float | None = None) -> float:
+    """All-reduce time of ``algo`` (``ring``, ``halving-doubling`` or ``star``); 0 for P <= 1
+    (a star with one client still makes the round trip to the server)."""
     p = participants
+    if algo == "star":
+        if p < 1:
+            return 0.0
+        server = bandwidth if server_bandwidth is None else server_bandwidth
+        return 2 * latency + 2 * max(p * nbytes / server, nbytes / bandwidth)
     if p <= 1:
         return 0.0
     if algo == "ring":
@@ -133,7 +146,8 @@ class SimClock:
             if not part.any():
                 return
             count = int(part.sum())
-            dur = allreduce_seconds(m.allreduce, count, event.nbytes, m.latency, m.bandwidth)
+            dur = allreduce_seconds(m.allreduce, count, event.nbytes, m.latency, m.bandwidth,
+                                    m.server_bandwidth)
             dur *= float(m.noise((1,), _COLLECTIVE, r, k)[0])
             self.t[part] = self.t[part].max() + dur
             return

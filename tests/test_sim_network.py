@@ -40,6 +40,32 @@ def test_ring_allreduce_formula() -> None:
         allreduce_seconds("tree", 8, 1.0, 0.1, 1.0)
 
 
+def test_star_allreduce_formula() -> None:
+    # 4 clients upload 1 MB each through a 1 MB/s server link, then it sends 4 MB back
+    assert allreduce_seconds("star", 4, 1e6, 0.1, 1e6) == pytest.approx(2 * 0.1 + 2 * 4.0)
+    # a server 10x faster than a client: the clients' own links bound it
+    assert allreduce_seconds("star", 4, 1e6, 0.1, 1e6, 1e7) == pytest.approx(2 * 0.1 + 2 * 1.0)
+    assert allreduce_seconds("star", 1, 1e6, 0.1, 1e6) == pytest.approx(2 * 0.1 + 2 * 1.0)
+    assert allreduce_seconds("star", 0, 1e6, 0.1, 1e6) == 0.0
+    with pytest.raises(ValueError, match="server_bandwidth"):
+        NetworkModel(allreduce="star", server_bandwidth=0.0)
+
+
+def test_fedavg_round_with_a_server_takes_compute_plus_the_star() -> None:
+    from simulations.config import SimConfig
+    from simulations.engine import Simulation
+
+    cfg = SimConfig(algo="fedavg", nodes=6, rounds=1, local_steps=2, partition="iid",
+                    allreduce="star", server_bandwidth=2e6, latency=0.01, compute_time=0.5)
+    sim = Simulation(cfg)
+    rec = sim.run_round(0)
+    nbytes = sim.model.flat.nbytes_per_row
+    expected = 2 * 0.5 + 2 * 0.01 + 2 * max(6 * nbytes / 2e6, nbytes / cfg.bandwidth)
+    assert rec["sim_seconds"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match="server_bandwidth"):
+        SimConfig(server_bandwidth=1e6)  # only with allreduce='star'
+
+
 def test_synchronous_round_waits_for_the_slowest_node() -> None:
     clock = SimClock(NetworkModel(latency=0.1, bandwidth=1e6, compute_time=1.0), 4)
     clock.compute(0, torch.tensor([2, 2, 2, 2]), torch.tensor([1.0, 1.0, 3.0, 1.0]))
