@@ -1,4 +1,5 @@
-"""Run a function on W real processes joined by a Gloo group (FileStore: no ports, xdist-safe).
+"""Run a function on W real processes joined by a Gloo (or NCCL) group (FileStore: no ports,
+xdist-safe).
 
 ``run_ranks(fn, world_size, *args)`` calls ``fn(comm, *args)`` in every rank, where ``comm`` is a
 :class:`gossip.comm.TorchCommunicator` over the world group, and returns the ranks' return values
@@ -23,13 +24,15 @@ import torch.multiprocessing as mp
 
 
 def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple,
-            results: Any, comm_timeout: float) -> None:
+            results: Any, comm_timeout: float, backend: str) -> None:
     from gossip.comm import TorchCommunicator
 
     torch.set_num_threads(1)
     try:
         store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=comm_timeout))
         comm = TorchCommunicator(timeout=comm_timeout)
         out = fn(comm, *args)
@@ -54,13 +57,14 @@ def _store_barrier(store: dist.Store, world_size: int, timeout: float = 60.0) ->
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
-              comm_timeout: float = 60.0) -> list[Any]:
+              comm_timeout: float = 60.0, backend: str = "gloo") -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory() as tmp:
         store_path = os.path.join(tmp, "store")
         procs = [ctx.Process(target=_worker, daemon=True,
-                             args=(r, world_size, store_path, fn, args, results, comm_timeout))
+                             args=(r, world_size, store_path, fn, args, results, comm_timeout,
+                                   backend))
                  for r in range(world_size)]
         for p in procs:
             p.start()

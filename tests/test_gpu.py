@@ -1,0 +1,66 @@
+"""GPU paths, against the CPU results: skipped without CUDA (this project's CI has none).
+
+A lent one-GPU machine runs them (see DESIGN.md section 6 for what one GPU allows): NCCL at world
+size 1 only (NCCL refuses two ranks on one GPU), CUDA tensors over Gloo at world size 2 (Gloo's
+point-to-point of CUDA tensors is staged through pinned CPU buffers), and the simulator with
+``device="cuda"`` against the same run on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gossip.comm import TorchCommunicator
+from simulations.config import SimConfig
+from simulations.engine import Simulation
+from tests.distributed import run_ranks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _nccl_rank(comm: TorchCommunicator) -> dict:
+    assert comm.backend == "nccl"
+    x = torch.arange(12, dtype=torch.float32, device="cuda").view(1, 12)
+    comm.all_reduce_mean_(x)  # one rank: the mean is itself
+    weighted = torch.ones(1, 5, device="cuda")
+    comm.all_reduce_mean_(weighted, torch.tensor([3.0], dtype=torch.float64))
+    return {"mean": x.cpu(), "weighted": weighted.cpu()}
+
+
+def test_nccl_at_world_size_one():
+    [out] = run_ranks(_nccl_rank, 1, backend="nccl")
+    assert torch.equal(out["mean"], torch.arange(12, dtype=torch.float32).view(1, 12))
+    assert torch.equal(out["weighted"], torch.ones(1, 5))
+
+
+def _gloo_cuda_rank(comm: TorchCommunicator) -> dict:
+    me = comm.rank
+    x = torch.full((1, 7), float(me + 1), device="cuda")
+    comm.all_reduce_mean_(x)
+    mine = torch.arange(9, dtype=torch.float32, device="cuda").view(1, 9) + 100 * me
+    received, arrived = comm.exchange(mine, torch.tensor([[1], [0]]))
+    assert received.is_cuda  # handed back on the caller's device
+    return {"mean": x.cpu(), "received": received.cpu(), "arrived": arrived.cpu()}
+
+
+def test_cuda_tensors_over_gloo_are_staged():
+    outs = run_ranks(_gloo_cuda_rank, 2)
+    for me, out in enumerate(outs):
+        assert torch.equal(out["mean"], torch.full((1, 7), 1.5))
+        other = torch.arange(9, dtype=torch.float32) + 100 * (1 - me)
+        assert torch.equal(out["received"][0, 0], other)
+        assert bool(out["arrived"].all())
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "diloco", "noloco", "gossip-vc"])
+def test_simulator_on_cuda_matches_cpu(algo):
+    base = {"algo": algo, "nodes": 8, "rounds": 3, "batch_size": 8, "partition": "dirichlet:0.5",
+            "seed": 1, "local_steps": 3}
+    runs = {}
+    for device in ("cpu", "cuda"):
+        sim = Simulation(SimConfig(**base, device=device))
+        for r in range(3):
+            sim.run_round(r)
+        runs[device] = sim.flat_params().cpu()
+    torch.testing.assert_close(runs["cuda"], runs["cpu"], rtol=1e-4, atol=1e-5)
