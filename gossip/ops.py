@@ -49,8 +49,8 @@ def mix(x: Tensor, received: Tensor | Callable[[int], Tensor], self_weight: Tens
 
     The weight of a peer whose model did not arrive goes to self, so rows stay stochastic.
     Shapes: x [L, P], self_weight [L], weights/mask [L, K]; ``received`` is [L, K, P] or a
-    function giving slot k as [L, P] (read once per slot, in order). ``out`` (not ``x``)
-    receives the result without model-sized temporaries.
+    function giving slot k as [L, P] (read once per slot, in order). ``out`` receives the
+    result without model-sized temporaries; it may be ``x`` itself when no slot reads ``x``.
     """
     w = torch.where(mask, weights, torch.zeros_like(weights)).to(x.dtype)
     lost = (weights.to(x.dtype) - w).sum(dim=-1)

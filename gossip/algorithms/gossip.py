@@ -126,15 +126,20 @@ class Gossip:
                     k = arrived.sum(dim=-1, keepdim=True)  # [L, 1]
                     w_peers = arrived * ((1 - cfg.self_weight) / k.clamp(min=1))
                     w_self = torch.where(k[:, 0] > 0, cfg.self_weight, 1.0)
-                merged = mix(x, received.slot, w_self.to(x.device), w_peers.to(x.device),
-                             arrived, out=self._scratch(x))
+                received_var = None
                 if cfg.variance_correction:  # implies merge == "beta" (checked by the config)
                     received_var = received.sender_stats(
                         partial(segment_variances, segments=vc_segments(group.segments)))
-                    variance_correct_(merged, received_var, arrived, group.segments,
-                                      eps=cfg.vc_eps, ratio=cfg.vc_ratio)
+                # merge in place unless the slots are read from x itself (one stacked shard)
+                in_place = not received.reads(x)
                 with frozen_rows([x], active):
-                    x.copy_(merged)
+                    merged = mix(x, received.slot, w_self.to(x.device), w_peers.to(x.device),
+                                 arrived, out=x if in_place else self._scratch(x))
+                    if received_var is not None:
+                        variance_correct_(merged, received_var, arrived, group.segments,
+                                          eps=cfg.vc_eps, ratio=cfg.vc_ratio)
+                    if not in_place:
+                        x.copy_(merged)
         self.merges += 1
         return stats
 

@@ -95,6 +95,15 @@ class Received:
         """Every slot at once, [L, K, P]."""
         raise NotImplementedError
 
+    def reads(self, x: Tensor) -> bool:
+        """Whether reading a slot reads ``x``'s memory (then ``x`` must not be written before
+        the last read)."""
+        raise NotImplementedError
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
 
 class DenseReceived(Received):
     """Slots held in one tensor ``received`` [L, K, P] (what a real rank receives into)."""
@@ -114,6 +123,9 @@ class DenseReceived(Received):
 
     def dense(self) -> Tensor:
         return self.received
+
+    def reads(self, x: Tensor) -> bool:
+        return _same_memory(self.received, x)
 
 
 class GatheredReceived(Received):
@@ -154,6 +166,9 @@ class GatheredReceived(Received):
 
     def dense(self) -> Tensor:
         return self._gather(self.source, self.arrived).view(*self.source.shape, -1)
+
+    def reads(self, x: Tensor) -> bool:
+        return _same_memory(self.full, x)
 
 
 @runtime_checkable
