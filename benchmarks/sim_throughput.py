@@ -13,11 +13,13 @@ FedAvg over every client each round, Dirichlet(0.5) label skew over N clients.
     clients' ``state_dict``\\ s. The same shards, the same number of steps per client and
     round, the same initial model.
 
-Both run in this process with the same ``torch.set_num_threads`` and take turns, repeat by
-repeat (``--repeats``; each repeat times ``--rounds`` rounds after a warm-up round), so machine
-noise hits them alike; medians are reported, in wall-clock seconds and in CPU seconds of this
-process (the CPU figure is steadier on a loaded machine). A client-step is one local SGD step
-of one client; both sides do exactly ``sum_i ceil(n_i / 16)`` of them per round.
+Both run in this process with the same ``torch.set_num_threads`` (``--threads``; the loop's
+turns may use another count, ``--loop-threads``: say, its best against the simulator's best) and
+take turns, repeat by repeat (``--repeats``; each repeat times ``--rounds`` rounds after a
+warm-up round), so machine noise hits them alike; medians are reported, in wall-clock seconds
+and in CPU seconds of this process (the CPU figure is steadier on a loaded machine). A
+client-step is one local SGD step of one client; both sides do exactly ``sum_i ceil(n_i / 16)``
+of them per round.
 
 Memory (``--memory``): a child process per N (and per algorithm of ``--memory-algos``: the
 FedAvg workload, and gossip-VC merging over a random 8-regular graph) builds the simulation and
@@ -184,7 +186,8 @@ def check_same_math(task: Task, nodes: int, device: torch.device, seed: int) -> 
 
 
 def throughput(task: Task, nodes: int, *, rounds: int, repeats: int, device: torch.device,
-               threads: int, seed: int, fused: bool = True) -> dict[str, Any]:
+               threads: int, seed: int, fused: bool = True,
+               loop_threads: int | None = None) -> dict[str, Any]:
     cfg = sim_config(nodes, samples=task.data.num_train, device=device.type, threads=threads,
                      seed=seed)
     sim = Simulation(cfg, task=task)
@@ -199,12 +202,15 @@ def throughput(task: Task, nodes: int, *, rounds: int, repeats: int, device: tor
         r_sim += 1
 
     sides: dict[str, Callable[[], None]] = {"sim": run_sim, "loop": loop.run_round}
-    for fn in sides.values():  # warm-up (lazy allocations, first epoch permutations)
+    side_threads = {"sim": threads, "loop": threads if loop_threads is None else loop_threads}
+    for name, fn in sides.items():  # warm-up (lazy allocations, first epoch permutations)
+        torch.set_num_threads(side_threads[name])
         fn()
     wall: dict[str, list[float]] = {k: [] for k in sides}
     cpu: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(repeats):
         for name, fn in sides.items():
+            torch.set_num_threads(side_threads[name])
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(rounds):
@@ -216,7 +222,8 @@ def throughput(task: Task, nodes: int, *, rounds: int, repeats: int, device: tor
     rec: dict[str, Any] = {
         "bench": "throughput", "nodes": nodes, "partition": cfg.partition,
         "client_steps_per_round": client_steps, "sim_steps_per_round": sim.steps_per_round,
-        "rounds_timed": rounds, "repeats": repeats, "threads": torch.get_num_threads(),
+        "rounds_timed": rounds, "repeats": repeats, "threads": side_threads["sim"],
+        "loop_threads": side_threads["loop"],
         "device": str(device), "train_impl": sim.model.impl,
         "fused_sgd": uses_fused(sim),
     }
@@ -369,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--big-rounds", type=int, default=1, help="timed rounds per repeat, big N")
     p.add_argument("--repeats", type=int, default=5, help="repeats per side (median)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    p.add_argument("--loop-threads", type=int, default=None,
+                   help="torch threads for the loop's turns only (default: --threads)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
@@ -416,10 +425,12 @@ def main(argv: list[str] | None = None) -> int:
                         device=device))
     for n in nodes:
         emit(throughput(task, n, rounds=args.rounds, repeats=args.repeats, device=device,
-                        threads=args.threads, seed=args.seed, fused=args.fused))
+                        threads=args.threads, seed=args.seed, fused=args.fused,
+                        loop_threads=args.loop_threads))
     for n in big:
         emit(throughput(task, n, rounds=args.big_rounds, repeats=max(1, args.repeats // 2),
-                        device=device, threads=args.threads, seed=args.seed, fused=args.fused))
+                        device=device, threads=args.threads, seed=args.seed, fused=args.fused,
+                        loop_threads=args.loop_threads))
     if args.memory:
         for algo in args.memory_algos.split(","):
             for n in nodes + big:
