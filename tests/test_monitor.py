@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from gossip.comm.monitor import _PREFIX, PeerMonitor
 
-INTERVAL, DEAD_AFTER = 0.05, 0.4
+#: short enough for a quick test, long enough that a busy CI machine (2 cores, other tests
+#: beside this one) does not stall a live monitor's thread past ``DEAD_AFTER``
+INTERVAL, DEAD_AFTER = 0.1, 2.0
 
 
 class CountingStore(dist.Store):
@@ -73,9 +75,12 @@ def test_silent_rank_is_found_dead_and_reports_spread():
     try:
         time.sleep(3 * INTERVAL)
         assert all(m.dead() == frozenset() for m in mons)
+        closed = time.monotonic()
         mons[2].close()  # rank 2 stops beating
-        waited = _wait_until(lambda: all(2 in m.dead() for i, m in enumerate(mons) if i != 2))
-        assert waited < DEAD_AFTER + 10 * INTERVAL + 1.0
+        _wait_until(lambda: all(2 in m.dead() for i, m in enumerate(mons) if i != 2),
+                    timeout=DEAD_AFTER + 10.0)
+        # not before its heartbeats went stale (its last beat was at most one interval earlier)
+        assert time.monotonic() - closed >= DEAD_AFTER - 2 * INTERVAL
         assert mons[0].dead() == mons[1].dead() == mons[3].dead() == frozenset({2})
         # a reported failure reaches the others without waiting for dead_after
         mons[0].report_dead(3, step=17)
