@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 __all__ = [
+    "FileConfig",
     "bad",
     "build_parser",
     "check_positive",
@@ -33,6 +34,18 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+
+class FileConfig:
+    """Mixin of a frozen config dataclass: :meth:`to_dict` and :meth:`from_toml`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_toml(cls: type[T], path: str | Path, **overrides: Any) -> T:
+        """Load a TOML file (keys = field names, ``-`` or ``_``); ``overrides`` win."""
+        return cls(**{**load_toml(cls, path), **overrides})
 
 
 def help_text(text: str) -> dict[str, str]:

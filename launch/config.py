@@ -27,14 +27,20 @@ import argparse
 import dataclasses
 from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gossip import configs
 from gossip.algorithms import ALGORITHMS, make_config, needs_topology
-from gossip.configs import bad, check_positive, check_types, field_flag, help_text
+from gossip.configs import (
+    FileConfig,
+    bad,
+    check_positive,
+    check_types,
+    field_flag,
+    help_text,
+)
 from gossip.data import partition as _partition
 from gossip.flat import scope_from_spec
 from gossip.tasks import TASK_NAMES
@@ -48,10 +54,10 @@ __all__ = [
     "applicable_fields",
     "build_parser",
     "check_algorithm_fields",
+    "check_run_fields",
     "check_topology",
     "field_flag",
     "from_args",
-    "load_toml",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -114,7 +120,7 @@ class AlgorithmOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig(AlgorithmOptions):
+class TrainConfig(AlgorithmOptions, FileConfig):
     """Everything one training run needs. None = the algorithm's or task's default."""
 
     # run
@@ -161,23 +167,11 @@ class TrainConfig(AlgorithmOptions):
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.algo not in ALGORITHMS:
-            bad("algo", self.algo, f"one of {sorted(ALGORITHMS)}")
-        if self.task not in TASK_NAMES:
-            bad("task", self.task, f"one of {list(TASK_NAMES)}")
+        check_run_fields(self)
         check_positive("steps", self.steps)
-        if self.seed < 0:
-            bad("seed", self.seed, "an integer >= 0")
         if not self.out:
             bad("out", self.out, "a non-empty path")
         _check_partition(self.partition)
-        check_positive("batch_size", self.batch_size)
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            bad("optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
-        check_positive("lr", self.lr)
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            bad("weight_decay", self.weight_decay, "a number >= 0")
-        check_positive("grad_clip", self.grad_clip)
         if self.backend not in BACKENDS:
             bad("backend", self.backend, f"one of {list(BACKENDS)}")
         if self.device not in DEVICES:
@@ -231,13 +225,6 @@ class TrainConfig(AlgorithmOptions):
             vc_scope=(self.vc_scope or "weights") if "vc_scope" in fields else None,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """Load a TOML file (keys = field names, ``-`` or ``_``); ``overrides`` win."""
-        return cls(**{**load_toml(path), **overrides})
 
 
 # ----------------------------------------------------------------------------- fields
@@ -273,6 +260,24 @@ def applicable_fields(algo: str) -> set[str]:
         else:
             names -= {"vc_eps", "vc_ratio"}
     return names
+
+
+def check_run_fields(cfg: Any) -> None:
+    """The checks TrainConfig and SimConfig share: algo, task, seed, batch size and the inner
+    optimizer. Raises ValueError naming the field and its value."""
+    if cfg.algo not in ALGORITHMS:
+        bad("algo", cfg.algo, f"one of {sorted(ALGORITHMS)}")
+    if cfg.task not in TASK_NAMES:
+        bad("task", cfg.task, f"one of {list(TASK_NAMES)}")
+    if cfg.seed < 0:
+        bad("seed", cfg.seed, "an integer >= 0")
+    check_positive("batch_size", cfg.batch_size)
+    if cfg.optimizer is not None and cfg.optimizer not in OPTIMIZERS:
+        bad("optimizer", cfg.optimizer, f"one of {list(OPTIMIZERS)}")
+    check_positive("lr", cfg.lr)
+    if cfg.weight_decay is not None and not cfg.weight_decay >= 0:
+        bad("weight_decay", cfg.weight_decay, "a number >= 0")
+    check_positive("grad_clip", cfg.grad_clip)
 
 
 def check_algorithm_fields(cfg: Any, allowed: Set[str], algo_fields: Set[str]) -> None:
@@ -332,10 +337,6 @@ def build_parser(prog: str = "python -m launch.train") -> argparse.ArgumentParse
     return configs.build_parser(
         TrainConfig, prog=prog, description="Decentralized training (run under torchrun).")
 
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML file of TrainConfig fields; unknown keys raise ValueError naming them."""
-    return configs.load_toml(TrainConfig, path)
 
 
 def from_args(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -29,14 +29,20 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gossip import configs
 from gossip.algorithms import ALGORITHMS, make_config
-from gossip.configs import bad, check_positive, check_types, field_flag, help_text
+from gossip.configs import (
+    FileConfig,
+    bad,
+    check_positive,
+    check_types,
+    field_flag,
+    help_text,
+)
 from gossip.data import partition as _partition
 from gossip.tasks import TASK_NAMES
 from launch import config as launch_config
@@ -51,7 +57,6 @@ __all__ = [
     "build_parser",
     "field_flag",
     "from_args",
-    "load_toml",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -65,7 +70,7 @@ DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimConfig(AlgorithmOptions):
+class SimConfig(AlgorithmOptions, FileConfig):
     """One simulated run. None = the algorithm's or task's default (see :meth:`resolved`)."""
 
     # run
@@ -146,30 +151,19 @@ class SimConfig(AlgorithmOptions):
 
     def __post_init__(self) -> None:
         check_types(self)
-        if self.algo not in ALGORITHMS:
-            bad("algo", self.algo, f"one of {sorted(ALGORITHMS)}")
-        if self.task not in TASK_NAMES:
-            bad("task", self.task, f"one of {list(TASK_NAMES)}")
+        launch_config.check_run_fields(self)
         _at_least("nodes", self.nodes, 2)
         _at_least("rounds", self.rounds, 1)
-        _at_least("seed", self.seed, 0)
         _check_partition(self.partition)
-        _at_least("batch_size", self.batch_size, 1)
         _at_least("shard_size", self.shard_size, 1)
         if self.shard_size is not None and not self.partition.startswith("sample:"):
             bad("shard_size", self.shard_size, "None unless partition is 'sample:...'")
         _at_least("local_steps", self.local_steps, 1)
         _at_least("local_epochs", self.local_epochs, 1)
-        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
-            bad("optimizer", self.optimizer, f"one of {list(OPTIMIZERS)}")
-        check_positive("lr", self.lr)
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", self.momentum, "a number in [0, 1)")
         if self.momentum and self.optimizer not in (None, "sgd"):
             bad("momentum", self.momentum, f"0 with optimizer={self.optimizer!r} (sgd only)")
-        if self.weight_decay is not None and not self.weight_decay >= 0:
-            bad("weight_decay", self.weight_decay, "a number >= 0")
-        check_positive("grad_clip", self.grad_clip)
         if self.train_impl not in TRAIN_IMPLS:
             bad("train_impl", self.train_impl, f"one of {list(TRAIN_IMPLS)}")
         for name in ("latency", "compute_time", "jitter"):
@@ -242,13 +236,6 @@ class SimConfig(AlgorithmOptions):
             crash_round=self.rounds // 2 if self.crash_round is None else self.crash_round,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> SimConfig:
-        """Load a TOML file (keys = field names, ``-`` or ``_``); ``overrides`` win."""
-        return cls(**{**load_toml(path), **overrides})
 
 
 # ----------------------------------------------------------------------------- fields
@@ -296,10 +283,6 @@ def build_parser(prog: str = "python -m simulations.run") -> argparse.ArgumentPa
     return configs.build_parser(
         SimConfig, prog=prog, description="Simulate decentralized training on many virtual nodes.")
 
-
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML file of SimConfig fields; unknown keys raise ValueError naming them."""
-    return configs.load_toml(SimConfig, path)
 
 
 def from_args(argv: Sequence[str] | None = None) -> SimConfig:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gossip import configs
 from gossip.algorithms import ALGORITHMS
 from gossip.tasks import get_task
 from launch.config import (
@@ -18,7 +19,6 @@ from launch.config import (
     build_parser,
     field_flag,
     from_args,
-    load_toml,
 )
 
 
@@ -135,7 +135,7 @@ def test_toml_file_loads_and_flags_override(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
     path.write_text('algo = "gossip-vc"\nsync-every = 4\ntopology = "random-regular:4"\n'
                     'lr = 0.1\nsteps = 50\nresume = true\n')
-    assert load_toml(path)["sync_every"] == 4
+    assert configs.load_toml(TrainConfig, path)["sync_every"] == 4
     cfg = from_args(["--config", str(path), "--steps", "60", "--topology", "ring"])
     assert (cfg.algo, cfg.sync_every, cfg.topology, cfg.lr, cfg.steps, cfg.resume) == \
         ("gossip-vc", 4, "ring", 0.1, 60, True)
@@ -150,12 +150,12 @@ def test_toml_errors_name_key_and_file(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
     path.write_text("steps = \n")
     with pytest.raises(ValueError, match="not valid TOML"):
-        load_toml(path)
+        configs.load_toml(TrainConfig, path)
     path.write_text('steps = "many"\n')
     with pytest.raises(ValueError, match="steps='many'"):
         from_args(["--config", str(path)])
     with pytest.raises(ValueError, match="no such file"):
-        load_toml(tmp_path / "missing.toml")
+        configs.load_toml(TrainConfig, tmp_path / "missing.toml")
 
 
 def test_cli_type_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
