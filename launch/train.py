@@ -27,7 +27,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -403,10 +403,7 @@ class _Run:
         dist.gather_object(self.records, gathered, dst=0)
         self.records = []
         if gathered is not None:
-            merged = [r for part in gathered for r in part]
-            order = {"sync": 0, "eval": 1, "consensus": 2}
-            merged.sort(key=lambda r: (r["step"], order.get(r["kind"], 9), r.get("rank", -1)))
-            for r in merged:
+            for r in _sorted_records(r for part in gathered for r in part):
                 writer.log(r)
 
     def on_sync(self, stats: Any) -> None:
@@ -480,8 +477,7 @@ class _Run:
             path = ranks_dir / f"rank_{r}.jsonl"
             if path.exists():
                 records += read_jsonl(path)
-        order = {"sync": 0, "death": 1, "eval": 2}
-        records.sort(key=lambda r: (r["step"], order.get(r["kind"], 9), r.get("rank", -1)))
+        records = _sorted_records(records)
         if writer.enabled:
             for rec in records:
                 writer.log(rec)
@@ -531,20 +527,20 @@ class _Run:
                    desc=f"{cfg.algo} {cfg.task}", unit="step", dynamic_ncols=True)
         t0 = time.perf_counter()
         wall0 = c.wall_seconds
-        sync_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        eval_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        pending = 0  # steps accumulated in sync_loss/eval_loss not yet folded into counters
+        # the losses of steps not yet folded into the counters, summed on the device (a host
+        # sync per step would stall a GPU); both the sync and the eval averages take them
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        pending = 0
 
         def fold() -> None:
             nonlocal pending
             if pending:
-                s, e = float(sync_loss), float(eval_loss)
-                c.sync_loss_sum += s
-                c.eval_loss_sum += e
+                total = float(loss_sum)
+                c.sync_loss_sum += total
+                c.eval_loss_sum += total
                 c.sync_loss_count += pending
                 c.eval_loss_count += pending
-                sync_loss.zero_()
-                eval_loss.zero_()
+                loss_sum.zero_()
                 pending = 0
 
         fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
@@ -560,9 +556,7 @@ class _Run:
                 if cfg.grad_clip is not None:
                     nn.utils.clip_grad_norm_(self.params.params, cfg.grad_clip)
                 self.opt.step()
-                detached = loss.detach().to(torch.float64)
-                sync_loss += detached
-                eval_loss += detached
+                loss_sum += loss.detach().to(torch.float64)
                 pending += 1
                 stats = self.algo.step(step)
                 if stats is not None:
@@ -720,6 +714,15 @@ def _table(s: dict[str, Any]) -> str:
                  f"{f(s['avg_model_accuracy'], '.4f')}; consensus distance "
                  f"{f(s['final_consensus_distance'], '.3g')}")
     return "\n".join(lines)
+
+
+_RECORD_ORDER = {"sync": 0, "death": 1, "eval": 2, "consensus": 3}
+
+
+def _sorted_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in metrics.jsonl order: by step, then kind, then rank."""
+    return sorted(records, key=lambda r: (r["step"], _RECORD_ORDER.get(r["kind"], 9),
+                                          r.get("rank", -1)))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
