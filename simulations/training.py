@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from gossip.algorithms._common import frozen_rows
 from gossip.flat import FlatParams, ScopeFn, default_vc_scope
+from gossip.scratch import Scratch
 from gossip.tasks import Task
 
 __all__ = ["IMPLS", "LocalTrainer", "RowAdam", "StackedModel", "choose_impl", "mlp_plan"]
@@ -428,7 +429,7 @@ class LocalTrainer:
                                         weight_decay=weight_decay)
         self.fused = True
         self._neg: dict[tuple[int, ...], Tensor] = {}
-        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+        self._scratch = Scratch()  # weight-update products
         self._chunk_cache: dict[tuple[int, int], int] = {}
 
     def state_tensors(self) -> list[Tensor]:
@@ -567,21 +568,12 @@ class LocalTrainer:
                 w = params[w_name]
                 below = torch.bmm(w.transpose(1, 2), g) if i > first else None  # old w
                 _sgd_(w, bufs.get(w_name), hyper, g, saved[i].transpose(1, 2),
-                      scratch=self._scratch(w.shape, w))
+                      scratch=self._scratch.like(w))
                 if b_name is not None:
                     _sgd_(params[b_name], bufs.get(b_name), hyper, grad=g.sum(dim=2))
                 if below is not None:
                     g = below
         return loss
-
-    def _scratch(self, shape: torch.Size, like: Tensor) -> Tensor:
-        """A reused contiguous buffer (a fresh one per chunk would be a malloc and page faults
-        per call)."""
-        key = (tuple(shape), like.dtype, like.device)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
 
     def _loss_and_grad(self, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-row mean loss [C] and its gradient with respect to ``out`` [C, K, B]."""

@@ -133,3 +133,14 @@ def test_noloco_update_matches_equation(alpha, beta, gamma):
         with pytest.raises(ValueError, match="phi_mean is required"):
             noloco_update_(delta.clone(), phi.clone(), theta_mean, None, alpha=alpha, beta=beta,
                            gamma=gamma)
+
+
+def test_scratch_reuses_one_tensor_per_shape_dtype_and_device():
+    from gossip.scratch import Scratch
+
+    pool = Scratch()
+    a = pool.get((2, 3), torch.float32, "cpu")
+    assert pool.get([2, 3], torch.float32, torch.device("cpu")) is a
+    assert pool.like(torch.zeros(2, 3)) is a
+    assert pool.get((2, 3), torch.float64, "cpu") is not a
+    assert pool.get((3, 2), torch.float32, "cpu") is not a

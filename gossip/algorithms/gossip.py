@@ -32,6 +32,7 @@ from gossip.algorithms._common import (
 from gossip.comm.base import Communicator
 from gossip.flat import FlatParams
 from gossip.ops import mix, segment_variances, variance_correct_, vc_segments
+from gossip.scratch import Scratch
 from gossip.topology import Topology
 
 __all__ = ["Gossip", "GossipConfig"]
@@ -91,15 +92,7 @@ class Gossip:
         self.comm = comm
         self.topology = topology
         self.merges = 0
-        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
-
-    def _scratch(self, x: Tensor) -> Tensor:
-        """A persistent buffer shaped like ``x`` (a fresh model-sized tensor per merge costs a
-        page fault per 4 KiB on CPU, about as long as the exchange)."""
-        key = (tuple(x.shape), x.dtype, x.device)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty_like(x)
-        return self._buffers[key]
+        self._scratch = Scratch()  # merge results when a slot reads x itself
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this merge."""
@@ -134,7 +127,7 @@ class Gossip:
                 in_place = not received.reads(x)
                 with frozen_rows([x], active):
                     merged = mix(x, received.slot, w_self.to(x.device), w_peers.to(x.device),
-                                 arrived, out=x if in_place else self._scratch(x))
+                                 arrived, out=x if in_place else self._scratch.like(x))
                     if received_var is not None:
                         variance_correct_(merged, received_var, arrived, group.segments,
                                           eps=cfg.vc_eps, ratio=cfg.vc_ratio)

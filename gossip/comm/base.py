@@ -15,6 +15,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from gossip.scratch import Scratch
+
 __all__ = [
     "CommError",
     "CommTimeout",
@@ -136,20 +138,20 @@ class GatheredReceived(Received):
         source: [L, K] row of ``full`` that each slot comes from (any valid row where nothing
             arrived).
         arrived: [L, K] bool.
-        scratch: returns a reusable tensor of a given shape to gather into (a fresh model-sized
-            tensor per read costs a page fault per 4 KiB on CPU, several times the gather).
-            A slot read is valid until the next read.
+        scratch: where slots are gathered into (a fresh model-sized tensor per read costs a
+            page fault per 4 KiB on CPU, several times the gather). A slot read is valid until
+            the next read.
     """
 
-    def __init__(self, full: Tensor, source: Tensor, arrived: Tensor,
-                 scratch: Callable[[tuple[int, ...]], Tensor]) -> None:
+    def __init__(self, full: Tensor, source: Tensor, arrived: Tensor, scratch: Scratch) -> None:
         self.full = full
         self.source = source
         self.arrived = arrived
         self._scratch = scratch
 
     def _gather(self, source: Tensor, arrived: Tensor) -> Tensor:
-        out = self._scratch((source.numel(), self.full.shape[1]))
+        out = self._scratch.get((source.numel(), self.full.shape[1]), self.full.dtype,
+                                self.full.device)
         torch.index_select(self.full, 0, source.reshape(-1), out=out)
         lost = ~arrived.reshape(-1)
         if bool(lost.any()):

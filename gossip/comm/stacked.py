@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gossip.comm.base import GatheredReceived, Traffic, check_peers
+from gossip.scratch import Scratch
 
 __all__ = ["CommEvent", "StackedCommunicator"]
 
@@ -66,7 +67,9 @@ class StackedCommunicator:
         self._known_alive = self.alive
         self.drop_prob = 0.0
         self._gen = torch.Generator().manual_seed(seed)
-        self._buffers: dict[tuple[tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+        # received models are gathered into these (reused by the next exchange, as a real
+        # rank's receive buffer is)
+        self._scratch = Scratch()
         #: rows fetched from other shards by exchanges (0 without a group)
         self.rows_fetched = 0
 
@@ -95,14 +98,6 @@ class StackedCommunicator:
         self.alive = (torch.ones(self._world_size, dtype=torch.bool) if alive is None
                       else alive.to("cpu", torch.bool))
         self.drop_prob = drop_prob
-
-    def _scratch(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """A persistent buffer that received models are gathered into (reused by the next
-        exchange, as a real rank's receive buffer is)."""
-        key = (shape, like.dtype, like.device)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return self._buffers[key]
 
     def _senders(self, x: Tensor, src: Tensor, delivered: Tensor) -> tuple[Tensor, Tensor]:
         """The rows the local slots read and where each slot finds its sender among them.
@@ -200,7 +195,7 @@ class StackedCommunicator:
         rows, source = self._senders(x, src, delivered)
         received = GatheredReceived(rows, source.to(x.device),
                                     delivered[self._nodes].to(x.device),
-                                    lambda shape: self._scratch(shape, rows))
+                                    self._scratch)
         nbytes = x.shape[1] * x.element_size()
         # every sender pays for each message it sends, delivered or not
         sends = torch.bincount(src[valid & self.alive.unsqueeze(1) & self.alive[src]],

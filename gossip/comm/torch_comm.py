@@ -33,6 +33,7 @@ from gossip.comm.base import (
     check_peers,
 )
 from gossip.comm.monitor import PeerMonitor
+from gossip.scratch import Scratch
 
 __all__ = ["TorchCommunicator", "init_from_env"]
 
@@ -58,8 +59,8 @@ class TorchCommunicator:
         self.step = -1  # the caller's step, for error messages
         self._traffic = Traffic()
         self._nodes = torch.tensor([self.rank], dtype=torch.long)
-        # receive buffers of exchange(), reused across calls (see _recv_buffer)
-        self._recv_buffers: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        # receive buffers of exchange(), reused by the next exchange of the same shape
+        self._recv_buffers = Scratch()
         self.monitor = monitor
         self.deaths: dict[int, int] = {}  # peer -> step at which this rank learned it died
 
@@ -183,7 +184,7 @@ class TorchCommunicator:
         if stage:
             src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
         k = table.shape[1]
-        received = self._recv_buffer(k, x.shape[1], x.dtype, src.device)
+        received = self._recv_buffers.get((1, k, x.shape[1]), x.dtype, src.device)
         for slot, j in enumerate(recv_from):
             if j < 0:
                 received[0, slot].zero_()  # padding holds zeros, like a message that never came
@@ -255,19 +256,6 @@ class TorchCommunicator:
             return op(tensor, self._global(peer), self.group)  # type: ignore[operator]
         except RuntimeError:
             return None
-
-    def _recv_buffer(self, k: int, p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A [1, k, p] buffer that the next exchange of the same width and dtype reuses.
-
-        A fresh model-sized tensor per exchange costs a page fault per 4 KiB page when the
-        message lands in it: on CPU that is about as long as the transfer itself.
-        """
-        key = (p, dtype, device)
-        buf = self._recv_buffers.get(key)
-        if buf is None or buf.shape[1] < k:
-            buf = torch.empty((1, k, p), dtype=dtype, device=device)
-            self._recv_buffers[key] = buf
-        return buf[:, :k]
 
     def barrier(self) -> None:
         everyone = tuple(r for r in range(self._world_size) if r != self.rank)
