@@ -85,11 +85,6 @@ class FaultSchedule:
         start[churned] = rng.integers(0, max(1, rounds - churn_rounds + 1), size=len(churned))
         self.churn = _Periods(start, start + churn_rounds)
 
-    @property
-    def any_faults(self) -> bool:
-        return bool((self.crash_at <= self.rounds).any() or (self.churn.start <= self.rounds).any()
-                    or self.drop_prob > 0 or self.straggler_fraction > 0)
-
     def alive(self, r: int) -> Tensor:
         """[N] bool: the nodes that are up in round ``r`` (0-based)."""
         down = (self.crash_at <= r) | ((self.churn.start <= r) & (r < self.churn.stop))

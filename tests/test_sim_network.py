@@ -140,7 +140,6 @@ def test_fault_schedule_crashes_churn_and_stragglers() -> None:
     assert torch.equal(s, FaultSchedule(100, 20, seed=1, straggler_fraction=0.25,
                                         straggler_slowdown=4.0).slowdown(7))
     assert not torch.equal(s, f.slowdown(8))
-    assert f.any_faults and not FaultSchedule(10, 5, seed=0).any_faults
 
 
 def test_fault_schedule_rejects_bad_values() -> None:

@@ -316,15 +316,17 @@ def test_large_graphs_are_built_without_a_dense_matrix() -> None:
 
 
 @pytest.mark.parametrize("spec", ["ring", "star", "erdos-renyi:0.4", "exponential"])
-def test_peer_table_and_matrix_agree_and_round_trip(spec: str) -> None:
+def test_peer_table_is_the_uniform_closed_form_and_round_trips(spec: str) -> None:
     topo = make_topology(spec, 10, seed=3, weights="uniform")
-    w = topo.mixing_matrix()
     peers, weights, self_weight = topo.peer_table(0)
     for i in range(10):
         row = [int(j) for j in peers[i] if j >= 0]
-        assert row == sorted(row) == topo.neighbors(0)[i]
-        assert weights[i, : len(row)].tolist() == w[i, row].tolist()
-    assert torch.equal(torch.diagonal(w), self_weight)
+        assert row == sorted(row) == topo.neighbors(0)[i] and i not in row
+        share = 1 / (len(row) + 1)  # W_ij = 1 / (d_i + 1) on each in-edge and on the diagonal
+        assert weights[i, : len(row)].tolist() == pytest.approx([share] * len(row))
+        assert bool((weights[i, len(row):] == 0).all())
+        assert float(self_weight[i]) == pytest.approx(share)
+    w = topo.mixing_matrix()
     again = StaticTopology.from_matrix(w, spec="custom")
     assert all(torch.equal(a, b) for a, b in zip(again.peer_table(0), topo.peer_table(0),
                                                  strict=True))
