@@ -30,7 +30,7 @@ model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReL
 optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 config = {"noloco": gossip.NoLoCoConfig, "fedavg": gossip.FedAvgConfig}[args.algo]
 with gossip.attach(model, optimizer, config(sync_every=args.sync_every)):  # torchrun's group
-    for step in range(args.steps):  # every optimizer.step() is one inner step
+    for _ in range(args.steps):  # no step counter: each optimizer.step() is one inner step
         batch = torch.randint(len(x), (32,))
         loss = nn.functional.cross_entropy(model(x[batch]), y[batch])
         optimizer.zero_grad()
