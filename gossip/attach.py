@@ -136,8 +136,14 @@ def attach(
     if comm.nodes.numel() != 1:
         raise ValueError(f"comm must hold one node per process (a real rank), got "
                          f"{comm.nodes.numel()} nodes")
+    n = comm.world_size
     if isinstance(topology, str):
-        topology = make_topology(topology, comm.world_size)
+        topology = make_topology(topology, n)
+    # what the algorithms' constructors would refuse, refused before the model is touched
+    if topology is not None and topology.n != n:
+        raise ValueError(f"topology has n={topology.n} nodes, the run has {n}")
+    if isinstance(config, NoLoCoConfig) and n % config.group_size:
+        raise ValueError(f"group_size={config.group_size} must divide the number of nodes N={n}")
     params = FlatParams.from_module(model)
     flat_buffers = FlatParams.from_buffers(model) if buffers == "average" else None
     if init == "shared":

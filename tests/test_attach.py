@@ -408,6 +408,9 @@ def test_bad_input_is_refused_before_any_work():
         (dict(optimizer=torch.optim.SGD(_model(0).parameters(), lr=0.1)),
          r"optimizer.param_groups\[0\]\['params'\]\[0\] \(shape \(6, 5\)\) is not a parameter"),
         (dict(comm=StackedCommunicator(2)), r"comm must hold one node per process.*got 2"),
+        (dict(config=gossip.NoLoCoConfig()), r"group_size=2 must divide the number of nodes N=1"),
+        (dict(config=gossip.GossipConfig(), topology=gossip.make_topology("ring", 3)),
+         r"topology has n=3 nodes, the run has 1"),
         (dict(model="net"), r"model must be a torch.nn.Module, got str"),
     ]
     for change, message in cases:
