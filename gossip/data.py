@@ -15,6 +15,7 @@ __all__ = [
     "partition",
     "plot_label_distribution",
     "quantity_skew",
+    "sampled_partition",
     "shards",
 ]
 
@@ -238,6 +239,47 @@ def partition(
     if y is None:
         raise ValueError(f"spec={spec!r} needs labels, got labels=None")
     return dirichlet(y, num_nodes, alpha, seed)
+
+
+_SAMPLE = 0x5A3
+
+def sampled_partition(spec: str, labels: torch.Tensor | None, n: int, size: int, *,
+                      num_samples: int, seed: int) -> list[np.ndarray]:
+    """Each node draws its own shard of ``size`` samples from the whole training set.
+
+    ``spec`` is ``iid`` (uniform, without replacement within a node) or ``dirichlet:ALPHA``
+    (the node's class proportions ~ Dir(ALPHA), then samples uniform within each drawn class;
+    Tian et al.'s non-IID sampling). Node i's draw depends on ``(seed, i)`` only, so shards
+    overlap across nodes and any number of nodes works.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "iid" and not arg:
+        out = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, _SAMPLE, i])
+            out.append(np.sort(rng.choice(num_samples, size=size,
+                                          replace=size > num_samples)))
+        return out
+    if kind != "dirichlet" or not arg:
+        raise ValueError(f"expected 'sample:iid' or 'sample:dirichlet:ALPHA', got "
+                         f"'sample:{spec}'")
+    alpha = float(arg)
+    if labels is None:
+        raise ValueError("sample:dirichlet needs class labels (a classification task)")
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    classes = np.unique(y)
+    members = [np.flatnonzero(y == c) for c in classes]
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, _SAMPLE, i])
+        p = rng.dirichlet(np.full(len(classes), alpha))
+        if not np.all(np.isfinite(p)) or p.sum() <= 0:  # alpha so small it underflows
+            p = np.eye(len(classes))[rng.integers(0, len(classes))]
+        drawn = rng.choice(len(classes), size=size, p=p)
+        picks = [members[c][rng.integers(0, len(members[c]))] for c in drawn]
+        out.append(np.sort(np.asarray(picks, dtype=np.int64)))
+    return out
+
 
 
 def label_distribution(

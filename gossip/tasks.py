@@ -22,7 +22,10 @@ __all__ = [
     "CharGPT",
     "Task",
     "TaskData",
+    "charlm",
+    "digits",
     "get_task",
+    "synthetic",
 ]
 
 TASK_NAMES = ("digits", "charlm", "synthetic")
@@ -74,7 +77,13 @@ class TaskData:
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """A learning problem: data, a seeded model factory, loss/metrics and a batch iterator."""
+    """A learning problem: data, a seeded model factory, loss/metrics and a batch iterator.
+
+    ``loss_fn(output, target) -> scalar mean loss`` replaces the loss of the data's kind
+    (cross-entropy for classification and lm, MSE for regression). Both CLIs take a function
+    returning a Task (``--task package.module:function``); the built-in tasks are such
+    functions: :func:`digits`, :func:`charlm`, :func:`synthetic`.
+    """
 
     name: str
     data: TaskData
@@ -83,6 +92,15 @@ class Task:
     default_batch_size: int
     default_optimizer: str = "sgd"
     extra: dict[str, Any] = field(default_factory=dict)
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, TaskData):
+            raise ValueError(f"data={type(self.data).__name__} is invalid: expected a TaskData")
+        if not callable(self.model_factory):
+            raise ValueError("model_factory is invalid: expected a callable returning a module")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(f"loss_fn={self.loss_fn!r} is invalid: expected a callable")
 
     @property
     def optimum(self) -> Tensor | None:
@@ -97,7 +115,10 @@ class Task:
             return self.model_factory()
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Mean loss: cross-entropy (classification, lm over all positions) or MSE."""
+        """Mean loss: ``loss_fn`` when given, else cross-entropy (classification, lm over all
+        positions) or MSE."""
+        if self.loss_fn is not None:
+            return self.loss_fn(output, target)
         if self.data.kind == "classification":
             return F.cross_entropy(output, target)
         if self.data.kind == "lm":
@@ -373,6 +394,21 @@ def _synthetic(
         default_batch_size=32,
         extra={"optimum": w_star, "optimum_bias": 0.0, "noise": noise},
     )
+
+
+def digits(seed: int = 0, **options: Any) -> Task:
+    """The built-in digits task (sklearn's 8x8 digits, an MLP) as a plain task function."""
+    return _digits(seed, **options)
+
+
+def charlm(seed: int = 0, **options: Any) -> Task:
+    """The built-in character language model task (a small GPT) as a plain task function."""
+    return _charlm(seed, **options)
+
+
+def synthetic(seed: int = 0, **options: Any) -> Task:
+    """The built-in linear-regression task (known optimum) as a plain task function."""
+    return _synthetic(seed, **options)
 
 
 _BUILDERS: dict[str, Callable[..., Task]] = {
