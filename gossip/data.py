@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,13 +12,11 @@ __all__ = [
     "iid",
     "label_distribution",
     "partition",
-    "plot_label_distribution",
     "quantity_skew",
     "sampled_partition",
     "shards",
 ]
 
-MAX_PLOTTED_NODES = 200
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -299,41 +296,3 @@ def label_distribution(
     return counts
 
 
-def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write a stacked bar chart (one bar per node, first 200 nodes) of class counts to ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(counts)
-    if counts.ndim != 2:
-        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
-    shown = counts[:MAX_PLOTTED_NODES]
-    num_nodes, num_classes = shown.shape
-    fig = Figure(figsize=(min(4.0 + 0.08 * num_nodes, 20.0), 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = _class_colors(num_classes)
-    x = np.arange(num_nodes)
-    bottom = np.zeros(num_nodes)
-    for c in range(num_classes):
-        ax.bar(x, shown[:, c], bottom=bottom, width=0.9, color=colors[c], label=str(c))
-        bottom += shown[:, c]
-    title = "label distribution per node"
-    if len(counts) > MAX_PLOTTED_NODES:
-        title += f" (first {MAX_PLOTTED_NODES} of {len(counts)} nodes)"
-    ax.set_title(title)
-    ax.set_xlabel("node")
-    ax.set_ylabel("samples")
-    if num_classes <= 20:
-        ax.legend(title="class", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", dpi=100)
-
-
-def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"]
-    if num_classes <= 20:
-        return [cmap(i) for i in range(num_classes)]
-    return [cmap(i / max(num_classes - 1, 1)) for i in range(num_classes)]

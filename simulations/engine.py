@@ -43,7 +43,7 @@ from gossip.algorithms import same_init
 from gossip.algorithms._common import frozen_rows
 from gossip.batching import StackedBatches
 from gossip.comm.stacked import StackedCommunicator
-from gossip.data import label_distribution, plot_label_distribution
+from gossip.data import label_distribution
 from gossip.flat import scope_from_spec
 from gossip.metrics import RunWriter
 from gossip.run import build
@@ -374,6 +374,8 @@ class RunRecorder:
         self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
                                 tensorboard=cfg.tensorboard)
         if self.out is not None and label_counts is not None and plots:
+            from gossip.plots import plot_label_distribution
+
             plot_label_distribution(label_counts, self.out / "label_distribution.png")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -386,7 +388,7 @@ class RunRecorder:
         self.writer.summary(summary)
         self.writer.close()
         if self.out is not None and self.plots:
-            from simulations.plots import plot_run
+            from gossip.plots import plot_run
 
             plot_run(self.records, self.out, title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
                                                    f"{self.cfg.partition}")
