@@ -20,11 +20,11 @@ from torch import Tensor, nn
 from gossip.batching import node_batch
 from gossip.comm import TorchCommunicator, init_from_env
 from gossip.flat import FlatParams
-from gossip.tasks import Task
+from gossip.tasks import Task, TaskData
 from launch.config import TrainConfig
 
 __all__ = ["RunError", "ShardStream", "agree", "consensus", "derived_seed", "evaluate",
-           "free_port", "join_process_group", "pick_device"]
+           "free_port", "join_process_group", "pick_device", "test_set"]
 
 
 class RunError(ValueError):
@@ -48,8 +48,7 @@ class ShardStream:
                  device: torch.device) -> None:
         if len(indices) == 0:
             raise ValueError("the shard is empty")
-        self.x = task.data.x_train
-        self.y = task.data.y_train
+        self.data = task.data
         self.indices = np.asarray(indices)
         self.batch_size = batch_size
         self.seed = seed
@@ -67,8 +66,8 @@ class ShardStream:
         idx = torch.from_numpy(node_batch(self.indices, self.batch_size, seed=self.seed,
                                           node=self.node, step=self.taken))
         self.taken += 1
-        return (self.x[idx].to(self.device, non_blocking=True),
-                self.y[idx].to(self.device, non_blocking=True))
+        x, y = self.data.train_batch(idx)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
 def pick_device(cfg: TrainConfig, backend: str) -> torch.device:
@@ -82,6 +81,16 @@ def pick_device(cfg: TrainConfig, backend: str) -> torch.device:
     index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def test_set(task: Task, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The task's whole test set (x, y) on ``device`` (a DatasetData's collated once)."""
+    data = task.data
+    if isinstance(data, TaskData):
+        return data.x_test.to(device), data.y_test.to(device)
+    chunks = list(data.test_chunks(1024))
+    return (torch.cat([x for x, _ in chunks]).to(device),
+            torch.cat([y for _, y in chunks]).to(device))
 
 
 def evaluate(task: Task, model: nn.Module, x: Tensor, y: Tensor, chunk: int = 1024

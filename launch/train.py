@@ -45,6 +45,7 @@ from launch.rank import (
     free_port,
     join_process_group,
     pick_device,
+    test_set,
 )
 from launch.records import gatherer, summarize, table
 from launch.state import Counters, eval_mean_model, load, save
@@ -82,7 +83,7 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
         cfg, params, comm, topology=topology,
         weight=torch.tensor([float(len(shard))], dtype=torch.float64)))
     stream = ShardStream(task, shard, cfg.batch_size or 1, cfg.seed, rank, device)
-    x_test, y_test = task.data.x_test.to(device), task.data.y_test.to(device)
+    x_test, y_test = test_set(task, device)
     meta = {"format": ckpt.FORMAT_VERSION, "algo": cfg.algo, "task": cfg.task, "world_size": n}
 
     # ---- resume (an error on any rank is every rank's)

@@ -26,6 +26,7 @@ the runner.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -75,7 +76,9 @@ class Simulation:
     def __init__(self, cfg: SimConfig, nodes: Sequence[int] | Tensor | None = None,
                  group: dist.ProcessGroup | None = None, *, task: Task | None = None) -> None:
         t_start = time.perf_counter()
-        self.task = task if task is not None else build.load_task(cfg.task, seed=cfg.seed)
+        task = task if task is not None else build.load_task(cfg.task, seed=cfg.seed)
+        # every node's batch is gathered from one tensor: a Dataset is read into memory once
+        self.task = dataclasses.replace(task, data=task.data.to_tensors())
         self.cfg = cfg = cfg.resolved(self.task)
         n = cfg.nodes
         ids = torch.arange(n) if nodes is None else torch.as_tensor(nodes, dtype=torch.long)

@@ -398,6 +398,9 @@ def make_optimizer(name: str, params: list[nn.Parameter], *, lr: float, momentum
     """
     cls = optimizer_class(name)
     extra = dict(extra or {})
+    if momentum and cls is not torch.optim.SGD:
+        raise ValueError(f"momentum={momentum!r} is invalid with optimizer={name!r}: expected 0 "
+                         "(momentum is for sgd)")
     if cls is torch.optim.SGD:
         kwargs = {"momentum": momentum, "weight_decay": weight_decay or 0.0, **extra}
         opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, **kwargs)

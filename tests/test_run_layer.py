@@ -388,3 +388,56 @@ def test_every_algorithm_declares_what_the_engine_reads() -> None:
         # fedavg and the gossip family keep nothing per node but the model rows; noloco keeps
         # phi and delta, diloco phi and the outer momentum, one per flat buffer
         assert len(rows) == (2 * buffers if algo in ("noloco", "diloco") else 0), algo
+
+
+# ----------------------------------------------------------------------------- Dataset data
+
+
+class _Items(torch.utils.data.Dataset):
+    """(x, y) items read one at a time, as from files."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i].clone(), self.y[i].clone()
+
+
+def _as_datasets(task: Any) -> Any:
+    from gossip.tasks import DatasetData
+
+    d = task.data
+    data = DatasetData(_Items(d.x_train, d.y_train), _Items(d.x_test, d.y_test),
+                       num_classes=d.num_classes, kind=d.kind, train_labels=d.y_train)
+    return dataclasses.replace(task, data=data)
+
+
+def test_dataset_data_gives_the_same_batches_shards_and_simulation() -> None:
+    from launch.rank import ShardStream, test_set
+
+    task = make_task(2)
+    ds_task = _as_datasets(task)
+    spec = TrainConfig(partition="dirichlet:0.5").resolved(task, 3)
+    shards = build.make_shards(spec, task, 3)
+    for a, b in zip(shards, build.make_shards(spec, ds_task, 3), strict=True):
+        assert list(a) == list(b)
+    cpu = torch.device("cpu")
+    one = ShardStream(task, shards[1], 8, seed=0, node=1, device=cpu)
+    two = ShardStream(ds_task, shards[1], 8, seed=0, node=1, device=cpu)
+    for _ in range(3):
+        for u, v in zip(one.next(), two.next(), strict=True):
+            assert torch.equal(u, v)
+    for u, v in zip(test_set(task, cpu), test_set(ds_task, cpu), strict=True):
+        assert torch.equal(u, v)
+    model = task.make_model(0)
+    assert ds_task.evaluate(model) == task.evaluate(model)
+
+    from simulations.engine import Simulation, drive
+
+    cfg = SimConfig(nodes=4, rounds=2, sync_every=3, algo="noloco")
+    a = drive(Simulation(cfg, task=task), out=None, progress=False)
+    b = drive(Simulation(cfg, task=ds_task), out=None, progress=False)
+    assert a["records"][-1]["loss_mean"] == b["records"][-1]["loss_mean"]
