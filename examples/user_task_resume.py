@@ -3,7 +3,7 @@ the resumed run is the uninterrupted one, bit for bit.
 
 The task is defined right here (:func:`make_task`: two-moons-like data, a small MLP, cross-entropy
 with label smoothing) and reaches the ranks as ``--task user_task_resume:make_task`` (this
-directory is put on PYTHONPATH). The script runs, under ``torchrun --nproc-per-node 2``:
+directory is put on PYTHONPATH). The script runs NoLoCo, under ``torchrun --nproc-per-node 2``:
 
 1. ``--steps S/2 --checkpoint-every C``: the first half, then the ranks exit;
 2. ``--steps S --resume`` in the same directory: continues from the checkpoint at S/2;
@@ -60,7 +60,7 @@ def torchrun(out: Path, *flags: str, nproc: int) -> dict:
                                           os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "launch.train", "--task",
-           "user_task_resume:make_task", "--algo", "fedavg", "--sync-every", "5",
+           "user_task_resume:make_task", "--algo", "noloco", "--sync-every", "5",
            "--out", str(out), *flags]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "summary.json").read_text())

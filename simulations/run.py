@@ -5,7 +5,7 @@ Example::
     python -m simulations.run --algo gossip-vc --nodes 64 --topology random-regular:8 \\
         --partition dirichlet:0.5 --task digits --rounds 50 --out runs/x
 
-Every :class:`simulations.config.SimConfig` field is a flag (``--local-steps``, ``--drop-prob``,
+Every :class:`simulations.config.SimConfig` field is a flag (``--sync-every``, ``--drop-prob``,
 ...); ``--config FILE.toml`` loads the same fields from a file and flags override it.
 """
 
