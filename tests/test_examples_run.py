@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # three torchruns, start-up bound
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str, timeout: float = 400) -> str:
+def _run(script: str, *args: str, timeout: float = 1100) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
