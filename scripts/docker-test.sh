@@ -36,7 +36,8 @@ BASE_IMAGE=gossip-local/debian-python:bookworm-r$BASE_REV
 STAGED_WHEELS=docker/wheels  # inside the build context; ignored by git (docker/.gitignore)
 
 SIM_ARGS=(--nodes 8 --rounds 2 --seed 0)
-TRAIN_ARGS=(--algo noloco --task digits --steps 20 --sync-every 5 --seed 0)
+TRAIN_STEPS=20 TRAIN_H=5
+TRAIN_ARGS=(--algo noloco --task digits --steps "$TRAIN_STEPS" --sync-every "$TRAIN_H" --seed 0)
 TORCHRUN_PROJECT=gossip-dtest-torchrun
 RAY_PROJECT=gossip-dtest-ray
 
@@ -47,6 +48,11 @@ COMPOSE=()
 UP=()  # "file project" pairs to bring down
 TIMES=()
 APT_UPDATED=0
+
+# bg CMD...: run CMD in the background and wait for it, so that a signal interrupts the wait at
+# once (bash runs a trap only after the foreground command ends) and cleanup removes whatever
+# CMD started. stdin is passed on explicitly (an async command otherwise reads /dev/null).
+bg() { "$@" <&0 & wait $!; }
 
 log() { printf '[docker-test %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
@@ -62,9 +68,7 @@ cleanup() {
     local pair
     for pair in "${UP[@]}"; do
         # shellcheck disable=SC2086
-        set -- $pair
-        "${COMPOSE[@]}" -f "$1" -p "$2" --profile '*' down -v --remove-orphans -t 5 \
-            >/dev/null 2>&1
+        compose_down $pair
     done
     if [ -n "$HOST_PID" ]; then
         kill -TERM -- "-$HOST_PID" 2>/dev/null || kill "$HOST_PID" 2>/dev/null
@@ -88,6 +92,11 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+# compose_down FILE PROJECT: remove its containers, network and volumes
+compose_down() {
+    "${COMPOSE[@]}" -f "$1" -p "$2" --profile '*' down -v --remove-orphans -t 5 >/dev/null 2>&1
+}
 
 apt_install() {
     [ "$(id -u)" -eq 0 ] || die "needs root to install $* (apt-get)"
@@ -159,7 +168,7 @@ ensure_base_image() {
         [ "$(id -u)" -eq 0 ] || die "debootstrap needs root"
         local rootfs=$WORK/rootfs
         log "debootstrap bookworm (minbase + python3, python3-venv) from $MIRROR"
-        debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bg debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
             bookworm "$rootfs" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
             || { tail -20 "$WORK/debootstrap.log"; die "debootstrap"; }
         rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
@@ -195,7 +204,7 @@ EOF
         log "pip download the image's wheels into $dir"
         mkdir -p "$dir"
         mapfile -t platform < <(wheel_platforms)
-        "$PY" -m pip download -q -d "$dir" "${platform[@]}" -r "$reqs" \
+        bg "$PY" -m pip download -q -d "$dir" "${platform[@]}" -r "$reqs" \
             >"$WORK/pip-download.log" 2>&1 || { tail -20 "$WORK/pip-download.log"; die "pip download"; }
         echo "$key" >"$dir/.key"
     fi
@@ -277,7 +286,7 @@ copy_runs() {
 scenario_sim() {
     local dir=$WORK/sim
     mkdir -p "$dir"
-    docker run --rm --name gossip-dtest-sim --user "$(id -u):$(id -g)" -e HOME=/tmp \
+    bg docker run --rm --name gossip-dtest-sim --user "$(id -u):$(id -g)" -e HOME=/tmp \
         -v "$dir:/runs" "$IMAGE" \
         python -m simulations.run "${SIM_ARGS[@]}" --out /runs/x >"$WORK/sim.log" 2>&1 \
         || { tail -30 "$WORK/sim.log"; die "simulation in a container"; }
@@ -292,20 +301,22 @@ compose_logs() { "${COMPOSE[@]}" -f "$1" -p "$2" logs --no-color 2>&1 | tail -60
 scenario_torchrun() {
     local file=docker/compose.torchrun.yml p=$TORCHRUN_PROJECT
     UP+=("$file $p")
-    GOSSIP_IMAGE=$IMAGE NNODES=2 NPROC_PER_NODE=1 STEPS=20 SYNC_EVERY=5 \
-        "${COMPOSE[@]}" -f "$file" -p "$p" up -d --no-build >"$WORK/torchrun-up.log" 2>&1 \
+    export GOSSIP_IMAGE=$IMAGE NNODES=2 NPROC_PER_NODE=1 STEPS=$TRAIN_STEPS SYNC_EVERY=$TRAIN_H
+    bg "${COMPOSE[@]}" -f "$file" -p "$p" up -d --no-build >"$WORK/torchrun-up.log" 2>&1 \
         || { cat "$WORK/torchrun-up.log"; die "compose up $file"; }
     local ids id code
     ids=$("${COMPOSE[@]}" -f "$file" -p "$p" ps -a -q)
     [ "$(echo "$ids" | wc -w)" -eq 2 ] || die "expected 2 containers, got: $ids"
     for id in $ids; do
-        code=$(timeout 900 docker wait "$id") || { compose_logs "$file" "$p"; die "timeout"; }
+        bg timeout 900 docker wait "$id" >"$WORK/exit-code" || { compose_logs "$file" "$p"; die "timeout"; }
+        code=$(cat "$WORK/exit-code")
         [ "$code" = 0 ] || { compose_logs "$file" "$p"; die "container $id exited $code"; }
     done
     copy_runs "${p}_runs" noloco "$WORK/torchrun"
     [ -s "$WORK/torchrun/noloco/summary.json" ] || { compose_logs "$file" "$p"; die "no summary"; }
     compare "$WORK/host/torchrun/summary.json" "$WORK/torchrun/noloco/summary.json" train \
         || die "torchrun results differ"
+    compose_down "$file" "$p"
 }
 
 scenario_ray() {
@@ -315,10 +326,10 @@ scenario_ray() {
     # a free host port for the dashboard, so that a Ray on the host does not collide with it
     RAY_DASHBOARD_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
     export RAY_DASHBOARD_PORT
-    "${COMPOSE[@]}" -f "$file" -p "$p" up -d --no-build head ray-worker \
+    bg "${COMPOSE[@]}" -f "$file" -p "$p" up -d --no-build head ray-worker \
         >"$WORK/ray-up.log" 2>&1 || { cat "$WORK/ray-up.log"; compose_logs "$file" "$p"; die "compose up $file"; }
     # wait for both Ray nodes (each advertises 1 CPU, so the 2 actors land one per container)
-    "${COMPOSE[@]}" -f "$file" -p "$p" exec -T head python - <<'EOF' \
+    bg "${COMPOSE[@]}" -f "$file" -p "$p" exec -T head python - <<'EOF' \
         || { compose_logs "$file" "$p"; die "the Ray worker did not join the head"; }
 import time, ray
 ray.init(address="auto", logging_level="ERROR")
@@ -332,7 +343,7 @@ while time.monotonic() < deadline:
 else:
     raise SystemExit(f"{len(alive)} Ray node(s) after 180 s")
 EOF
-    "${COMPOSE[@]}" -f "$file" -p "$p" run --rm --no-deps sim \
+    bg "${COMPOSE[@]}" -f "$file" -p "$p" run --rm --no-deps sim \
         ray job submit --address http://head:8265 -- \
         python -m simulations.run --actors 2 --address auto "${SIM_ARGS[@]}" --out /runs/ray-sim \
         >"$WORK/ray-job.log" 2>&1 || { tail -40 "$WORK/ray-job.log"; die "ray job"; }
@@ -340,14 +351,20 @@ EOF
     [ -s "$WORK/ray/ray-sim/summary.json" ] || { tail -40 "$WORK/ray-job.log"; die "no summary"; }
     compare "$WORK/host/ray-sim/summary.json" "$WORK/ray/ray-sim/summary.json" sim \
         || die "Ray-cluster results differ"
+    compose_down "$file" "$p"
 }
 
 cuda_dry_run() {
     local tag=$IMAGE-cuda-dryrun
-    docker build -f docker/Dockerfile.cuda --build-arg "BASE_IMAGE=$IMAGE" \
+    # The base (the CPU image) already holds every dependency: pip needs only setuptools, to
+    # build the project, so only that wheel goes into the context.
+    rm -rf "${ROOT:?}/$STAGED_WHEELS"
+    mkdir -p "$ROOT/$STAGED_WHEELS"
+    cp "$CACHE"/wheels/setuptools-*.whl "$ROOT/$STAGED_WHEELS/"
+    bg docker build -f docker/Dockerfile.cuda --build-arg "BASE_IMAGE=$IMAGE" \
         --build-arg "WHEELS=$STAGED_WHEELS" -t "$tag" . >"$WORK/build-cuda.log" 2>&1 \
         || { tail -40 "$WORK/build-cuda.log"; die "docker build Dockerfile.cuda"; }
-    docker run --rm "$tag" python -m launch.train --help >/dev/null || die "$tag does not run"
+    bg docker run --rm "$tag" python -m launch.train --help >/dev/null || die "$tag does not run"
     docker rmi "$tag" >/dev/null
 }
 
@@ -362,7 +379,7 @@ start_host_runs
 phase_start "base image";                  ensure_base_image; phase_end
 phase_start "wheels";                      ensure_wheels; phase_end
 phase_start "build CPU image"
-docker build -f docker/Dockerfile.cpu --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+bg docker build -f docker/Dockerfile.cpu --build-arg "BASE_IMAGE=$BASE_IMAGE" \
     --build-arg "WHEELS=$STAGED_WHEELS" -t "$IMAGE" . >"$WORK/build.log" 2>&1 \
     || { tail -40 "$WORK/build.log"; die "docker build Dockerfile.cpu"; }
 phase_end
