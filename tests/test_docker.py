@@ -290,6 +290,7 @@ def _why_no_engine() -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.docker
 @pytest.mark.timeout(SCRIPT_TIMEOUT_S + 180)
 def test_docker_images_build_and_run():
     reason = _why_no_engine()
