@@ -99,7 +99,8 @@ class AlgorithmOptions:
     nesterov: bool | None = field(default=None, metadata=help_text("diloco: Nesterov outer SGD"))
     alpha: float | None = field(default=None, metadata=help_text("noloco: outer momentum"))
     beta: float | None = field(default=None, metadata=help_text("noloco: outer lr"))
-    gamma: float | None = field(default=None, metadata=help_text("noloco: pull to the group's phi"))
+    gamma: float | None = field(default=None, metadata=help_text(
+        "noloco: pull to the group's phi; choco: consensus step size"))
     group_size: int | None = field(default=None, metadata=help_text(
         "noloco: nodes per group (must divide the number of nodes)"))
     client_fraction: float | None = field(default=None, metadata=help_text(

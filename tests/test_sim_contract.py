@@ -31,6 +31,7 @@ CONFIGS = {
     "noloco-topk": SimConfig(algo="noloco", optimizer="adam", lr=1e-3, gamma=0.5,
                              compress="topk:0.2", error_feedback=True),
     "gossip-vc-int8sr": SimConfig(algo="gossip-vc", optimizer="sgd", lr=0.05, compress="int8-sr"),
+    "choco-int8": SimConfig(algo="choco", optimizer="sgd", lr=0.05, compress="int8", gamma=0.8),
 }
 
 
