@@ -152,3 +152,24 @@ def test_simulator_counts_and_charges_compressed_bytes() -> None:
             ring_allreduce_seconds(n, payload, cfg.latency, cfg.bandwidth))
     assert sent["int8"] < 0.3 * sent["none"]
     assert seconds["int8"] < seconds["none"]
+
+
+def _shard(comm) -> torch.Tensor:
+    """Two shards of two stacked nodes each, joined by the Gloo group (as Ray actors are)."""
+    me = int(comm.nodes[0])
+    shard = StackedCommunicator(WORLD, torch.arange(2 * me, 2 * me + 2), group=comm.group)
+    x = _inputs()[2 * me : 2 * me + 2].clone()
+    comp = Compressor(parse_codec("int8:64"), 2, P, error_feedback=True)
+    for _ in range(2):
+        shard.all_reduce_mean_(x, WEIGHTS[2 * me : 2 * me + 2], compressor=comp)
+    return x
+
+
+def test_sharded_stacked_all_reduce_matches_one_process() -> None:
+    shards = run_ranks(_shard, 2, timeout=120.0)
+    whole, _, _ = _stacked("int8:64")
+    # the shards' partial sums are added in another order: equal up to fp32 rounding (and a
+    # rare one-step flip where the re-encoded sum sits on a rounding boundary)
+    got = torch.cat(shards)
+    off = ~torch.isclose(got, whole, atol=1e-5, rtol=1e-5)
+    assert off.float().mean() <= 1e-3 and (got - whole).abs().max() < 0.05
