@@ -59,17 +59,20 @@ def test_real_ranks_and_stacked_agree_bit_for_bit() -> None:
     ring = torch.tensor([[(i - 1) % WORLD, (i + 1) % WORLD] for i in range(WORLD)])
     for spec in SPECS:
         x, residual, comm = _stacked(spec)
-        c = math.ceil(P / WORLD)
-        wire = parse_codec(spec).nbytes(c)
+        codec = parse_codec(spec)
+        if spec.startswith("topk"):  # all-gather of whole top-k rows: N - 1 payloads per call
+            per_call, logged = (WORLD - 1) * codec.nbytes(P), codec.nbytes(P)
+        else:  # reduce-scatter and all-gather: 2 (N - 1) encoded chunks per call
+            wire = codec.nbytes(math.ceil(P / WORLD))
+            per_call, logged = 2 * (WORLD - 1) * wire, WORLD * wire
         for rank in range(WORLD):
             got, res, nbytes = real[rank][spec]
             assert torch.equal(got[0], x[rank]), spec
             assert torch.equal(res[0], residual[rank]), spec
-            # reduce-scatter and all-gather: 2 (N - 1) encoded chunks per call, 2 calls
-            assert nbytes == 2 * 2 * (WORLD - 1) * wire, spec
-        assert comm.traffic.bytes_sent == 2 * 2 * (WORLD - 1) * wire * WORLD
-        assert comm.events[0].nbytes == WORLD * wire
-        assert wire * WORLD < 4 * P  # fewer bytes than fp32
+            assert nbytes == 2 * per_call, spec  # 2 calls
+        assert comm.traffic.bytes_sent == 2 * per_call * WORLD
+        assert comm.events[0].nbytes == logged
+        assert per_call < 2 * (WORLD - 1) / WORLD * 4 * P  # fewer bytes than fp32's ring
         # the compressed exchange: a stacked communicator delivers the same decoded slots
         stacked = StackedCommunicator(WORLD)
         y = torch.randn(WORLD, P, generator=torch.Generator().manual_seed(9))
@@ -173,3 +176,26 @@ def test_sharded_stacked_all_reduce_matches_one_process() -> None:
     got = torch.cat(shards)
     off = ~torch.isclose(got, whole, atol=1e-5, rtol=1e-5)
     assert off.float().mean() <= 1e-3 and (got - whole).abs().max() < 0.05
+
+
+def test_topk_all_reduce_all_gathers_and_sums_every_nodes_topk() -> None:
+    from simulations.network import NetworkModel, SimClock
+
+    x = _inputs()
+    comm = StackedCommunicator(WORLD)
+    out = x.clone()
+    codec = parse_codec("topk:0.1")
+    comm.all_reduce_mean_(out, WEIGHTS, compressor=Compressor(codec, WORLD, P))
+    frac = (WEIGHTS / WEIGHTS.sum()).to(torch.float32)
+    ref = torch.zeros(P)
+    for i in range(WORLD):
+        if frac[i] > 0:  # plain torch: keep each node's 100 largest entries, weighted sum
+            keep = x[i].abs().argsort(descending=True)[:101]
+            ref[keep] += frac[i] * x[i, keep]
+    torch.testing.assert_close(out[0], ref, atol=1e-6, rtol=1e-6)
+    (event,) = comm.events
+    assert event.op == "all_gather" and event.nbytes == codec.nbytes(P)
+    assert comm.traffic.bytes_sent == WORLD * (WORLD - 1) * codec.nbytes(P)
+    clock = SimClock(NetworkModel(latency=0.01, bandwidth=1e6), WORLD)
+    clock.communicate(0, 0, event, torch.ones(WORLD, dtype=torch.bool))
+    assert clock.now == pytest.approx((WORLD - 1) * (0.01 + codec.nbytes(P) / 1e6))

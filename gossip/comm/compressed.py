@@ -10,9 +10,13 @@ whole row first);
    every rank, which decodes them.
 
 Only encoded bytes travel: ``2 (N - 1)`` encoded chunks per rank, the ring all-reduce's volume of
-the compressed buffer. :func:`stacked_all_reduce_mean_` computes the very same numbers over N
-stacked rows (same chunks, same seeds, same order of the sum), so a simulated run matches a real
-one. A row of weight 0 contributes nothing and keeps its residual.
+the compressed buffer. Top-k is the exception: the sum of N top-k chunks has up to N k entries,
+and re-encoding it would drop most of them (with no residual to keep them), so top-k rows are
+all-gathered whole, ``N - 1`` payloads per rank, and every rank sums them (as sparse all-reduces
+do, e.g. Deep Gradient Compression); the simulator logs it as an ``all_gather``.
+:func:`stacked_all_reduce_mean_` computes the very same numbers over N stacked rows (same chunks,
+same seeds, same order of the sum), so a simulated run matches a real one. A row of weight 0
+contributes nothing and keeps its residual.
 
 **Exchange**: :func:`exchange_compressed` encodes each local row once (error feedback first),
 exchanges the encoded bytes through any communicator's ``exchange_slots`` (so ``Traffic``, the
@@ -65,6 +69,16 @@ def _encode_rows(comp: Compressor, x: Tensor, n: int, nodes: Tensor, seed: int,
     return wire, sent
 
 
+def _encode_whole(comp: Compressor, x: Tensor, nodes: Tensor, seed: int,
+                  participating: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-k's all-gather: each row encoded whole (no chunks); (wire [L, B], sent [L, P])."""
+    v = comp.begin(x)
+    wire = comp.codec.encode(v, seed=seed, rows=nodes)
+    sent = comp.codec.decode(wire, x.shape[1], seed=seed)
+    comp.end(v, sent, participating.to(x.device))
+    return wire, sent
+
+
 def _weighted_sum(rows: Tensor, frac: Tensor) -> Tensor:
     """``sum_i frac[i] rows[i]`` over rows with frac > 0, one by one in order (fp32; a row of
     weight 0 may hold NaN and contributes nothing)."""
@@ -110,8 +124,18 @@ def torch_all_reduce_mean_(comm: TorchCommunicator, x: Tensor, weight: Tensor | 
     width = x.shape[1]
     c = _chunks(width, n)
     seed = comp.next_seed()
-    wire, _ = _encode_rows(comp, x, n, comm.nodes, seed, torch.tensor([mine > 0]))
     stage = comm.backend == "gloo" and x.is_cuda
+    if comp.codec.kind == "topk":  # sparse: all-gather every rank's top-k, sum them here
+        wire, _ = _encode_whole(comp, x, comm.nodes, seed, torch.tensor([mine > 0]))
+        wire = wire.cpu() if stage else wire
+        full = wire.new_empty((n, wire.shape[1]))
+        comm._wait(_all_gather(full.view(-1), wire.view(-1), group=comm.group, async_op=True),
+                   "compressed all_reduce (all-gather of top-k)", everyone, collective=True)
+        out = _weighted_sum(comp.codec.decode(full, width, seed=seed), frac.to(full.device))
+        x.copy_(out.unsqueeze(0).to(x.device))
+        comm.traffic.add("all_reduce", (n - 1) * wire.shape[1])
+        return
+    wire, _ = _encode_rows(comp, x, n, comm.nodes, seed, torch.tensor([mine > 0]))
     if stage:
         wire = wire.cpu()
     got = torch.empty_like(wire)  # [n, B]: every rank's chunk ``me``
@@ -145,6 +169,18 @@ def stacked_all_reduce_mean_(comm: StackedCommunicator, x: Tensor, weight: Tenso
     width = x.shape[1]
     c = _chunks(width, n)
     seed = comp.next_seed()
+    senders = int(alive_local.sum())
+    if comp.codec.kind == "topk":  # as on a real rank: an all-gather of every node's top-k
+        wire, sent = _encode_whole(comp, x, comm.nodes, seed, w > 0)
+        out = _weighted_sum(sent, frac[comm.nodes].to(x.device))
+        if comm.group is not None:
+            dist.all_reduce(out, group=comm.group)
+        x.copy_(out.to(x.device).expand_as(x))
+        nbytes = wire.shape[1]
+        comm.bytes_per_node[comm.alive] += (n - 1) * nbytes
+        comm.traffic.add("all_reduce", (n - 1) * nbytes * senders, messages=senders)
+        comm.events.append(CommEvent("all_gather", nbytes, None, None, comm.alive.clone()))
+        return
     wire, sent = _encode_rows(comp, x, n, comm.nodes, seed, w > 0)
     reduced = _weighted_sum(sent.view(x.shape[0], n * c),
                             frac[comm.nodes].to(x.device)).view(n, c)
@@ -154,7 +190,6 @@ def stacked_all_reduce_mean_(comm: StackedCommunicator, x: Tensor, weight: Tenso
     out = comp.codec.decode(full, c, seed=seed).view(1, n * c)[:, :width]
     x.copy_(out.to(x.device).expand_as(x))
     nbytes = wire.shape[1]
-    senders = int(alive_local.sum())
     comm.bytes_per_node[comm.alive] += 2 * (n - 1) * nbytes
     comm.traffic.add("all_reduce", 2 * (n - 1) * nbytes * senders, messages=senders)
     # the network model charges an all-reduce of the whole encoded buffer (n chunks)

@@ -29,7 +29,7 @@ __all__ = ["CommEvent", "StackedCommunicator"]
 class CommEvent:
     """One communication call: what it was, the bytes of one message, who sent to whom."""
 
-    op: str  # "all_reduce" | "exchange"
+    op: str  # "all_reduce" | "all_gather" | "exchange"
     nbytes: int  # bytes of one node's message
     peers: Tensor | None  # [N, K] global table for exchanges
     delivered: Tensor | None  # [N, K] bool: which messages reached their receiver
