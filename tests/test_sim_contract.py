@@ -87,7 +87,7 @@ def _real_rank(comm) -> dict[str, np.ndarray]:
 
 
 def test_real_ranks_and_simulator_agree() -> None:
-    real = run_ranks(_real_rank, WORLD, timeout=240.0)  # one spawn for all the configs
+    real = run_ranks(_real_rank, WORLD, timeout=480.0)  # one spawn for all the configs
     for algo in CONFIGS:
         sim = Simulation(_config(algo))
         for r in range(ROUNDS):
