@@ -24,7 +24,7 @@ from typing import Any
 
 from simulations.compare import ALGO_SETTINGS
 from simulations.config import SimConfig
-from simulations.engine import run
+from simulations.run import run
 
 SETTINGS: dict[str, dict[str, Any]] = {
     **ALGO_SETTINGS, "choco": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}}
@@ -49,7 +49,7 @@ def cases(algos: Sequence[str], compressors: Sequence[str]) -> list[dict[str, An
                 fields: dict[str, Any] = {"algo": algo, "compress": comp, "error_feedback": ef,
                                           **SETTINGS[algo]}
                 if algo == "choco":
-                    fields["gamma"] = choco_gamma(comp)
+                    fields["choco_gamma"] = choco_gamma(comp)
                 out.append(fields)
     return out
 
@@ -86,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for fields in cases(algos, comps):
         try:
             cfg = SimConfig(task=args.task, nodes=args.nodes, rounds=rounds,
-                            local_steps=args.local_steps, partition=args.partition,
+                            sync_every=args.local_steps, partition=args.partition,
                             seed=args.seed, progress=False, **fields)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -246,7 +246,8 @@ class Compressor:
 
     Args:
         codec: the compressor (:func:`parse_codec`).
-        rows, width: the buffer's shape [L, P].
+        rows: the buffer's rows L (its shape is [L, P]).
+        width: the buffer's width P.
         error_feedback: keep a residual per row (:class:`ErrorFeedback`).
         seed: offsets the per-call seeds.
     """

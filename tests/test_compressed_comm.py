@@ -137,7 +137,7 @@ def test_simulator_counts_and_charges_compressed_bytes() -> None:
     n, steps = 4, 3
     seconds, sent = {}, {}
     for spec in ("none", "int8"):
-        cfg = SimConfig(algo="diloco", nodes=n, rounds=1, local_steps=steps, compress=spec,
+        cfg = SimConfig(algo="diloco", nodes=n, rounds=1, sync_every=steps, compress=spec,
                         eval_every=99, progress=False)
         sim = Simulation(cfg)
         record = sim.run_round(0)

@@ -23,6 +23,7 @@ __all__ = [
     "check_nonnegative",
     "check_positive",
     "check_seed",
+    "compressor_rows",
     "compressors_state",
     "frozen_rows",
     "load_compressors_state",
@@ -124,6 +125,14 @@ def make_compressors(compress: str, error_feedback: bool, buffers: Sequence[Tens
     return [[Compressor(codec, b.shape[0], b.shape[1], error_feedback=error_feedback,
                         seed=seed * 7919 + 31 * i + j, device=b.device) for j in range(copies)]
             for i, b in enumerate(buffers)]
+
+
+def compressor_rows(comps: list[list[Compressor]] | None) -> list[Tensor]:
+    """The compressors' per-node state [L, P]: the error-feedback residuals (for an algorithm's
+    ``state_rows``; nothing without compression or without error feedback)."""
+    if comps is None:
+        return []
+    return [c.feedback.residual for row in comps for c in row if c.feedback is not None]
 
 
 def compressors_state(comps: list[list[Compressor]] | None) -> dict[str, object]:

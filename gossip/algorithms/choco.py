@@ -32,6 +32,7 @@ from gossip.algorithms._common import (
     check_compress,
     check_positive,
     check_seed,
+    compressor_rows,
     compressors_state,
     frozen_rows,
     load_compressors_state,
@@ -81,6 +82,7 @@ class Choco:
     same_init: ClassVar[bool] = False
     #: every node keeps its own model: a node that is down keeps its state
     global_model: ClassVar[bool] = False
+    needs_topology: ClassVar[bool] = True
 
     def __init__(self, config: ChocoConfig, params: FlatParams, comm: Communicator,
                  topology: Topology) -> None:
@@ -132,6 +134,16 @@ class Choco:
                     x.add_((s - x_hat).mul_(cfg.gamma).to(x.dtype))
         self.merges += 1
         return stats
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """Every node takes part in every round."""
+        return None
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: the public copy x_hat and s = sum_j W_ij x_hat_j
+        of every buffer (and the error-feedback residuals, if any: none, it is refused). A node
+        that is down keeps both: its neighbours got no q from it and it got none from them."""
+        return [*self.x_hat, *self.mixed, *compressor_rows(self._comp)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"merges": self.merges, "x_hat": [h.clone() for h in self.x_hat],

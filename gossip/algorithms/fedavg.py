@@ -21,6 +21,7 @@ from gossip.algorithms._common import (
     check_fraction,
     check_positive,
     check_seed,
+    compressor_rows,
     compressors_state,
     load_compressors_state,
     make_compressors,
@@ -69,6 +70,7 @@ class FedAvg:
     same_init: ClassVar[bool] = True
     #: one global model: a node that is down pulls it when it returns
     global_model: ClassVar[bool] = True
+    needs_topology: ClassVar[bool] = False
 
     def __init__(self, config: FedAvgConfig, params: FlatParams, comm: Communicator,
                  *, weight: Tensor | None = None) -> None:
@@ -85,7 +87,7 @@ class FedAvg:
         self._comp = make_compressors(config.compress, config.error_feedback,
                                       list(params.buffers()), seed=config.seed)
 
-    def sampled(self, round_index: int) -> Tensor:
+    def sampled(self, round_index: int) -> Tensor | None:
         """Which of the N nodes take part in round ``round_index`` (same on every rank)."""
         n = self.comm.world_size
         if self.config.client_fraction >= 1.0:
@@ -113,6 +115,11 @@ class FedAvg:
         stats.extra["participants"] = float(w.gt(0).sum())
         self.rounds += 1
         return stats
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: the error-feedback residuals, if any (else the model
+        rows are all FedAvg keeps)."""
+        return compressor_rows(self._comp)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds, **compressors_state(self._comp)}

@@ -27,6 +27,7 @@ from gossip.algorithms._common import (
     check_fraction,
     check_nonnegative,
     check_positive,
+    compressor_rows,
     compressors_state,
     frozen_rows,
     load_compressors_state,
@@ -86,6 +87,7 @@ class Gossip:
     same_init: ClassVar[bool] = False
     #: every node keeps its own model: a node that is down keeps its state
     global_model: ClassVar[bool] = False
+    needs_topology: ClassVar[bool] = True
 
     def __init__(self, config: GossipConfig, params: FlatParams, comm: Communicator,
                  topology: Topology) -> None:
@@ -150,6 +152,15 @@ class Gossip:
                         x.copy_(merged)
         self.merges += 1
         return stats
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """Every node takes part in every round."""
+        return None
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: the error-feedback residuals, if any (else the model
+        rows are all gossip keeps)."""
+        return compressor_rows(self._comp)
 
     def state_dict(self) -> dict[str, Any]:
         return {"merges": self.merges, **compressors_state(self._comp)}

@@ -30,6 +30,7 @@ from gossip.algorithms._common import (
     check_nonnegative,
     check_positive,
     check_seed,
+    compressor_rows,
     compressors_state,
     frozen_rows,
     load_compressors_state,
@@ -117,6 +118,7 @@ class NoLoCo:
     same_init: ClassVar[bool] = True
     #: every node keeps its own model: a node that is down keeps its state
     global_model: ClassVar[bool] = False
+    needs_topology: ClassVar[bool] = False
 
     def __init__(self, config: NoLoCoConfig, params: FlatParams, comm: Communicator) -> None:
         n, g = comm.world_size, config.group_size
@@ -213,6 +215,15 @@ class NoLoCo:
                                        alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
                         block[0].copy_(block[1])
         return stats
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """Every node takes part in every round."""
+        return None
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: phi, the outer momentum delta and the
+        error-feedback residuals, if any."""
+        return [*self.phi, *self.delta, *compressor_rows(self._comp)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta],
