@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from gossip.algorithms import (
     ALGORITHMS,
     Algorithm,
+    ChocoConfig,
     DiLoCoConfig,
     FedAvgConfig,
     GossipConfig,
@@ -53,7 +54,7 @@ from gossip.topology import Topology, make_topology
 __all__ = ["AlgorithmConfig", "Attached", "attach"]
 
 #: The configs :func:`attach` accepts; the config's type picks the algorithm.
-AlgorithmConfig = FedAvgConfig | DiLoCoConfig | NoLoCoConfig | GossipConfig
+AlgorithmConfig = FedAvgConfig | DiLoCoConfig | NoLoCoConfig | GossipConfig | ChocoConfig
 
 _BUFFER_MODES = ("average", "local")
 _INIT_MODES = ("shared", "independent")
@@ -79,7 +80,9 @@ def attach(
     init: Literal["shared", "independent"] = "shared",
 ) -> Attached:
     """Run the algorithm that ``config`` names (``FedAvgConfig`` gives FedAvg, ``DiLoCoConfig``
-    DiLoCo, ``NoLoCoConfig`` NoLoCo, ``GossipConfig`` gossip) under ``optimizer.step()``.
+    DiLoCo, ``NoLoCoConfig`` NoLoCo, ``GossipConfig`` gossip, ``ChocoConfig`` CHOCO) under
+    ``optimizer.step()``. A config's ``compress`` (and ``error_feedback``) applies to the
+    parameters and to the buffer sync alike.
 
     Args:
         model: the local model, already on its device and in its final dtype. Its trainable
@@ -87,10 +90,11 @@ def attach(
         optimizer: the inner optimizer. It may be built before or after attach (the
             parameters keep their identity), but it must hold the model's own parameters:
             any other tensor raises ``ValueError``.
-        config: the algorithm and its schedule (``sync_every`` = H inner steps per sync).
+        config: the algorithm and its schedule (``sync_every`` = H inner steps per sync),
+            compression included.
         comm: the transport; None joins the group that torchrun describes
             (:func:`gossip.comm.init_from_env`).
-        topology: gossip only: a :class:`gossip.topology.Topology` or a spec for
+        topology: gossip and CHOCO only: a :class:`gossip.topology.Topology` or a spec for
             :func:`gossip.topology.make_topology` (``"ring"``, ``"exponential"``, ...).
         buffers: ``"average"`` (default): floating-point persistent buffers (BatchNorm
             running statistics) are synced right after the parameters, at every sync: the
@@ -123,11 +127,10 @@ def attach(
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got "
                          f"{type(optimizer).__name__}")
     _check_optimizer(model, optimizer)
-    gossiping = isinstance(config, GossipConfig)
-    if gossiping and topology is None:
-        raise ValueError("topology is required for GossipConfig: a gossip.Topology or a spec "
-                         "such as 'ring'")
-    if not gossiping and topology is not None:
+    if cls.needs_topology and topology is None:
+        raise ValueError(f"topology is required for {type(config).__name__}: a gossip.Topology "
+                         "or a spec such as 'ring'")
+    if not cls.needs_topology and topology is not None:
         raise ValueError(f"topology is only used by gossip, not by {type(config).__name__}, "
                          f"got {topology!r}")
 
@@ -178,12 +181,14 @@ def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None
 def _buffer_sync_config(algo: str, config: AlgorithmConfig) -> tuple[str, Any]:
     """The algorithm that averages the buffers the way ``config`` averages the parameters."""
     if isinstance(config, DiLoCoConfig):  # the global mean, without the outer optimizer
-        return "fedavg", FedAvgConfig(sync_every=config.sync_every)
+        return "fedavg", FedAvgConfig(sync_every=config.sync_every, compress=config.compress,
+                                      error_feedback=config.error_feedback)
     if isinstance(config, NoLoCoConfig):  # the mean over the same group, without momentum
         return algo, dataclasses.replace(config, alpha=0.0, beta=1.0, gamma=1.0)
     if isinstance(config, GossipConfig):  # the same merge; variance correction is for weights
         return algo, dataclasses.replace(config, variance_correction=False)
-    return algo, config  # FedAvg: the same weighted mean over the same sampled clients
+    # FedAvg: the same weighted mean over the same sampled clients; CHOCO: the same step
+    return algo, config
 
 
 def _broadcast_from_rank0_(comm: Communicator, t: Tensor) -> None:

@@ -16,6 +16,9 @@ Every node i has a clock ``t[i]`` (seconds). A round advances it in two phases:
      which sends the average back over its own link of ``server_bandwidth``)
      ``2 latency + 2 max(P bytes / server_bandwidth, bytes / bandwidth)``; times one jitter draw.
      Every participant's clock becomes the finish time.
+   - ``all_gather`` (a top-k compressed all-reduce: every participant's payload to every
+     other): a ring all-gather, ``(P - 1) (latency + bytes / bandwidth)`` with ``bytes`` one
+     participant's payload, times one jitter draw; synchronous like an all-reduce.
    - ``exchange`` (gossip, NoLoCo): a node waits only for its own messages. Sender j, with
      ``out_j`` messages to send, shares its uplink fairly among them, so all of them leave by
      ``t[j] + out_j * bytes / bandwidth``; the one to i arrives ``latency * jitter`` later.
@@ -148,6 +151,15 @@ class SimClock:
             count = int(part.sum())
             dur = allreduce_seconds(m.allreduce, count, event.nbytes, m.latency, m.bandwidth,
                                     m.server_bandwidth)
+            dur *= float(m.noise((1,), _COLLECTIVE, r, k)[0])
+            self.t[part] = self.t[part].max() + dur
+            return
+        if event.op == "all_gather":  # a ring all-gather of one payload per participant
+            part = up if event.participants is None else event.participants.numpy().astype(bool)
+            count = int(part.sum())
+            if count == 0:
+                return
+            dur = (count - 1) * (m.latency + event.nbytes / m.bandwidth)
             dur *= float(m.noise((1,), _COLLECTIVE, r, k)[0])
             self.t[part] = self.t[part].max() + dur
             return

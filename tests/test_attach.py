@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 import gossip
-from gossip.algorithms import build_algorithm
+from gossip.algorithms import ChocoConfig, build_algorithm
 from gossip.algorithms.noloco import group_table
 from gossip.comm import StackedCommunicator
 from gossip.flat import FlatParams
@@ -194,11 +194,18 @@ def _rank_main(comm: Any) -> dict[str, Any]:
     out["hand-noloco"] = _attach_vs_hand(comm, "noloco", gossip.NoLoCoConfig(sync_every=H,
                                                                             gamma=0.3))
     out["hand-diloco"] = _attach_vs_hand(comm, "diloco", gossip.DiLoCoConfig(sync_every=H))
+    out["hand-diloco-int8"] = _attach_vs_hand(comm, "diloco", gossip.DiLoCoConfig(
+        sync_every=H, compress="int8", error_feedback=True))
     out["resume-noloco"] = _resume(comm, gossip.NoLoCoConfig(sync_every=2, gamma=0.3))
     out["resume-diloco"] = _resume(comm, gossip.DiLoCoConfig(sync_every=2))
     out["resume-gossip"] = _resume(comm, gossip.GossipConfig(sync_every=2, merge="beta",
                                                              variance_correction=True),
                                    topology="ring", init="independent")
+    # compressed: error-feedback residuals (parameters and buffers) and CHOCO's public copies
+    out["resume-noloco-topk"] = _resume(comm, gossip.NoLoCoConfig(
+        sync_every=2, gamma=0.3, compress="topk:0.3", error_feedback=True))
+    out["resume-choco"] = _resume(comm, ChocoConfig(sync_every=2, compress="int8", gamma=0.8),
+                                  topology="ring", init="independent")
     return out
 
 
@@ -287,7 +294,7 @@ def test_gossip_names_the_ranks_that_start_apart(ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["noloco", "diloco"])
+@pytest.mark.parametrize("algo", ["noloco", "diloco", "diloco-int8"])
 def test_attach_equals_the_algorithm_driven_by_hand(ranks, algo):
     for r in ranks:
         got = r[f"hand-{algo}"]
@@ -307,7 +314,7 @@ def test_leaving_the_context_removes_the_hook(ranks):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["noloco", "diloco", "gossip"])
+@pytest.mark.parametrize("algo", ["noloco", "diloco", "gossip", "noloco-topk", "choco"])
 def test_state_dict_resumes_bit_exactly(ranks, algo):
     for r in ranks:
         assert r[f"resume-{algo}"] == {"equal": True, "step": 7}
@@ -405,6 +412,7 @@ def test_bad_input_is_refused_before_any_work():
         (dict(init="independent"), r"init='independent' is for gossip only: FedAvgConfig"),
         (dict(topology="ring"), r"topology is only used by gossip, not by FedAvgConfig"),
         (dict(config=gossip.GossipConfig()), r"topology is required for GossipConfig"),
+        (dict(config=ChocoConfig()), r"topology is required for ChocoConfig"),
         (dict(optimizer=torch.optim.SGD(_model(0).parameters(), lr=0.1)),
          r"optimizer.param_groups\[0\]\['params'\]\[0\] \(shape \(6, 5\)\) is not a parameter"),
         (dict(comm=StackedCommunicator(2)), r"comm must hold one node per process.*got 2"),

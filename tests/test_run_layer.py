@@ -50,11 +50,13 @@ def test_both_clis_share_every_run_flag_with_the_same_defaults() -> None:
     assert set(train) - shared == {
         "steps", "out", "backend", "device", "timeout", "eval_every", "checkpoint_every",
         "resume", "survive_failures", "dead_after"}
-    # two algorithms' betas have distinct flags
+    # two algorithms' betas (and gammas) have distinct flags
     assert {"noloco_beta", "gossip_beta"} <= shared and "beta" not in shared
+    assert {"noloco_gamma", "choco_gamma"} <= shared and "gamma" not in shared
+    assert {"compress", "error_feedback"} <= shared  # every algorithm's
 
 
-@pytest.mark.parametrize("algo", ["fedavg", "diloco", "noloco", "dpsgd", "gossip-vc"])
+@pytest.mark.parametrize("algo", ["fedavg", "diloco", "noloco", "dpsgd", "gossip-vc", "choco"])
 @pytest.mark.parametrize("nodes", [4, 16])
 def test_one_table_of_defaults_for_both_executors(algo: str, nodes: int) -> None:
     task = get_task("digits")
@@ -386,8 +388,8 @@ def test_every_algorithm_declares_what_the_engine_reads() -> None:
         assert all(t.shape[0] == 4 for t in rows), algo
         buffers = len(list(sim.model.flat.buffers()))
         # fedavg and the gossip family keep nothing per node but the model rows; noloco keeps
-        # phi and delta, diloco phi and the outer momentum, one per flat buffer
-        assert len(rows) == (2 * buffers if algo in ("noloco", "diloco") else 0), algo
+        # phi and delta, diloco phi and the outer momentum, choco x_hat and s, one per buffer
+        assert len(rows) == (2 * buffers if algo in ("noloco", "diloco", "choco") else 0), algo
 
 
 # ----------------------------------------------------------------------------- Dataset data

@@ -107,7 +107,7 @@ def test_straggler_policies() -> None:
 # ----------------------------------------------------------------------------- faults
 
 
-@pytest.mark.parametrize("algo", ["noloco", "dpsgd", "gossip-vc"])
+@pytest.mark.parametrize("algo", ["noloco", "dpsgd", "gossip-vc", "choco"])
 def test_crashed_nodes_keep_params_and_state(algo: str) -> None:
     sim = _sim(algo=algo, rounds=4, crash_fraction=0.25, crash_round=1, sync_every=3)
     crashed = torch.from_numpy(sim.faults.crash_at <= 4)
@@ -121,6 +121,39 @@ def test_crashed_nodes_keep_params_and_state(algo: str) -> None:
     for before, after in zip(frozen, _snapshot(sim, crashed), strict=True):
         assert torch.equal(before, after)
     assert not torch.equal(others, sim.flat_params()[~crashed])
+
+
+def _per_node(state: object, n: int) -> list[torch.Tensor]:
+    """Every per-node tensor [N, ...] of a (nested) algorithm state dict."""
+    if isinstance(state, torch.Tensor):
+        return [state] if state.dim() and state.shape[0] == n else []
+    if isinstance(state, dict):
+        state = list(state.values())
+    if isinstance(state, list | tuple):
+        return [t for item in state for t in _per_node(item, n)]
+    return []
+
+
+@pytest.mark.parametrize(("algo", "fields"), [
+    ("gossip-vc", {"compress": "int8", "error_feedback": True}),
+    ("noloco", {"compress": "topk:0.3", "error_feedback": True}),
+    ("choco", {"compress": "int8"}),
+])
+def test_crashed_nodes_keep_their_compression_state(algo: str, fields: dict) -> None:
+    """Read from the algorithm's state_dict (not state_rows): a down node's error-feedback
+    residuals and CHOCO's public copies x_hat and s do not move."""
+    sim = _sim(algo=algo, rounds=4, crash_fraction=0.25, crash_round=1, sync_every=3, **fields)
+    crashed = torch.from_numpy(sim.faults.crash_at <= 4)
+    sim.run_round(0)
+    before = [t.clone() for t in _per_node(sim.algorithm.state_dict(), 8)]
+    assert len(before) >= len(list(sim.model.flat.buffers()))  # residuals (or x_hat, s) exist
+    for r in range(1, 4):
+        sim.run_round(r)
+    after = _per_node(sim.algorithm.state_dict(), 8)
+    for b, a in zip(before, after, strict=True):
+        assert torch.equal(b[crashed], a[crashed])
+    assert any(not torch.equal(b[~crashed], a[~crashed]) for b, a in zip(before, after,
+                                                                      strict=True))
 
 
 @pytest.mark.parametrize("algo", ["fedavg", "diloco"])

@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gossip.comm.base import GatheredReceived, Traffic, check_peers
+from gossip.comm.compressed import stacked_all_reduce_mean_
+from gossip.compress import Compressor
 from gossip.scratch import Scratch
 
 __all__ = ["CommEvent", "StackedCommunicator"]
@@ -27,7 +29,7 @@ __all__ = ["CommEvent", "StackedCommunicator"]
 class CommEvent:
     """One communication call: what it was, the bytes of one message, who sent to whom."""
 
-    op: str  # "all_reduce" | "exchange"
+    op: str  # "all_reduce" | "all_gather" | "exchange"
     nbytes: int  # bytes of one node's message
     peers: Tensor | None  # [N, K] global table for exchanges
     delivered: Tensor | None  # [N, K] bool: which messages reached their receiver
@@ -151,9 +153,13 @@ class StackedCommunicator:
         del step
         return self._known_alive.clone()
 
-    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
+                         compressor: Compressor | None = None) -> None:
         if not x.is_floating_point():
             raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
+        if compressor is not None and compressor.codec.lossy:
+            stacked_all_reduce_mean_(self, x, weight, compressor)
+            return
         alive_local = self.alive[self._nodes].to(x.device)
         w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weight is None \
             else weight.to(device=x.device, dtype=torch.float64)

@@ -15,14 +15,17 @@ noloco     Adam             NoLoCoConfig (50)             - (random groups of gr
 dpsgd,     task default     GossipConfig (1)              :func:`default_topology`
 gossip,
 gossip-vc
+choco      task default     ChocoConfig (1)               :func:`default_topology`
 ========== ================ ============================= =================================
 
 Inner lr: :data:`TUNED_LR` first, else the task's default lr when the optimizer is (of the family
 of) the task's default one, else :data:`DEFAULT_LR` (1e-3 for optimizers not listed there).
 
 Flags that two algorithms read differently carry the algorithm's name: ``--noloco-beta`` is
-NoLoCo's outer learning rate, ``--gossip-beta`` the gossip merge's self weight (each algorithm
-config keeps the paper's symbol: ``NoLoCoConfig.beta``, ``GossipConfig.self_weight``).
+NoLoCo's outer learning rate, ``--gossip-beta`` the gossip merge's self weight,
+``--noloco-gamma`` NoLoCo's pull and ``--choco-gamma`` CHOCO's consensus step size (each
+algorithm config keeps the paper's symbol: ``NoLoCoConfig.beta``, ``GossipConfig.self_weight``,
+``ChocoConfig.gamma``). ``--compress`` and ``--error-feedback`` are every algorithm's.
 """
 
 from __future__ import annotations
@@ -37,7 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from gossip.algorithms import ALGORITHMS, make_config, needs_topology
+from gossip.algorithms import (
+    ALGORITHMS,
+    ChocoConfig,
+    GossipConfig,
+    NoLoCoConfig,
+    make_config,
+    needs_topology,
+)
 from gossip.configs import FileConfig, bad, check_positive, check_types, help_text
 from gossip.data import partition as _partition
 from gossip.flat import scope_from_spec
@@ -49,6 +59,7 @@ __all__ = [
     "DEFAULT_LR",
     "FLAG_FIELDS",
     "OPTIMIZERS",
+    "RENAMED",
     "SCHEDULES",
     "SYNC_EVERY",
     "TUNED_LR",
@@ -82,10 +93,13 @@ SYNC_EVERY: dict[str, int] = {"diloco": 50}
 #: Inner learning-rate schedules (see :mod:`gossip.run.schedule`).
 SCHEDULES = ("constant", "cosine", "warmup", "warmup-cosine")
 
-#: Option flags that two algorithms read differently, and the config field each one sets.
-FLAG_FIELDS: dict[str, str] = {
-    "noloco_alpha": "alpha", "noloco_beta": "beta", "noloco_gamma": "gamma",
-    "gossip_beta": "self_weight"}
+#: Option flags that two algorithms read differently: (config class, field) -> flag.
+RENAMED: dict[tuple[type, str], str] = {
+    (NoLoCoConfig, "alpha"): "noloco_alpha", (NoLoCoConfig, "beta"): "noloco_beta",
+    (NoLoCoConfig, "gamma"): "noloco_gamma", (GossipConfig, "self_weight"): "gossip_beta",
+    (ChocoConfig, "gamma"): "choco_gamma"}
+#: The renamed option flags and the config field each one sets.
+FLAG_FIELDS: dict[str, str] = {flag: name for (_, name), flag in RENAMED.items()}
 #: Algorithm config fields that are not option flags: shared (seed) or chosen by the algo name.
 NOT_FLAGS = frozenset({"seed", "merge", "variance_correction"})
 TOPOLOGY_WEIGHTS = ("metropolis", "uniform")
@@ -133,6 +147,8 @@ class AlgorithmOptions:
         "fedavg: fraction of the nodes (ranks) sampled per round"))
     gossip_beta: float | None = field(default=None, metadata=help_text(
         "gossip, gossip-vc: self weight beta of the merge"))
+    choco_gamma: float | None = field(default=None, metadata=help_text(
+        "choco: consensus step size gamma"))
     vc_eps: float | None = field(default=None, metadata=help_text(
         "gossip-vc: variance ratio guard"))
     vc_ratio: float | None = field(default=None, metadata=help_text(
@@ -140,10 +156,16 @@ class AlgorithmOptions:
     vc_scope: str | None = field(default=None, metadata=help_text(
         "gossip-vc: tensors rescaled: weights | all | none | re:REGEX (default: weights)"))
     topology: str | None = field(default=None, metadata=help_text(
-        "dpsgd, gossip, gossip-vc: NAME[:ARGS], e.g. ring, random-regular:4, exponential "
+        "dpsgd, gossip, gossip-vc, choco: NAME[:ARGS], e.g. ring, random-regular:4, exponential "
         "(default: random-regular:8, ring below 9 nodes)"))
     topology_weights: str | None = field(default=None, metadata=help_text(
-        "dpsgd: mixing weights of static graphs: metropolis | uniform (default: metropolis)"))
+        "dpsgd, choco: mixing weights of static graphs: metropolis | uniform (default: "
+        "metropolis)"))
+    compress: str | None = field(default=None, metadata=help_text(
+        "what every sync sends: none | bf16 | fp16 | int8[:BLOCK] | int8-sr[:BLOCK] | "
+        "fp8[:BLOCK] | topk:RATIO | randk:RATIO (default: none)"))
+    error_feedback: bool | None = field(default=None, metadata=help_text(
+        "carry what compression did not send into the next sync (default: off)"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -240,7 +262,9 @@ class RunSpec(AlgorithmOptions, FileConfig):
         """The algorithm's config (``FedAvgConfig``, ...): the option flags mapped to its
         fields, H = ``sync_every`` (default: this spec's, else :data:`SYNC_EVERY`, else the
         config's own default), None fields at the config's defaults."""
-        fields = {FLAG_FIELDS.get(name, name): getattr(self, name) for name in ALGO_FIELDS}
+        config_cls = ALGORITHMS[self.algo][1]
+        fields = {name: getattr(self, _flag(config_cls, name))
+                  for name in _config_fields(config_cls)}
         if sync_every is None:
             sync_every = self.sync_every
         fields["sync_every"] = SYNC_EVERY.get(self.algo) if sync_every is None else sync_every
@@ -292,26 +316,28 @@ class RunSpec(AlgorithmOptions, FileConfig):
 # ----------------------------------------------------------------------------- fields
 
 
-def _algorithm_field_names() -> set[str]:
-    names: set[str] = set()
-    for _, config_cls, _ in ALGORITHMS.values():
-        names |= {f.name for f in dataclasses.fields(config_cls)}
-    return names - NOT_FLAGS
+def _config_fields(config_cls: type) -> set[str]:
+    """The fields of an algorithm config that option flags set."""
+    return {f.name for f in dataclasses.fields(config_cls)} - NOT_FLAGS
 
 
-_FIELD_FLAGS = {v: k for k, v in FLAG_FIELDS.items()}
+def _flag(config_cls: type, name: str) -> str:
+    """The option flag (field of :class:`AlgorithmOptions`) that sets field ``name``."""
+    return RENAMED.get((config_cls, name), name)
+
 
 #: RunSpec fields that belong to some algorithms only (None = not set); sync_every is every
 #: algorithm's.
 ALGO_FIELDS: frozenset[str] = frozenset(
-    {_FIELD_FLAGS.get(n, n) for n in _algorithm_field_names()}
+    {_flag(config_cls, n) for _, config_cls, _ in ALGORITHMS.values()
+     for n in _config_fields(config_cls)}
     | {"topology", "topology_weights", "vc_scope"})
 
 
 def applicable_fields(algo: str) -> set[str]:
     """The option flags (field names of :class:`AlgorithmOptions`) that ``algo`` uses."""
     _, config_cls, preset = ALGORITHMS[algo]
-    names = {f.name for f in dataclasses.fields(config_cls)} - NOT_FLAGS
+    names = _config_fields(config_cls)
     if needs_topology(algo):
         names |= {"topology"}
         if preset.get("merge", "mixing") == "mixing":
@@ -321,7 +347,7 @@ def applicable_fields(algo: str) -> set[str]:
             names |= {"vc_scope"}
         else:
             names -= {"vc_eps", "vc_ratio"}
-    return {_FIELD_FLAGS.get(n, n) for n in names}
+    return {_flag(config_cls, n) for n in names}
 
 
 # ----------------------------------------------------------------------------- checks
