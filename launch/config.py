@@ -99,7 +99,8 @@ class AlgorithmOptions:
     nesterov: bool | None = field(default=None, metadata=help_text("diloco: Nesterov outer SGD"))
     alpha: float | None = field(default=None, metadata=help_text("noloco: outer momentum"))
     beta: float | None = field(default=None, metadata=help_text("noloco: outer lr"))
-    gamma: float | None = field(default=None, metadata=help_text("noloco: pull to the group's phi"))
+    gamma: float | None = field(default=None, metadata=help_text(
+        "noloco: pull to the group's phi; choco: consensus step size"))
     group_size: int | None = field(default=None, metadata=help_text(
         "noloco: nodes per group (must divide the number of nodes)"))
     client_fraction: float | None = field(default=None, metadata=help_text(
@@ -117,6 +118,11 @@ class AlgorithmOptions:
         "(default: ring under torchrun; in the simulator random-regular:8, ring below 9 nodes)"))
     topology_weights: str | None = field(default=None, metadata=help_text(
         "dpsgd: mixing weights of static graphs: metropolis | uniform (default: metropolis)"))
+    compress: str | None = field(default=None, metadata=help_text(
+        "what every sync sends: none | bf16 | fp16 | int8[:BLOCK] | int8-sr[:BLOCK] | "
+        "fp8[:BLOCK] | topk:RATIO | randk:RATIO (default: none)"))
+    error_feedback: bool | None = field(default=None, metadata=help_text(
+        "carry what compression did not send into the next sync (default: off)"))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from gossip.algorithms import (
+    Choco,
+    ChocoConfig,
     DiLoCo,
     DiLoCoConfig,
     FedAvg,
@@ -533,6 +535,12 @@ CONFIG_CASES = [
     (GossipConfig, "self_weight", 1.1), (GossipConfig, "self_weight", -0.1),
     (GossipConfig, "variance_correction", 1), (GossipConfig, "vc_eps", -1e-8),
     (GossipConfig, "vc_ratio", 1.5), (GossipConfig, "vc_ratio", -0.5),
+    *[(cls, "compress", value) for cls in (FedAvgConfig, DiLoCoConfig, NoLoCoConfig,
+                                           GossipConfig, ChocoConfig)
+      for value in ("int4", "topk:2", "")],
+    *[(cls, "error_feedback", "yes") for cls in (FedAvgConfig, DiLoCoConfig, NoLoCoConfig,
+                                                 GossipConfig, ChocoConfig)],
+    (ChocoConfig, "sync_every", 0), (ChocoConfig, "gamma", 0.0), (ChocoConfig, "seed", -1),
 ]
 
 
@@ -546,7 +554,7 @@ def test_invalid_config_raises_naming_field_and_value(config_cls, field, value):
 def test_every_config_field_has_an_invalid_case():
     import dataclasses
 
-    for cls in (FedAvgConfig, DiLoCoConfig, NoLoCoConfig, GossipConfig):
+    for cls in (FedAvgConfig, DiLoCoConfig, NoLoCoConfig, GossipConfig, ChocoConfig):
         fields = {f.name for f in dataclasses.fields(cls)}
         assert fields == {f for c, f, _ in CONFIG_CASES if c is cls}, cls.__name__
 
@@ -571,18 +579,22 @@ def test_cross_field_config_checks():
 # ----------------------------------------------------------------------------- state_dict
 
 
-def _build(name: str, x: Tensor) -> Any:
+def _build(name: str, x: Tensor, compress: str = "none") -> Any:
     n = x.shape[0]
     params = stacked(x)
     comm = StackedCommunicator(n)
+    cz = {"compress": compress, "error_feedback": compress != "none"}
     if name == "fedavg":
-        return FedAvg(FedAvgConfig(sync_every=1, client_fraction=0.5, seed=3), params, comm,
-                      weight=torch.arange(1, n + 1, dtype=torch.float64))
+        return FedAvg(FedAvgConfig(sync_every=1, client_fraction=0.5, seed=3, **cz), params,
+                      comm, weight=torch.arange(1, n + 1, dtype=torch.float64))
     if name == "diloco":
-        return DiLoCo(DiLoCoConfig(sync_every=1), params, comm)
+        return DiLoCo(DiLoCoConfig(sync_every=1, **cz), params, comm)
     if name == "noloco":
-        return NoLoCo(NoLoCoConfig(sync_every=1, gamma=0.3), params, comm)
-    cfg = GossipConfig(merge="beta", variance_correction=True)
+        return NoLoCo(NoLoCoConfig(sync_every=1, gamma=0.3, **cz), params, comm)
+    if name == "choco":
+        return Choco(ChocoConfig(sync_every=1, compress=compress), params, comm,
+                     make_topology("ring", n))
+    cfg = GossipConfig(merge="beta", variance_correction=True, **cz)
     return Gossip(cfg, params, comm, make_topology("one-peer-exponential", n))
 
 
@@ -597,12 +609,16 @@ def _advance(alg: Any, steps: range) -> list[Tensor]:
     return out
 
 
-@pytest.mark.parametrize("name", ["fedavg", "diloco", "noloco", "gossip"])
-def test_state_dict_round_trip_continues_bit_for_bit(name):
+@pytest.mark.parametrize(("name", "compress"), [
+    ("fedavg", "none"), ("diloco", "none"), ("noloco", "none"), ("gossip", "none"),
+    # compressed, with error feedback (the residuals and the per-call seeds resume too)
+    ("fedavg", "int8-sr:4"), ("diloco", "randk:0.3"), ("noloco", "topk:0.2"),
+    ("gossip", "int8:4"), ("choco", "none"), ("choco", "randk:0.5")])
+def test_state_dict_round_trip_continues_bit_for_bit(name, compress):
     n, p = 8, 17
-    x0 = torch.stack([init_row(p) + noise(i, 0, p) for i in range(n)]) if name == "gossip" \
-        else init_row(p).expand(n, p)
-    alg = _build(name, x0)
+    x0 = torch.stack([init_row(p) + noise(i, 0, p) for i in range(n)]) \
+        if name in ("gossip", "choco") else init_row(p).expand(n, p)
+    alg = _build(name, x0, compress)
     _advance(alg, range(1, 4))
     state = alg.state_dict()
     theta = alg.params.groups[0].buffer.clone()
@@ -610,7 +626,7 @@ def test_state_dict_round_trip_continues_bit_for_bit(name):
     blob = io.BytesIO()
     torch.save(state, blob)
     for loaded in (state, torch.load(io.BytesIO(blob.getvalue()), weights_only=False)):
-        fresh = _build(name, theta)
+        fresh = _build(name, theta, compress)
         fresh.load_state_dict(loaded)
         got = _advance(fresh, range(4, 8))
         for a, b in zip(got, expect, strict=True):

@@ -107,10 +107,22 @@ def test_algorithm_fields_have_flags_and_reach_the_algorithm_config() -> None:
 
 
 def test_applicable_fields() -> None:
-    assert applicable_fields("fedavg") == {"sync_every", "client_fraction"}
+    assert applicable_fields("fedavg") == {"sync_every", "client_fraction", "compress",
+                                           "error_feedback"}
+    assert {"topology", "topology_weights", "gamma", "compress"} <= applicable_fields("choco")
     assert {"topology", "topology_weights"} <= applicable_fields("dpsgd")
     assert "vc_scope" in applicable_fields("gossip-vc")
     assert "vc_scope" not in applicable_fields("gossip")
+
+
+def test_compress_flags_reach_the_algorithm_config() -> None:
+    cfg = from_args(["--algo", "diloco", "--compress", "int8", "--error-feedback"])
+    algo_cfg = cfg.algorithm_config()
+    assert (algo_cfg.compress, algo_cfg.error_feedback) == ("int8", True)
+    with pytest.raises(ValueError, match="compress='int3'"):
+        from_args(["--algo", "diloco", "--compress", "int3"])
+    with pytest.raises(ValueError, match="error_feedback"):
+        from_args(["--algo", "noloco", "--error-feedback"])  # nothing to feed back
 
 
 @pytest.mark.parametrize(("algo", "optimizer", "lr", "sync_every"), [

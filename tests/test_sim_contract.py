@@ -22,6 +22,16 @@ CONFIGS = {
     "noloco": SimConfig(algo="noloco", optimizer="adam", lr=1e-3, gamma=0.5),
     "dpsgd": SimConfig(algo="dpsgd", optimizer="sgd", lr=0.05, momentum=0.9),
     "gossip-vc": SimConfig(algo="gossip-vc", optimizer="sgd", lr=0.05),
+    # compressed: the quantized all-reduce (reduce-scatter + all-gather of int8 chunks) and
+    # compressed exchanges, with error feedback, match the stacked communicator's numbers
+    "diloco-int8": SimConfig(algo="diloco", optimizer="adamw", lr=1e-3, compress="int8:64",
+                             error_feedback=True),
+    "fedavg-randk": SimConfig(algo="fedavg", optimizer="sgd", lr=0.05, compress="randk:0.3",
+                              error_feedback=True),
+    "noloco-topk": SimConfig(algo="noloco", optimizer="adam", lr=1e-3, gamma=0.5,
+                             compress="topk:0.2", error_feedback=True),
+    "gossip-vc-int8sr": SimConfig(algo="gossip-vc", optimizer="sgd", lr=0.05, compress="int8-sr"),
+    "choco-int8": SimConfig(algo="choco", optimizer="sgd", lr=0.05, compress="int8", gamma=0.8),
 }
 
 
@@ -41,9 +51,10 @@ def _real_rank(comm) -> dict[str, np.ndarray]:
 
     rank = int(comm.nodes[0])
     out = {}
-    for algo in CONFIGS:
+    for name in CONFIGS:
         task = get_task("digits", seed=5)
-        cfg = _config(algo).resolved(task)
+        cfg = _config(name).resolved(task)
+        algo = cfg.algo
         shards = partition(cfg.partition, task.data.y_train, WORLD, seed=cfg.seed)
         model = task.make_model(cfg.seed if same_init(algo) else cfg.seed + rank)
         params = FlatParams.from_module(model, scope_from_spec(cfg.vc_scope or "weights"))
@@ -71,22 +82,31 @@ def _real_rank(comm) -> dict[str, np.ndarray]:
             opt.step()
             algorithm.step(step)
         # numpy: tensors would travel as shared-memory handles that die with the process
-        out[algo] = torch.cat([b.detach() for b in params.buffers()], dim=1)[0].numpy().copy()
+        out[name] = torch.cat([b.detach() for b in params.buffers()], dim=1)[0].numpy().copy()
     return out
 
 
 def test_real_ranks_and_simulator_agree() -> None:
-    real = run_ranks(_real_rank, WORLD, timeout=240.0)  # one spawn for all five algorithms
+    real = run_ranks(_real_rank, WORLD, timeout=240.0)  # one spawn for all the configs
     for algo in CONFIGS:
         sim = Simulation(_config(algo))
         for r in range(ROUNDS):
             sim.run_round(r)
         rows = sim.flat_params()
         for rank in range(WORLD):
-            torch.testing.assert_close(
-                rows[rank], torch.from_numpy(real[rank][algo]), atol=1e-5, rtol=1e-5,
-                msg=lambda m, algo=algo, rank=rank: f"{algo}, node {rank}: {m}")
-        if algo in ("fedavg", "diloco"):  # synchronous: every node holds the same model
+            got, want = rows[rank], torch.from_numpy(real[rank][algo])
+            if CONFIGS[algo].compress is None:
+                torch.testing.assert_close(
+                    got, want, atol=1e-5, rtol=1e-5,
+                    msg=lambda m, algo=algo, rank=rank: f"{algo}, node {rank}: {m}")
+                continue
+            # the inner steps already differ in the last bits (batched vs per-rank kernels);
+            # where such an input sits on a rounding boundary, a quantizer rounds it one step the
+            # other way: allow that for a few elements, never by more than a few steps
+            off = ~torch.isclose(got, want, atol=1e-5, rtol=1e-5)
+            assert off.float().mean() <= 1e-3, f"{algo}, node {rank}: {int(off.sum())} off"
+            assert (got - want).abs().max() <= 1e-3, f"{algo}, node {rank}"
+        if CONFIGS[algo].algo in ("fedavg", "diloco"):  # synchronous: all hold the same model
             assert torch.allclose(rows, rows[0].expand_as(rows), atol=1e-6)
         else:
             assert not torch.allclose(rows, rows[0].expand_as(rows), atol=1e-6)

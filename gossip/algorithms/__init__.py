@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from gossip.algorithms._common import SyncStats
+from gossip.algorithms.choco import Choco, ChocoConfig
 from gossip.algorithms.diloco import DiLoCo, DiLoCoConfig
 from gossip.algorithms.fedavg import FedAvg, FedAvgConfig
 from gossip.algorithms.gossip import Gossip, GossipConfig
@@ -24,6 +25,8 @@ from gossip.topology import Topology
 __all__ = [
     "ALGORITHMS",
     "Algorithm",
+    "Choco",
+    "ChocoConfig",
     "DiLoCo",
     "DiLoCoConfig",
     "FedAvg",
@@ -54,6 +57,7 @@ ALGORITHMS: dict[str, tuple[type, type, dict[str, Any]]] = {
     "dpsgd": (Gossip, GossipConfig, {"merge": "mixing"}),
     "gossip": (Gossip, GossipConfig, {"merge": "beta"}),
     "gossip-vc": (Gossip, GossipConfig, {"merge": "beta", "variance_correction": True}),
+    "choco": (Choco, ChocoConfig, {}),
 }
 
 
@@ -75,7 +79,7 @@ def make_config(algo: str, /, **fields: Any) -> Any:
 
 
 def needs_topology(algo: str) -> bool:
-    return _entry(algo)[0] is Gossip
+    return _entry(algo)[0] in (Gossip, Choco)
 
 
 def same_init(algo: str) -> bool:
@@ -97,10 +101,10 @@ def build_algorithm(
     if not isinstance(config, config_cls):
         raise ValueError(f"config for {algo!r} must be {config_cls.__name__}, got "
                          f"{type(config).__name__}")
-    if cls is Gossip:
+    if cls in (Gossip, Choco):
         if topology is None:
             raise ValueError(f"algo {algo!r} needs a topology")
-        return Gossip(config, params, comm, topology)
+        return cls(config, params, comm, topology)
     if cls is FedAvg:
         return FedAvg(config, params, comm, weight=weight)
     return cls(config, params, comm)

@@ -13,15 +13,20 @@ import torch
 from torch import Tensor
 
 from gossip.comm.base import Communicator
+from gossip.compress import Compressor, parse_codec
 
 __all__ = [
     "SyncStats",
     "check_bool",
+    "check_compress",
     "check_fraction",
     "check_nonnegative",
     "check_positive",
     "check_seed",
+    "compressors_state",
     "frozen_rows",
+    "load_compressors_state",
+    "make_compressors",
     "timed_sync",
 ]
 
@@ -99,3 +104,38 @@ def timed_sync(comm: Communicator, stats: SyncStats) -> Iterator[SyncStats]:
     yield stats
     stats.seconds = time.perf_counter() - t0
     stats.bytes_sent = comm.traffic.bytes_sent - before
+
+
+def check_compress(compress: str, error_feedback: bool) -> None:
+    """The ``compress`` and ``error_feedback`` fields every algorithm config has."""
+    codec = parse_codec(compress, "compress")
+    check_bool("error_feedback", error_feedback)
+    if error_feedback and not codec.lossy:
+        raise ValueError("error_feedback=True needs a lossy compress, got compress='none'")
+
+
+def make_compressors(compress: str, error_feedback: bool, buffers: Sequence[Tensor], *,
+                     seed: int = 0, copies: int = 1) -> list[list[Compressor]] | None:
+    """``copies`` compressors per buffer (one per thing the algorithm sends of it), each with its
+    own residual and seeds; None for ``compress='none'`` (the uncompressed paths, unchanged)."""
+    codec = parse_codec(compress, "compress")
+    if not codec.lossy:
+        return None
+    return [[Compressor(codec, b.shape[0], b.shape[1], error_feedback=error_feedback,
+                        seed=seed * 7919 + 31 * i + j, device=b.device) for j in range(copies)]
+            for i, b in enumerate(buffers)]
+
+
+def compressors_state(comps: list[list[Compressor]] | None) -> dict[str, object]:
+    """The compressors' state for an algorithm's ``state_dict`` (nothing without compression)."""
+    if comps is None:
+        return {}
+    return {"compress": [[c.state_dict() for c in row] for row in comps]}
+
+
+def load_compressors_state(comps: list[list[Compressor]] | None, state: dict) -> None:
+    if comps is None:
+        return
+    for row, saved in zip(comps, state["compress"], strict=True):
+        for c, s in zip(row, saved, strict=True):
+            c.load_state_dict(s)

@@ -19,8 +19,12 @@ from torch import Tensor
 from gossip.algorithms._common import (
     SyncStats,
     check_bool,
+    check_compress,
     check_fraction,
     check_positive,
+    compressors_state,
+    load_compressors_state,
+    make_compressors,
     timed_sync,
 )
 from gossip.comm.base import Communicator
@@ -36,14 +40,19 @@ class DiLoCoConfig:
     outer_lr: outer SGD learning rate.
     outer_momentum: outer SGD momentum.
     nesterov: Nesterov momentum in the outer SGD (the DiLoCo paper's choice).
+    compress: what the pseudo-gradient all-reduce sends (:func:`gossip.compress.parse_codec`).
+    error_feedback: carry what compression did not send into the next outer step.
     """
 
     sync_every: int = 500
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     nesterov: bool = True
+    compress: str = "none"
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
+        check_compress(self.compress, self.error_feedback)
         check_positive("sync_every", self.sync_every, integer=True)
         check_positive("outer_lr", self.outer_lr)
         check_fraction("outer_momentum", self.outer_momentum)
@@ -75,6 +84,7 @@ class DiLoCo:
         # depending on the buffer length, so a real rank [1, P] and the simulator [N, P] differ.)
         self.outer = torch.optim.SGD(self.phi, lr=config.outer_lr, foreach=True,
                                      momentum=config.outer_momentum, nesterov=config.nesterov)
+        self._comp = make_compressors(config.compress, config.error_feedback, self._grads)
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based). ``active`` [L]: rows that contribute."""
@@ -82,9 +92,13 @@ class DiLoCo:
             return None
         weight = None if active is None else active.to(torch.float64)
         with timed_sync(self.comm, SyncStats(step)) as stats:
-            for phi, theta, g in zip(self.phi, self.params.buffers(), self._grads, strict=True):
+            for i, (phi, theta, g) in enumerate(
+                    zip(self.phi, self.params.buffers(), self._grads, strict=True)):
                 torch.sub(phi.detach(), theta, out=g)
-                self.comm.all_reduce_mean_(g, weight)
+                if self._comp is None:
+                    self.comm.all_reduce_mean_(g, weight)
+                else:
+                    self.comm.all_reduce_mean_(g, weight, compressor=self._comp[i][0])
                 phi.grad = g
             self.outer.step()
             self.outer.zero_grad(set_to_none=True)
@@ -96,7 +110,8 @@ class DiLoCo:
         # the optimizer's state_dict holds references to its live momentum buffers: copy them, so
         # a saved state does not change as training goes on
         return {"phi": [p.detach().clone() for p in self.phi],
-                "outer": copy.deepcopy(self.outer.state_dict())}
+                "outer": copy.deepcopy(self.outer.state_dict()),
+                **compressors_state(self._comp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
@@ -104,3 +119,4 @@ class DiLoCo:
                 p.copy_(saved)
         # load a copy: Optimizer.load_state_dict keeps the given tensors as its live buffers
         self.outer.load_state_dict(copy.deepcopy(state["outer"]))
+        load_compressors_state(self._comp, state)

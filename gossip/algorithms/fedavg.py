@@ -17,9 +17,13 @@ from torch import Tensor
 
 from gossip.algorithms._common import (
     SyncStats,
+    check_compress,
     check_fraction,
     check_positive,
     check_seed,
+    compressors_state,
+    load_compressors_state,
+    make_compressors,
     timed_sync,
 )
 from gossip.comm.base import Communicator
@@ -34,13 +38,18 @@ class FedAvgConfig:
     sync_every: inner steps between averages (H).
     client_fraction: fraction C of nodes sampled each round (at least one).
     seed: seeds the client sampling (shared by all ranks).
+    compress: what the model all-reduce sends (:func:`gossip.compress.parse_codec`).
+    error_feedback: carry what compression did not send into the next round.
     """
 
     sync_every: int = 10
     client_fraction: float = 1.0
     seed: int = 0
+    compress: str = "none"
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
+        check_compress(self.compress, self.error_feedback)
         check_positive("sync_every", self.sync_every, integer=True)
         check_fraction("client_fraction", self.client_fraction, low_open=True)
         check_seed("seed", self.seed)
@@ -73,6 +82,8 @@ class FedAvg:
             raise ValueError(f"weight must be {rows} non-negative numbers, got {weight.tolist()}")
         self.weight = weight.to(torch.float64)
         self.rounds = 0
+        self._comp = make_compressors(config.compress, config.error_feedback,
+                                      list(params.buffers()), seed=config.seed)
 
     def sampled(self, round_index: int) -> Tensor:
         """Which of the N nodes take part in round ``round_index`` (same on every rank)."""
@@ -94,14 +105,18 @@ class FedAvg:
         if active is not None:
             w = w * active.to("cpu", torch.float64)
         with timed_sync(self.comm, SyncStats(step)) as stats:
-            for buf in self.params.buffers():
-                self.comm.all_reduce_mean_(buf, w.to(buf.device))
+            for i, buf in enumerate(self.params.buffers()):
+                if self._comp is None:
+                    self.comm.all_reduce_mean_(buf, w.to(buf.device))
+                else:
+                    self.comm.all_reduce_mean_(buf, w.to(buf.device), compressor=self._comp[i][0])
         stats.extra["participants"] = float(w.gt(0).sum())
         self.rounds += 1
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds}
+        return {"rounds": self.rounds, **compressors_state(self._comp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds = int(state["rounds"])
+        load_compressors_state(self._comp, state)

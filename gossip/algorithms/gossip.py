@@ -23,13 +23,18 @@ from torch import Tensor
 from gossip.algorithms._common import (
     SyncStats,
     check_bool,
+    check_compress,
     check_fraction,
     check_nonnegative,
     check_positive,
+    compressors_state,
     frozen_rows,
+    load_compressors_state,
+    make_compressors,
     timed_sync,
 )
 from gossip.comm.base import Communicator
+from gossip.comm.compressed import exchange_compressed
 from gossip.flat import FlatParams
 from gossip.ops import mix, segment_variances, variance_correct_, vc_segments
 from gossip.scratch import Scratch
@@ -47,6 +52,9 @@ class GossipConfig:
     variance_correction: rescale merged tensors to the received models' mean variance.
     vc_eps: guard in the variance ratio.
     vc_ratio: partial correction r (s = 1 + r (s - 1)); 1 = full correction.
+    compress: what a node sends its neighbours (:func:`gossip.compress.parse_codec`); a node
+        merges its own exact weights with the neighbours' decoded ones.
+    error_feedback: carry what compression did not send into the next merge.
     """
 
     sync_every: int = 1
@@ -55,8 +63,11 @@ class GossipConfig:
     variance_correction: bool = False
     vc_eps: float = 1e-8
     vc_ratio: float = 1.0
+    compress: str = "none"
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
+        check_compress(self.compress, self.error_feedback)
         check_positive("sync_every", self.sync_every, integer=True)
         if self.merge not in ("mixing", "beta"):
             raise ValueError(f"merge must be 'mixing' or 'beta', got {self.merge!r}")
@@ -93,6 +104,8 @@ class Gossip:
         self.topology = topology
         self.merges = 0
         self._scratch = Scratch()  # merge results when a slot reads x itself
+        self._comp = make_compressors(config.compress, config.error_feedback,
+                                      [g.buffer for g in params.groups])
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this merge."""
@@ -108,9 +121,11 @@ class Gossip:
             peers = peers.masked_fill(cut, -1)
         nodes = self.comm.nodes
         with timed_sync(self.comm, SyncStats(step)) as stats:
-            for group in self.params.groups:
+            for gi, group in enumerate(self.params.groups):
                 x = group.buffer
-                received = self.comm.exchange_slots(x, peers)
+                received = (self.comm.exchange_slots(x, peers) if self._comp is None else
+                            exchange_compressed(self.comm, x, peers, self._comp[gi][0],
+                                                active)[1])
                 arrived = received.arrived
                 if cfg.merge == "mixing":
                     w_self, w_peers = self_weight[nodes], weights[nodes]
@@ -137,7 +152,8 @@ class Gossip:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"merges": self.merges}
+        return {"merges": self.merges, **compressors_state(self._comp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.merges = int(state["merges"])
+        load_compressors_state(self._comp, state)

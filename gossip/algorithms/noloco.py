@@ -25,14 +25,19 @@ from torch import Tensor
 
 from gossip.algorithms._common import (
     SyncStats,
+    check_compress,
     check_fraction,
     check_nonnegative,
     check_positive,
     check_seed,
+    compressors_state,
     frozen_rows,
+    load_compressors_state,
+    make_compressors,
     timed_sync,
 )
 from gossip.comm.base import Communicator
+from gossip.comm.compressed import exchange_compressed
 from gossip.flat import FlatParams
 from gossip.ops import noloco_update_
 from gossip.topology import random_matching
@@ -47,6 +52,9 @@ class NoLoCoConfig:
     alpha: outer momentum. beta: outer learning rate. gamma: pull toward the group's mean phi.
     group_size: n, nodes per group (2 = pairs).
     seed: offsets the shared pairing seed (0 = the reference code's ``default_rng(step + 1)``).
+    compress: what a node sends its group (:func:`gossip.compress.parse_codec`); a node averages
+        its own exact weights with the others' decoded ones.
+    error_feedback: carry what compression did not send into the next outer step.
     """
 
     sync_every: int = 50
@@ -55,8 +63,11 @@ class NoLoCoConfig:
     gamma: float = 0.7
     group_size: int = 2
     seed: int = 0
+    compress: str = "none"
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
+        check_compress(self.compress, self.error_feedback)
         check_positive("sync_every", self.sync_every, integer=True)
         check_fraction("alpha", self.alpha)
         check_positive("beta", self.beta)
@@ -121,6 +132,18 @@ class NoLoCo:
         self._theta_mean = [torch.empty_like(p) for p in self.phi]
         self._phi_mean = ([] if config.gamma == config.beta
                           else [torch.empty_like(p) for p in self.phi])
+        # one compressor for theta's exchange, one for phi's (each its own residual)
+        self._comp = make_compressors(config.compress, config.error_feedback, self.phi,
+                                      seed=config.seed, copies=2)
+
+    def _exchange(self, x: Tensor, others: Tensor, i: int, what: int,
+                  active: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Exchange buffer ``i``'s ``x`` (what = 0: theta, 1: phi) with the group, compressed
+        when the config says so: (received [L, W, P], arrived [L, W])."""
+        if self._comp is None:
+            return self.comm.exchange(x, others)
+        _, got = exchange_compressed(self.comm, x, others, self._comp[i][what], active)
+        return got.dense(), got.arrived
 
     def _group_mean(self, x: Tensor, received: Tensor, arrived: Tensor, me: Tensor,
                     out: Tensor) -> Tensor:
@@ -171,10 +194,10 @@ class NoLoCo:
             for i, (theta, phi, delta) in enumerate(
                     zip(self.params.buffers(), self.phi, self.delta, strict=True)):
                 me = me.to(theta.device)
-                recv, arrived = self.comm.exchange(theta, others)
+                recv, arrived = self._exchange(theta, others, i, 0, active)
                 if not tied:  # phi travels too; its exchange may reuse theta's receive buffer
                     self._group_mean(theta, recv, arrived, me, self._theta_mean[i])
-                    recv, arrived = self.comm.exchange(phi, others)
+                    recv, arrived = self._exchange(phi, others, i, 1, active)
                 for cols in _column_blocks(theta):
                     if tied:
                         theta_mean = self._group_mean(theta[:, cols], recv[..., cols], arrived,
@@ -192,11 +215,13 @@ class NoLoCo:
         return stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta]}
+        return {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta],
+                **compressors_state(self._comp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for dst, src in zip(self.phi + self.delta, state["phi"] + state["delta"], strict=True):
             dst.copy_(src)
+        load_compressors_state(self._comp, state)
 
 
 #: Elements per column block of a real rank's outer update: the group mean and the update of a

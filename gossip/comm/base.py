@@ -15,6 +15,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from gossip.compress import Compressor
 from gossip.scratch import Scratch
 
 __all__ = [
@@ -192,10 +193,13 @@ class Communicator(Protocol):
         """Running total of what this process sent."""
         ...
 
-    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
+                         compressor: Compressor | None = None) -> None:
         """Set every row of ``x`` [L, P] to the weighted mean over all N nodes' rows.
 
         ``weight`` [L] (>= 0, e.g. sample counts; 0 = not participating); None = plain mean.
+        ``compressor``: a lossy one moves only its encoded bytes (a quantized reduce-scatter and
+        all-gather, :mod:`gossip.comm.compressed`); None or ``none``: exact fp all-reduce.
         """
         ...
 

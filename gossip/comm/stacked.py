@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from gossip.comm.base import GatheredReceived, Traffic, check_peers
+from gossip.comm.compressed import stacked_all_reduce_mean_
+from gossip.compress import Compressor
 from gossip.scratch import Scratch
 
 __all__ = ["CommEvent", "StackedCommunicator"]
@@ -151,9 +153,13 @@ class StackedCommunicator:
         del step
         return self._known_alive.clone()
 
-    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
+                         compressor: Compressor | None = None) -> None:
         if not x.is_floating_point():
             raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
+        if compressor is not None and compressor.codec.lossy:
+            stacked_all_reduce_mean_(self, x, weight, compressor)
+            return
         alive_local = self.alive[self._nodes].to(x.device)
         w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weight is None \
             else weight.to(device=x.device, dtype=torch.float64)

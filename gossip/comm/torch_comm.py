@@ -32,7 +32,9 @@ from gossip.comm.base import (
     Traffic,
     check_peers,
 )
+from gossip.comm.compressed import torch_all_reduce_mean_
 from gossip.comm.monitor import PeerMonitor
+from gossip.compress import Compressor
 from gossip.scratch import Scratch
 
 __all__ = ["TorchCommunicator", "init_from_env"]
@@ -138,9 +140,13 @@ class TorchCommunicator:
             alive[list(dead)] = False
         return alive
 
-    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None) -> None:
+    def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
+                         compressor: Compressor | None = None) -> None:
         if not x.is_floating_point():
             raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
+        if compressor is not None and compressor.codec.lossy:
+            torch_all_reduce_mean_(self, x, weight, compressor)
+            return
         n = self._world_size
         everyone = tuple(r for r in range(n) if r != self.rank)
         if weight is not None:

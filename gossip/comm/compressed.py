@@ -1,0 +1,199 @@
+"""Compressed communication: the quantized all-reduce and compressed exchanges.
+
+**All-reduce** (as torchft's quantized all-reduce): the buffer ``[P]`` is split into N chunks of
+``c = ceil(P / N)`` elements (zero-padded), each chunk encoded on its own (error feedback on the
+whole row first);
+
+1. reduce-scatter: an ``all_to_all`` of the encoded chunks, so rank r holds every rank's chunk r;
+2. rank r decodes them and takes the weighted sum in fp32, rank by rank in rank order;
+3. rank r encodes its reduced chunk again, and an ``all_gather`` brings every reduced chunk to
+   every rank, which decodes them.
+
+Only encoded bytes travel: ``2 (N - 1)`` encoded chunks per rank, the ring all-reduce's volume of
+the compressed buffer. :func:`stacked_all_reduce_mean_` computes the very same numbers over N
+stacked rows (same chunks, same seeds, same order of the sum), so a simulated run matches a real
+one. A row of weight 0 contributes nothing and keeps its residual.
+
+**Exchange**: :func:`exchange_compressed` encodes each local row once (error feedback first),
+exchanges the encoded bytes through any communicator's ``exchange_slots`` (so ``Traffic``, the
+simulator's byte counts and its network model all see compressed bytes) and hands back what the
+row sent (decoded, what its receivers will see) and a :class:`DecodedReceived`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from gossip.comm.base import CommError, Received
+from gossip.compress import Compressor
+
+if TYPE_CHECKING:
+    from gossip.comm.base import Communicator
+    from gossip.comm.stacked import StackedCommunicator
+    from gossip.comm.torch_comm import TorchCommunicator
+
+__all__ = ["DecodedReceived", "exchange_compressed", "stacked_all_reduce_mean_",
+           "torch_all_reduce_mean_"]
+
+
+#: torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated there)
+_all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def _chunks(width: int, n: int) -> int:
+    return max(1, math.ceil(width / n))
+
+
+def _encode_rows(comp: Compressor, x: Tensor, n: int, nodes: Tensor, seed: int,
+                 participating: Tensor) -> tuple[Tensor, Tensor]:
+    """Stage 1 for local rows ``x`` [L, P]: the wire [L * n, B] of every row's n chunks and the
+    decoded chunks [L, n, c]; updates the residual of the participating rows."""
+    rows, width = x.shape
+    c = _chunks(width, n)
+    v = comp.begin(x)
+    padded = torch.nn.functional.pad(v, (0, n * c - width)).view(rows * n, c)
+    ids = (nodes.to(torch.int64).unsqueeze(1) * n + torch.arange(n)).reshape(-1)
+    wire = comp.codec.encode(padded, seed=seed, rows=ids)
+    sent = comp.codec.decode(wire, c, seed=seed).view(rows, n, c)
+    comp.end(v, sent.view(rows, n * c)[:, :width], participating.to(x.device))
+    return wire, sent
+
+
+def _weighted_sum(rows: Tensor, frac: Tensor) -> Tensor:
+    """``sum_i frac[i] rows[i]`` over rows with frac > 0, one by one in order (fp32; a row of
+    weight 0 may hold NaN and contributes nothing)."""
+    acc = torch.zeros_like(rows[0])
+    for i in range(rows.shape[0]):
+        f = float(frac[i])
+        if f > 0:
+            acc.add_(rows[i] * f)
+    return acc
+
+
+def _stage2(comp: Compressor, reduced: Tensor, n: int, seed: int, owners: Tensor) -> Tensor:
+    """Re-encode reduced chunks [M, c] owned by ``owners``: the wire rows. Same seed as stage 1
+    (randk keeps the indices the sum lives on, so re-encoding it loses nothing); row ids
+    ``n * n + owner``, apart from stage 1's ``node * n + chunk``."""
+    return comp.codec.encode(reduced, seed=seed, rows=n * n + owners.to(torch.int64))
+
+
+def _fractions(weights: Tensor) -> Tensor:
+    total = float(weights.sum())
+    if total <= 0:
+        raise ValueError("all_reduce_mean_: every participating weight is zero")
+    return (weights / total).to(torch.float32)
+
+
+def torch_all_reduce_mean_(comm: TorchCommunicator, x: Tensor, weight: Tensor | None,
+                           comp: Compressor) -> None:
+    """The compressed weighted all-reduce on a real rank (x [1, P]); see the module doc."""
+    n, me = comm.world_size, comm.rank
+    everyone = tuple(r for r in range(n) if r != me)
+    mine = 1.0 if weight is None else float(weight.detach().reshape(()))
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[me] = mine
+    if weight is not None:  # every rank needs every weight (to weight the chunks it reduces)
+        comm._wait(dist.all_reduce(weights, group=comm.group, async_op=True),
+                   "all_reduce of weights", everyone, collective=True)
+    else:
+        weights.fill_(1.0)
+    try:
+        frac = _fractions(weights)
+    except ValueError as e:
+        raise CommError(str(e), rank=me, step=comm.step) from None
+    width = x.shape[1]
+    c = _chunks(width, n)
+    seed = comp.next_seed()
+    wire, _ = _encode_rows(comp, x, n, comm.nodes, seed, torch.tensor([mine > 0]))
+    stage = comm.backend == "gloo" and x.is_cuda
+    if stage:
+        wire = wire.cpu()
+    got = torch.empty_like(wire)  # [n, B]: every rank's chunk ``me``
+    comm._wait(dist.all_to_all_single(got, wire, group=comm.group, async_op=True),
+               "compressed all_reduce (reduce-scatter)", everyone, collective=True)
+    reduced = _weighted_sum(comp.codec.decode(got, c, seed=seed), frac.to(got.device))
+    mine_wire = _stage2(comp, reduced.unsqueeze(0), n, seed, torch.tensor([me])).to(wire.device)
+    full = torch.empty_like(wire)
+    comm._wait(_all_gather(full.view(-1), mine_wire.view(-1), group=comm.group, async_op=True),
+               "compressed all_reduce (all-gather)", everyone, collective=True)
+    out = comp.codec.decode(full, c, seed=seed).view(1, n * c)[:, :width]
+    x.copy_(out.to(x.device))
+    comm.traffic.add("all_reduce", 2 * (n - 1) * wire.shape[1])
+
+
+def stacked_all_reduce_mean_(comm: StackedCommunicator, x: Tensor, weight: Tensor | None,
+                             comp: Compressor) -> None:
+    """The same numbers as :func:`torch_all_reduce_mean_` over stacked rows x [L, P]."""
+    from gossip.comm.stacked import CommEvent
+
+    n = comm.world_size
+    alive_local = comm.alive[comm.nodes]
+    w = torch.ones(x.shape[0], dtype=torch.float64) if weight is None \
+        else weight.to("cpu", torch.float64)
+    w = w * alive_local
+    weights = torch.zeros(n, dtype=torch.float64)
+    weights[comm.nodes] = w
+    if comm.group is not None:
+        dist.all_reduce(weights, group=comm.group)
+    frac = _fractions(weights)
+    width = x.shape[1]
+    c = _chunks(width, n)
+    seed = comp.next_seed()
+    wire, sent = _encode_rows(comp, x, n, comm.nodes, seed, w > 0)
+    reduced = _weighted_sum(sent.view(x.shape[0], n * c),
+                            frac[comm.nodes].to(x.device)).view(n, c)
+    if comm.group is not None:  # shards' partial sums (summed in another order than one rank)
+        dist.all_reduce(reduced, group=comm.group)
+    full = _stage2(comp, reduced, n, seed, torch.arange(n))
+    out = comp.codec.decode(full, c, seed=seed).view(1, n * c)[:, :width]
+    x.copy_(out.to(x.device).expand_as(x))
+    nbytes = wire.shape[1]
+    senders = int(alive_local.sum())
+    comm.bytes_per_node[comm.alive] += 2 * (n - 1) * nbytes
+    comm.traffic.add("all_reduce", 2 * (n - 1) * nbytes * senders, messages=senders)
+    # the network model charges an all-reduce of the whole encoded buffer (n chunks)
+    comm.events.append(CommEvent("all_reduce", n * nbytes, None, None, comm.alive.clone()))
+
+
+class DecodedReceived(Received):
+    """What a compressed exchange delivered, decoded slot by slot (zeros where nothing came)."""
+
+    def __init__(self, wire: Received, comp: Compressor, width: int, seed: int) -> None:
+        self.wire = wire
+        self.arrived = wire.arrived
+        self._decode: Callable[[Tensor], Tensor] = \
+            lambda rows: comp.codec.decode(rows, width, seed=seed)
+
+    def slot(self, k: int) -> Tensor:
+        return self._decode(self.wire.slot(k)).masked_fill_(~self.arrived[:, k : k + 1], 0)
+
+    def sender_stats(self, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        return self.wire.sender_stats(lambda rows: fn(self._decode(rows)))
+
+    def dense(self) -> Tensor:
+        return torch.stack([self.slot(k) for k in range(self.num_slots)], dim=1)
+
+    def reads(self, x: Tensor) -> bool:
+        return False  # slots are decoded copies
+
+
+def exchange_compressed(comm: Communicator, x: Tensor, peers: Tensor, comp: Compressor,
+                        active: Tensor | None = None) -> tuple[Tensor, DecodedReceived]:
+    """Send each local row of ``x`` [L, P] through ``comp`` to the nodes that list it in
+    ``peers``; returns (what each row sent, decoded fp32 [L, P]; what arrived, decoded).
+
+    The residual of rows where ``active`` [L] is False is kept (they do not use this round).
+    """
+    seed = comp.next_seed()
+    v = comp.begin(x)
+    wire = comp.codec.encode(v, seed=seed, rows=comm.nodes)
+    sent = comp.codec.decode(wire, x.shape[1], seed=seed)
+    comp.end(v, sent, None if active is None else active.to(torch.bool).to(x.device))
+    got = comm.exchange_slots(wire, peers)
+    return sent, DecodedReceived(got, comp, x.shape[1], seed)
