@@ -13,7 +13,8 @@ way, in pairs), ``raw_pair_sends_first`` / ``raw_pair_recvs_first`` (a pair exch
 ``ALGO:CODEC`` (e.g. ``diloco:int8``, ``choco:topk:0.01``).
 
 One sample is the wall time of the slowest rank for one sync (barrier, sync, all_reduce MAX);
-each case is warmed up and timed ``--repeats`` times, the cases taking turns inside each repeat.
+each case is warmed up and timed ``--repeats`` times, one case after the other (each case's
+algorithm state is freed before the next is built, to bound memory: 8 ranks x 16M parameters).
 The prediction runs the same algorithm for one sync on a :class:`StackedCommunicator` of the
 same N rows and width, and feeds its logged events to :class:`simulations.network.SimClock`
 (bandwidth = the shaped rate, latency = the delay, no compute): the same bytes, the same model.
@@ -23,12 +24,14 @@ Prints one JSON header line, then one JSON line per (world size, case): measured
 min/max, the model's seconds, measured/model, bytes per node. Needs root and ``ip netns``.
 
     python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 100 --repeats 3
-    python benchmarks/wan.py --world-sizes 2 --params 0.25 --repeats 1 --cases raw_send,diloco
+    python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 1000 --repeats 3
+    python benchmarks/wan.py --quick      # 2 ranks, 0.25M parameters, 4 cases, 1 repeat
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -157,7 +160,7 @@ def worker(opts: dict[str, Any]) -> None:
         torch.manual_seed(rank)
         raw = torch.randn(numel)
         got = torch.empty(numel)
-        cases: dict[str, Callable[[int], Any]] = {
+        raws: dict[str, Callable[[int], Any]] = {
             "raw_allreduce": lambda step: dist.all_reduce(raw),
             "raw_send": lambda step: one_way(raw, got, partner(rank, n, 1), rank),
             "raw_pair_sends_first": lambda step: raw_exchange(raw, [got], [partner(rank, n, 1)],
@@ -165,33 +168,31 @@ def worker(opts: dict[str, Any]) -> None:
             "raw_pair_recvs_first": lambda step: pair_exchange(raw, got, partner(rank, n, 1),
                                                                True),
         }
-        flats = []
-        for case in opts["cases"]:
-            if case in RAW:
-                continue
-            algo, codec = parse_case(case)
-            flat = FlatParams.from_stacked({"w": torch.randn(1, numel)})
-            sync = build_sync(algo, codec, flat, comm, n)
-            flats.append(flat)
-            cases[case] = sync.step
         eps = 1e-4 * (rank + 1)
-
-        def nudge() -> None:  # stand-in for local training: the averages have work to do
-            with torch.no_grad():
-                for flat in flats:
-                    for buf in flat.buffers():
-                        buf.add_(eps)
-
-        samples: dict[str, list[float]] = {c: [] for c in opts["cases"]}
+        samples: dict[str, list[float]] = {}
         step = 0
-        for phase, count in (("warmup", opts["warmup"]), ("timed", opts["repeats"])):
-            for _ in range(count):
-                for case in opts["cases"]:
-                    step += 1
-                    nudge()
-                    dt = time_once(cases[case], step)
-                    if phase == "timed":
-                        samples[case].append(dt)
+        # one case at a time, its algorithm (model, anchor, momentum, residuals) freed before
+        # the next: all of them at once would hold ~3.5 GiB per rank at 16M parameters
+        for case in opts["cases"]:
+            flat = None
+            if case in RAW:
+                fn = raws[case]
+            else:
+                algo, codec = parse_case(case)
+                flat = FlatParams.from_stacked({"w": torch.randn(1, numel)})
+                fn = build_sync(algo, codec, flat, comm, n).step
+            samples[case] = []
+            for i in range(opts["warmup"] + opts["repeats"]):
+                step += 1
+                if flat is not None:  # stand-in for local training: the average has work
+                    with torch.no_grad():
+                        for buf in flat.buffers():
+                            buf.add_(eps)
+                dt = time_once(fn, step)
+                if i >= opts["warmup"]:
+                    samples[case].append(dt)
+            del fn, flat
+            gc.collect()
         if rank == 0:
             Path(opts["out"]).write_text(json.dumps(samples))
         dist.barrier()
@@ -241,11 +242,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds one world size may take in all")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 2 ranks, 0.25M parameters, 4 cases, 1 repeat")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
         worker(json.loads(args.worker))
         return
+    if args.quick:
+        args.world_sizes, args.params, args.repeats = "2", 0.25, 1
+        args.cases = "raw_send,raw_pair_recvs_first,diloco,noloco:int8"
     sizes = [int(s) for s in args.world_sizes.split(",") if s.strip()]
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for n in sizes:
