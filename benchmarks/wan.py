@@ -1,0 +1,300 @@
+"""Real syncs over real shaped links, next to what the simulator's network model predicts.
+
+Every rank runs as its own process inside its own network namespace (:mod:`benchmarks.netns`:
+veth pairs through a bridge, ``tc tbf`` at ``--rate-mbit`` on both ends of every link, a netem
+delay too with ``--delay-ms`` where the kernel has netem). The ranks meet over a TCPStore on rank
+0's address and form a Gloo group whose traffic crosses only the shaped links. Each rank holds a
+flat fp32 model of ``--params`` million parameters.
+
+Cases (``--cases``, comma-separated): the raw transfers ``raw_allreduce``, ``raw_send`` (one
+way, in pairs), ``raw_pair_sends_first`` / ``raw_pair_recvs_first`` (a pair exchange through
+``batch_isend_irecv`` with the sends or the receives listed first), and the algorithms ``fedavg``,
+``diloco``, ``noloco`` (pairs), ``dpsgd`` and ``choco`` (ring), each optionally compressed as
+``ALGO:CODEC`` (e.g. ``diloco:int8``, ``choco:topk:0.01``).
+
+One sample is the wall time of the slowest rank for one sync (barrier, sync, all_reduce MAX);
+each case is warmed up and timed ``--repeats`` times, one case after the other (each case's
+algorithm state is freed before the next is built, to bound memory: 8 ranks x 16M parameters).
+The prediction runs the same algorithm for one sync on a :class:`StackedCommunicator` of the
+same N rows and width, and feeds its logged events to :class:`simulations.network.SimClock`
+(bandwidth = the shaped rate, latency = the delay, no compute): the same bytes, the same model.
+Raw transfers are predicted by the same clock from the event they are.
+
+Prints one JSON header line, then one JSON line per (world size, case): measured median seconds,
+min/max, the model's seconds, measured/model, bytes per node. Needs root and ``ip netns``.
+
+    python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 100 --repeats 3
+    python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 1000 --repeats 3
+    python benchmarks/wan.py --quick      # 2 ranks, 0.25M parameters, 4 cases, 1 repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.netns import ShapedLan, cleanup_stale, netem_available, unavailable
+from benchmarks.sync_overhead import raw_exchange, time_once
+from gossip.algorithms import build_algorithm, make_config, needs_topology
+from gossip.comm import StackedCommunicator, TorchCommunicator
+from gossip.comm.stacked import CommEvent
+from gossip.flat import FlatParams
+from gossip.topology import make_topology, random_matching
+from simulations.network import NetworkModel, SimClock
+
+RAW = ("raw_allreduce", "raw_send", "raw_pair_sends_first", "raw_pair_recvs_first")
+ALGOS = ("fedavg", "diloco", "noloco", "dpsgd", "choco")
+CODECS = ("bf16", "fp16", "int8", "fp8", "topk:0.01", "randk:0.01")
+DEFAULT_CASES = (*RAW, "fedavg", "diloco", "noloco", "dpsgd", *(f"diloco:{c}" for c in CODECS),
+                 "noloco:int8", "choco:int8")
+PORT = 29517
+
+
+def parse_case(case: str) -> tuple[str, str]:
+    """``ALGO[:CODEC]`` -> (algo, codec); a raw case -> (case, "none")."""
+    if case in RAW:
+        return case, "none"
+    algo, _, codec = case.partition(":")
+    if algo not in ALGOS:
+        raise ValueError(f"case must be one of {list(RAW)} or ALGO[:CODEC] with ALGO in "
+                         f"{list(ALGOS)}, got {case!r}")
+    return algo, codec or "none"
+
+
+def build_sync(algo: str, codec: str, flat: FlatParams, comm: Any, n: int) -> Any:
+    """The algorithm object that syncs every step (NoLoCo in pairs, gossip on a ring)."""
+    config = make_config(algo, sync_every=1, group_size=2, compress=codec)
+    topology = make_topology("ring", n) if needs_topology(algo) else None
+    return build_algorithm(algo, config, flat, comm, topology=topology)
+
+
+def partner(rank: int, n: int, step: int) -> int:
+    group = next(g for g in random_matching(n, 2, step, 0) if rank in g)
+    return group[1] if group[0] == rank else group[0]
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def pair_table(n: int, step: int) -> torch.Tensor:
+    return torch.tensor([[partner(i, n, step)] for i in range(n)])
+
+
+def predict(case: str, n: int, numel: int, model: NetworkModel) -> tuple[float, float]:
+    """(seconds, bytes sent per node) the network model gives one sync of ``case``."""
+    nbytes = 4 * numel
+    alive = torch.ones(n, dtype=torch.bool)
+    if case == "raw_allreduce":
+        events = [CommEvent("all_reduce", nbytes, None, None, alive)]
+        sent = 2 * (n - 1) * nbytes / n
+    elif case == "raw_send":  # the first of each pair sends, the second receives
+        table = torch.full((n, 1), -1)
+        for i in range(n):
+            j = partner(i, n, 1)
+            if j < i:
+                table[i, 0] = j
+        events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
+        sent = nbytes
+    elif case in RAW:
+        table = pair_table(n, 1)
+        events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
+        sent = nbytes
+    else:
+        algo, codec = parse_case(case)
+        torch.manual_seed(0)
+        flat = FlatParams.from_stacked({"w": torch.randn(n, numel)})
+        comm = StackedCommunicator(n)
+        sync = build_sync(algo, codec, flat, comm, n)
+        sync.step(1)
+        events = comm.events
+        sent = float(comm.bytes_per_node.mean())
+        del sync, flat
+    clock = SimClock(model, n)
+    for k, event in enumerate(events):
+        clock.communicate(0, k, event, alive)
+    return clock.now, sent
+
+
+# ----------------------------------------------------------------------------- one rank
+
+
+def pair_exchange(send: torch.Tensor, recv: torch.Tensor, peer: int, recvs_first: bool) -> None:
+    ops = [dist.P2POp(dist.isend, send, peer), dist.P2POp(dist.irecv, recv, peer)]
+    for work in dist.batch_isend_irecv(ops[::-1] if recvs_first else ops):
+        work.wait()
+
+
+def one_way(send: torch.Tensor, recv: torch.Tensor, peer: int, rank: int) -> None:
+    if rank < peer:
+        dist.send(send, peer)
+    else:
+        dist.recv(recv, peer)
+
+
+def worker(opts: dict[str, Any]) -> None:
+    rank, n = opts["rank"], opts["world_size"]
+    torch.set_num_threads(1)
+    store = dist.TCPStore(opts["master"], PORT, n, is_master=rank == 0,
+                          timeout=timedelta(seconds=opts["timeout"]))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=n,
+                            timeout=timedelta(seconds=opts["timeout"]))
+    try:
+        comm = TorchCommunicator(timeout=opts["timeout"])
+        numel = opts["numel"]
+        torch.manual_seed(rank)
+        raw = torch.randn(numel)
+        got = torch.empty(numel)
+        raws: dict[str, Callable[[int], Any]] = {
+            "raw_allreduce": lambda step: dist.all_reduce(raw),
+            "raw_send": lambda step: one_way(raw, got, partner(rank, n, 1), rank),
+            "raw_pair_sends_first": lambda step: raw_exchange(raw, [got], [partner(rank, n, 1)],
+                                                              [partner(rank, n, 1)]),
+            "raw_pair_recvs_first": lambda step: pair_exchange(raw, got, partner(rank, n, 1),
+                                                               True),
+        }
+        eps = 1e-4 * (rank + 1)
+        samples: dict[str, list[float]] = {}
+        step = 0
+        # one case at a time, its algorithm (model, anchor, momentum, residuals) freed before
+        # the next: all of them at once would hold ~3.5 GiB per rank at 16M parameters
+        for case in opts["cases"]:
+            flat = None
+            if case in RAW:
+                fn = raws[case]
+            else:
+                algo, codec = parse_case(case)
+                flat = FlatParams.from_stacked({"w": torch.randn(1, numel)})
+                fn = build_sync(algo, codec, flat, comm, n).step
+            samples[case] = []
+            for i in range(opts["warmup"] + opts["repeats"]):
+                step += 1
+                if flat is not None:  # stand-in for local training: the average has work
+                    with torch.no_grad():
+                        for buf in flat.buffers():
+                            buf.add_(eps)
+                dt = time_once(fn, step)
+                if i >= opts["warmup"]:
+                    samples[case].append(dt)
+            del fn, flat
+            gc.collect()
+        if rank == 0:
+            Path(opts["out"]).write_text(json.dumps(samples))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_world(n: int, opts: dict[str, Any], timeout: float) -> dict[str, list[float]]:
+    """Build the shaped LAN, run the ranks in it, tear it down; the timed samples."""
+    with ShapedLan(n, opts["rate_mbit"], delay_ms=opts["delay_ms"]) as lan, \
+            tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "samples.json")
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        procs = []
+        try:
+            for r in range(n):
+                args = {**opts, "rank": r, "world_size": n, "master": lan.addresses[0],
+                        "out": out, "timeout": timeout}
+                cmd = lan.command(r, [sys.executable, __file__, "--worker", json.dumps(args)])
+                procs.append(subprocess.Popen(cmd, env=env))
+            deadline = time.monotonic() + timeout
+            for p in procs:
+                rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
+                if rc != 0:
+                    raise RuntimeError(f"a rank exited with {rc} (world size {n})")
+            return json.loads(Path(out).read_text())
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-sizes", default="4,8", help="comma-separated even sizes")
+    parser.add_argument("--rate-mbit", type=float, default=100.0, help="every link, both ways")
+    parser.add_argument("--delay-ms", type=float, default=None,
+                        help="one-way netem delay (default: 5 where netem works, else 0)")
+    parser.add_argument("--params", type=float, default=16.0, help="millions of fp32 parameters")
+    parser.add_argument("--cases", default=",".join(DEFAULT_CASES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=1800.0,
+                        help="seconds one world size may take in all")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 2 ranks, 0.25M parameters, 4 cases, 1 repeat")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        worker(json.loads(args.worker))
+        return
+    if args.quick:
+        args.world_sizes, args.params, args.repeats = "2", 0.25, 1
+        args.cases = "raw_send,raw_pair_recvs_first,diloco,noloco:int8"
+    sizes = [int(s) for s in args.world_sizes.split(",") if s.strip()]
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    for n in sizes:
+        if n < 2 or n % 2:
+            parser.error(f"--world-sizes must be even numbers >= 2, got {n}")
+    for case in cases:
+        try:
+            parse_case(case)
+        except ValueError as e:
+            parser.error(str(e))
+    if args.repeats < 1 or args.warmup < 0 or not args.params > 0 or not args.rate_mbit > 0:
+        parser.error("--repeats must be >= 1, --warmup >= 0, --params and --rate-mbit > 0")
+    why = unavailable()
+    if why is not None:
+        sys.exit(f"wan.py: {why}")
+    cleanup_stale()
+    netem = netem_available()
+    delay = args.delay_ms if args.delay_ms is not None else (5.0 if netem else 0.0)
+    if delay > 0 and not netem:
+        parser.error("--delay-ms needs the netem qdisc, which this kernel lacks")
+    numel = int(args.params * 1e6)
+    opts = {"numel": numel, "cases": cases, "repeats": args.repeats, "warmup": args.warmup,
+            "rate_mbit": args.rate_mbit, "delay_ms": delay}
+    model = NetworkModel(latency=delay / 1e3, bandwidth=args.rate_mbit * 1e6 / 8,
+                         compute_time=0.0)
+    print(json.dumps({
+        "benchmark": "wan", "torch": torch.__version__, "cpu_count": os.cpu_count(),
+        "mode": f"tbf+netem {delay} ms" if delay > 0 else "tbf (bandwidth only: no netem)",
+        "netem_available": netem, "rate_mbit": args.rate_mbit, "params": numel,
+        "bytes": 4 * numel, "world_sizes": sizes, "repeats": args.repeats,
+        "warmup": args.warmup}), flush=True)
+    for n in sizes:
+        samples = run_world(n, opts, args.timeout)
+        for case in cases:
+            seconds, sent = predict(case, n, numel, model)
+            measured = statistics.median(samples[case])
+            print(json.dumps({
+                "world_size": n, "case": case, "seconds": round(measured, 3),
+                "min_max": [round(min(samples[case]), 3), round(max(samples[case]), 3)],
+                "model_seconds": round(seconds, 3),
+                "measured/model": round(measured / seconds, 3) if seconds > 0 else None,
+                "bytes_per_node": int(sent)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
