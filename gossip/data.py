@@ -9,16 +9,20 @@ import numpy as np
 import torch
 
 __all__ = [
+    "class_entropy",
     "dirichlet",
     "iid",
     "label_distribution",
     "partition",
     "plot_label_distribution",
+    "plot_label_heatmap",
     "quantity_skew",
     "shards",
 ]
 
 MAX_PLOTTED_NODES = 200
+#: Above this many nodes the label plot is a heat map and an entropy histogram, not bars.
+BARS_UP_TO = 64
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -251,20 +255,28 @@ def label_distribution(
             f"labels must lie in [0, num_classes={num_classes}), got range "
             f"[{int(y.min())}, {int(y.max())}]"
         )
-    counts = np.zeros((len(parts), num_classes), dtype=np.int64)
-    for node, part in enumerate(parts):
-        counts[node] = np.bincount(y[np.asarray(part, dtype=np.int64)], minlength=num_classes)
-    return counts
+    if not len(parts):
+        return np.zeros((0, num_classes), dtype=np.int64)
+    sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+    node = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
+    cells = np.bincount(node * num_classes + y[flat], minlength=len(parts) * num_classes)
+    return cells.reshape(len(parts), num_classes)
 
 
 def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write a stacked bar chart (one bar per node, first 200 nodes) of class counts to ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Write the per-node class counts ``counts`` [nodes, classes] to ``path`` (PNG): a stacked
+    bar chart (one bar per node) up to :data:`BARS_UP_TO` nodes, else
+    :func:`plot_label_heatmap` (a fixed number of artists, whatever the number of nodes)."""
     counts = np.asarray(counts)
     if counts.ndim != 2:
         raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
+    if len(counts) > BARS_UP_TO:
+        plot_label_heatmap(counts, path)
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     shown = counts[:MAX_PLOTTED_NODES]
     num_nodes, num_classes = shown.shape
     fig = Figure(figsize=(min(4.0 + 0.08 * num_nodes, 20.0), 4.0))
@@ -284,6 +296,51 @@ def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) ->
     ax.set_ylabel("samples")
     if num_classes <= 20:
         ax.legend(title="class", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), format="png", dpi=100)
+
+
+def class_entropy(counts: np.ndarray) -> np.ndarray:
+    """Entropy in bits of each node's class distribution: ``counts`` [nodes, classes] -> [nodes]
+    (0 for a node with one class, log2(classes) for a balanced one)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    logs = np.log2(p, out=np.zeros_like(p), where=p > 0)
+    return -(p * logs).sum(axis=1) + 0.0
+
+
+def plot_label_heatmap(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write the label distribution of many nodes to ``path`` (PNG): a heat map of each node's
+    class proportions (nodes by classes, one image artist) beside a histogram of the nodes'
+    class entropy (one step artist)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
+    num_nodes, num_classes = counts.shape
+    totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    fig = Figure(figsize=(11.0, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    image = ax.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis",
+                      vmin=0.0, vmax=1.0, origin="lower",
+                      extent=(-0.5, num_nodes - 0.5, -0.5, num_classes - 0.5))
+    fig.colorbar(image, ax=ax, label="share of the node's samples")
+    ax.set_xlabel("node")
+    ax.set_ylabel("class")
+    ax.set_title(f"class shares per node ({num_nodes} nodes)")
+    ax = fig.add_subplot(1, 2, 2)
+    entropy = class_entropy(counts)
+    top = max(float(np.log2(num_classes)), 1e-9)
+    hist, edges = np.histogram(entropy, bins=40, range=(0.0, top))
+    ax.stairs(hist, edges, fill=True)
+    ax.set_xlabel(f"class entropy, bits (balanced: {top:.2f})")
+    ax.set_ylabel("nodes")
+    ax.set_title("label skew: entropy of each node's classes")
     fig.tight_layout()
     fig.savefig(os.fspath(path), format="png", dpi=100)
 

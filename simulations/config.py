@@ -143,6 +143,10 @@ class SimConfig(AlgorithmOptions, FileConfig):
         "rounds between test-set evaluations (the last round is always evaluated)"))
     eval_samples: int | None = field(default=None, metadata=help_text(
         "evaluate on the first K test samples (default: all)"))
+    eval_nodes: int | None = field(default=None, metadata=help_text(
+        "nodes evaluated per evaluation: a seeded sample of K of the nodes that are up "
+        "(default: all up to 1000, a sample of 1000 beyond; one model where the algorithm "
+        "has a global model)"))
     progress: bool | None = field(default=None, metadata=help_text(
         "progress bar (default: only on a terminal)"))
     threads: int = field(default=0, metadata=help_text(
@@ -194,6 +198,7 @@ class SimConfig(AlgorithmOptions, FileConfig):
             bad("device", self.device, f"one of {list(DEVICES)}")
         _at_least("eval_every", self.eval_every, 1)
         _at_least("eval_samples", self.eval_samples, 1)
+        _at_least("eval_nodes", self.eval_nodes, 1)
         _at_least("threads", self.threads, 0)
         self._check_algorithm_fields()
 

@@ -12,8 +12,9 @@ rank runs (``gossip.algorithms.build_algorithm``). A round is one synchronisatio
    afterwards with their algorithm state, so a down node is frozen whatever the algorithm does;
 4. the communication events of the sync are turned into simulated seconds
    (:mod:`simulations.network`); bytes come from ``comm.bytes_per_node``;
-5. metrics: train loss, each node evaluated on the task's global test set (vectorized),
-   consensus distance, bytes, simulated and wall seconds.
+5. metrics: train loss, test metrics (:mod:`simulations.evaluate`: the global model once, or
+   a seeded sample of nodes in one vectorized forward), consensus distance, bytes, simulated
+   and wall seconds.
 
 Everything random derives from ``(seed, global node id)`` or ``(seed, round)``, so results do
 not depend on how the nodes are sharded. A shard's :meth:`Simulation.run_round` reduces its
@@ -48,9 +49,11 @@ from gossip.metrics import RunWriter
 from gossip.tasks import Task, get_task
 from gossip.topology import Topology, make_topology, spectral_gap
 from simulations.config import SimConfig
+from simulations.evaluate import eval_sample, evaluate_rows
 from simulations.faults import FaultSchedule
+from simulations.memory import MemoryEstimate, check_fits, estimate
 from simulations.network import NetworkModel, SimClock
-from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
+from simulations.training import LocalTrainer, StackedModel, mlp_plan, steps_for_epochs
 
 __all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "set_threads", "summarize"]
 
@@ -77,6 +80,13 @@ class Simulation:
             raise ValueError(f"momentum={cfg.momentum!r} is invalid with optimizer="
                              f"{cfg.optimizer!r}: expected 0 (momentum is for sgd)")
         n = cfg.nodes
+        data = self.task.data
+        bsz = cfg.batch_size
+        assert bsz is not None
+        size = cfg.shard_size or max(bsz, -(-data.num_train // n))
+        rows = n if nodes is None else len(nodes)
+        check_fits(self._memory_estimate(rows, rows * size if cfg.partition.startswith(
+            "sample:") else data.num_train), device=cfg.device)
         ids = torch.arange(n) if nodes is None else torch.as_tensor(nodes, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= n \
                 or ids.unique().numel() != ids.numel():
@@ -86,14 +96,9 @@ class Simulation:
         self.nodes = ids
         self.group = group
         self.device = torch.device(cfg.device)
-        data = self.task.data
-
-        bsz = cfg.batch_size
-        assert bsz is not None
         labels = data.y_train if data.kind == "classification" else None
         try:
             if cfg.partition.startswith("sample:"):
-                size = cfg.shard_size or max(bsz, -(-data.num_train // n))
                 shards = sampled_partition(cfg.partition[len("sample:"):], labels, n, size,
                                            num_samples=data.num_train, seed=cfg.seed)
             else:
@@ -151,6 +156,20 @@ class Simulation:
         self.x_test = data.x_test[:k].to(self.device)
         self.y_test = data.y_test[:k].to(self.device)
         self.build_seconds = time.perf_counter() - t_start
+
+    def _memory_estimate(self, rows: int, shard_samples: int) -> MemoryEstimate:
+        """What ``rows`` nodes will need (:mod:`simulations.memory`), from one model."""
+        cfg, data = self.cfg, self.task.data
+        model = self.task.make_model(cfg.seed)
+        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        fused = cfg.optimizer == "sgd" and cfg.grad_clip is None \
+            and cfg.train_impl in ("auto", "matmul") and mlp_plan(model) is not None
+        data_bytes = sum(t.numel() * t.element_size() for t in (
+            data.x_train, data.y_train, data.x_test, data.y_test))
+        assert cfg.optimizer is not None
+        return estimate(nodes=rows, param_bytes=param_bytes, algo=cfg.algo,
+                        optimizer=cfg.optimizer, momentum=cfg.momentum, fused=fused,
+                        data_bytes=data_bytes, shard_samples=shard_samples)
 
     # --------------------------------------------------------------------- description
 
@@ -238,7 +257,7 @@ class Simulation:
             "round_sim_seconds": self.clock.now - before,
         }
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            record.update(self._eval_record(up_local))
+            record.update(self._eval_record(alive, r))
         return record
 
     @contextmanager
@@ -290,13 +309,26 @@ class Simulation:
             total += float(self._sum(sq.reshape(1)))
         return total / count
 
-    def _eval_record(self, up: Tensor) -> dict[str, Any]:
-        ev = self.evaluate()
-        out: dict[str, Any] = {"consensus_distance": self.consensus_distance(up)}
+    def _eval_record(self, alive: Tensor, r: int) -> dict[str, Any]:
+        """Test metrics of round ``r``, right after its sync (:mod:`simulations.evaluate`):
+        one model where the algorithm has a global one, else a seeded sample of the up nodes
+        in one vectorized forward. A global model's consensus distance is 0: every row holds
+        it."""
+        global_model = bool(getattr(self.algorithm, "global_model", False))
+        chosen = alive if global_model else eval_sample(
+            alive, self.cfg.eval_nodes, seed=self.cfg.seed, round_index=r)
+        rows = chosen[self.nodes].nonzero().flatten()
+        ev, models = evaluate_rows(self.model, self.x_test, self.y_test, rows,
+                                   global_model=global_model)
+        up = alive[self.nodes]
+        out: dict[str, Any] = {
+            "consensus_distance": 0.0 if global_model else self.consensus_distance(up)}
+        counts = self._sum(torch.tensor([float(len(rows)), float(models)], dtype=torch.float64))
+        out["eval_nodes"], out["eval_models"] = int(counts[0]), int(counts[1])
         for key in ("accuracy", "loss"):
             if key not in ev:
                 continue
-            v = ev[key][up]
+            v = ev[key]
             stats = self._sum(torch.tensor([float(v.sum()), float(v.numel())],
                                            dtype=torch.float64))
             lo = self._reduce(torch.tensor([float(v.min()) if v.numel() else math.inf],
@@ -443,9 +475,8 @@ class RunRecorder:
         self.out = None if out is None else Path(out)
         self.plots = plots
         self.records: list[dict[str, Any]] = []
+        self.label_counts = label_counts
         self.writer = RunWriter(self.out or ".", cfg.to_dict(), enabled=self.out is not None)
-        if self.out is not None and label_counts is not None and plots:
-            plot_label_distribution(label_counts, self.out / "label_distribution.png")
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -456,9 +487,11 @@ class RunRecorder:
         summary = summarize(self.cfg, self.records, wall_seconds=wall_seconds, info=info)
         self.writer.summary(summary)
         self.writer.close()
-        if self.out is not None and self.plots:
+        if self.out is not None and self.plots:  # after the summary: a plot cannot lose it
             from simulations.plots import plot_run
 
+            if self.label_counts is not None:
+                plot_label_distribution(self.label_counts, self.out / "label_distribution.png")
             plot_run(self.records, self.out, title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
                                                    f"{self.cfg.partition}")
         return summary
