@@ -151,7 +151,7 @@ class SimConfig(AlgorithmOptions, FileConfig):
         "progress bar (default: only on a terminal)"))
     threads: int = field(default=0, metadata=help_text(
         "torch CPU threads (0 = auto: 1 below 512 nodes, where small kernels lose to thread "
-        "overhead, else torch's default)"))
+        "overhead, else the CPUs the machine's load leaves free; see simulations.threads)"))
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -53,6 +53,7 @@ from simulations.evaluate import eval_sample, evaluate_rows
 from simulations.faults import FaultSchedule
 from simulations.memory import MemoryEstimate, check_fits, estimate
 from simulations.network import NetworkModel, SimClock
+from simulations.threads import auto_threads
 from simulations.training import LocalTrainer, StackedModel, mlp_plan, steps_for_epochs
 
 __all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "set_threads", "summarize"]
@@ -318,13 +319,12 @@ class Simulation:
         chosen = alive if global_model else eval_sample(
             alive, self.cfg.eval_nodes, seed=self.cfg.seed, round_index=r)
         rows = chosen[self.nodes].nonzero().flatten()
-        ev, models = evaluate_rows(self.model, self.x_test, self.y_test, rows,
-                                   global_model=global_model)
+        ev = evaluate_rows(self.model, self.x_test, self.y_test, rows,
+                           global_model=global_model)
         up = alive[self.nodes]
         out: dict[str, Any] = {
             "consensus_distance": 0.0 if global_model else self.consensus_distance(up)}
-        counts = self._sum(torch.tensor([float(len(rows)), float(models)], dtype=torch.float64))
-        out["eval_nodes"], out["eval_models"] = int(counts[0]), int(counts[1])
+        out["eval_nodes"] = int(self._sum(torch.tensor([float(len(rows))], dtype=torch.float64)))
         for key in ("accuracy", "loss"):
             if key not in ev:
                 continue
@@ -555,7 +555,8 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
 
 
 def set_threads(cfg: SimConfig) -> int:
-    """Apply ``cfg.threads`` to torch (0 = 1 thread below 512 nodes, else torch's default)."""
-    threads = cfg.threads or min(torch.get_num_threads(), max(1, cfg.nodes // 256))
+    """Apply ``cfg.threads`` to torch (0 = :func:`simulations.threads.auto_threads`: 1 below
+    512 nodes, else the CPUs the machine's load leaves free)."""
+    threads = cfg.threads or auto_threads(cfg.nodes)
     torch.set_num_threads(threads)
     return threads

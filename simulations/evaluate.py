@@ -49,17 +49,17 @@ def eval_sample(up: Tensor, eval_nodes: int | None, *, seed: int, round_index: i
 
 
 def evaluate_rows(model: object, x: Tensor, y: Tensor, rows: Tensor, *, global_model: bool
-                  ) -> tuple[dict[str, Tensor], int]:
+                  ) -> dict[str, Tensor]:
     """Evaluate the local rows ``rows`` [K] of ``model`` (a
     :class:`simulations.training.StackedModel`) on ``(x, y)``.
 
-    Returns ``({"loss": [K], "accuracy": [K] (not for regression)}, models evaluated)``, float64
-    on the CPU. With ``global_model`` every row holds the same model, so only the first is
-    evaluated and its figures stand for all ``K``.
+    Returns ``{"loss": [K], "accuracy": [K] (not for regression)}``, float64 on the CPU. With
+    ``global_model`` every row holds the same model, so only the first is evaluated and its
+    figures stand for all ``K``.
     """
     rows = torch.as_tensor(rows, dtype=torch.long)
     if len(rows) == 0:
-        return {"loss": torch.zeros(0, dtype=torch.float64)}, 0
+        return {"loss": torch.zeros(0, dtype=torch.float64)}
     chosen = rows[:1] if global_model else rows
     loss, acc = model.evaluate(x, y, chosen)  # type: ignore[attr-defined]
     out = {"loss": loss.cpu()}
@@ -67,4 +67,4 @@ def evaluate_rows(model: object, x: Tensor, y: Tensor, rows: Tensor, *, global_m
         out["accuracy"] = acc.cpu()
     if global_model:
         out = {k: v.expand(len(rows)) for k, v in out.items()}
-    return out, len(chosen)
+    return out
