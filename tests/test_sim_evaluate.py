@@ -234,3 +234,16 @@ def test_the_autograd_path_builds_torch_sgd_over_the_same_momentum() -> None:
     assert float(opt.state[switched.model.params["0.weight"]]["momentum_buffer"].abs().sum()) > 0
     # had the momentum not carried over, round 1 would differ by a whole momentum term
     torch.testing.assert_close(switched.flat_params(), fused.flat_params(), rtol=1e-4, atol=1e-5)
+
+
+def test_sampled_dirichlet_partition_draws_each_node_from_its_proportions() -> None:
+    from simulations.engine import _SAMPLE, sampled_partition
+
+    y = np.repeat(np.arange(5), 200)
+    shards = sampled_partition("dirichlet:1.0", y, 3, 20_000, num_samples=len(y), seed=7)
+    p = np.random.default_rng([7, _SAMPLE, 0]).dirichlet(np.ones(5), size=1024)[:3]
+    for i in range(3):
+        freq = np.bincount(y[shards[i]], minlength=5) / 20_000
+        np.testing.assert_allclose(freq, p[i], atol=0.015)
+        top = int(np.argmax(p[i]))  # >= 4,000 draws over its 200 samples: uniform hits all
+        assert set(np.flatnonzero(y == top)) <= set(shards[i].tolist())
