@@ -51,10 +51,10 @@ from gossip.topology import Topology, make_topology, spectral_gap
 from simulations.config import SimConfig
 from simulations.evaluate import eval_sample, evaluate_rows
 from simulations.faults import FaultSchedule
-from simulations.memory import MemoryEstimate, check_fits, estimate
+from simulations.memory import check_fits, simulation_estimate
 from simulations.network import NetworkModel, SimClock
 from simulations.threads import auto_threads
-from simulations.training import LocalTrainer, StackedModel, mlp_plan, steps_for_epochs
+from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
 
 __all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "set_threads", "summarize"]
 
@@ -81,13 +81,8 @@ class Simulation:
             raise ValueError(f"momentum={cfg.momentum!r} is invalid with optimizer="
                              f"{cfg.optimizer!r}: expected 0 (momentum is for sgd)")
         n = cfg.nodes
-        data = self.task.data
-        bsz = cfg.batch_size
-        assert bsz is not None
-        size = cfg.shard_size or max(bsz, -(-data.num_train // n))
-        rows = n if nodes is None else len(nodes)
-        check_fits(self._memory_estimate(rows, rows * size if cfg.partition.startswith(
-            "sample:") else data.num_train), device=cfg.device)
+        check_fits(simulation_estimate(cfg, self.task, n if nodes is None else len(nodes)),
+                   device=cfg.device)  # before anything proportional to N is allocated
         ids = torch.arange(n) if nodes is None else torch.as_tensor(nodes, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= n \
                 or ids.unique().numel() != ids.numel():
@@ -97,9 +92,13 @@ class Simulation:
         self.nodes = ids
         self.group = group
         self.device = torch.device(cfg.device)
+        data = self.task.data
+        bsz = cfg.batch_size
+        assert bsz is not None
         labels = data.y_train if data.kind == "classification" else None
         try:
             if cfg.partition.startswith("sample:"):
+                size = cfg.shard_size or max(bsz, -(-data.num_train // n))
                 shards = sampled_partition(cfg.partition[len("sample:"):], labels, n, size,
                                            num_samples=data.num_train, seed=cfg.seed)
             else:
@@ -157,20 +156,6 @@ class Simulation:
         self.x_test = data.x_test[:k].to(self.device)
         self.y_test = data.y_test[:k].to(self.device)
         self.build_seconds = time.perf_counter() - t_start
-
-    def _memory_estimate(self, rows: int, shard_samples: int) -> MemoryEstimate:
-        """What ``rows`` nodes will need (:mod:`simulations.memory`), from one model."""
-        cfg, data = self.cfg, self.task.data
-        model = self.task.make_model(cfg.seed)
-        param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        fused = cfg.optimizer == "sgd" and cfg.grad_clip is None \
-            and cfg.train_impl in ("auto", "matmul") and mlp_plan(model) is not None
-        data_bytes = sum(t.numel() * t.element_size() for t in (
-            data.x_train, data.y_train, data.x_test, data.y_test))
-        assert cfg.optimizer is not None
-        return estimate(nodes=rows, param_bytes=param_bytes, algo=cfg.algo,
-                        optimizer=cfg.optimizer, momentum=cfg.momentum, fused=fused,
-                        data_bytes=data_bytes, shard_samples=shard_samples)
 
     # --------------------------------------------------------------------- description
 

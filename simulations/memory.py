@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["ALGORITHM_FACTOR", "MemoryEstimate", "check_fits", "estimate", "free_bytes"]
+__all__ = ["ALGORITHM_FACTOR", "MemoryEstimate", "check_fits", "estimate", "free_bytes",
+           "simulation_estimate"]
 
 #: Model-sized tensors per node that each algorithm keeps (or gathers) beyond the parameters.
 ALGORITHM_FACTOR = {"fedavg": 0, "diloco": 3, "noloco": 3, "dpsgd": 2, "gossip": 2,
@@ -52,6 +54,28 @@ def estimate(*, nodes: int, param_bytes: int, algo: str, optimizer: str, momentu
     # shard indices: int64 arrays kept by the partition and by the batch schedule
     return MemoryEstimate(nodes=nodes, param_bytes=param_bytes, factor=factor,
                           data=data_bytes + 2 * 8 * shard_samples)
+
+
+def simulation_estimate(cfg: Any, task: Any, rows: int) -> MemoryEstimate:
+    """The estimate for ``rows`` nodes of the resolved ``cfg`` (a
+    :class:`simulations.config.SimConfig`) on ``task``, from one model of the task."""
+    from simulations.training import mlp_plan
+
+    data = task.data
+    model = task.make_model(cfg.seed)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    fused = cfg.optimizer == "sgd" and cfg.grad_clip is None \
+        and cfg.train_impl in ("auto", "matmul") and mlp_plan(model) is not None
+    data_bytes = sum(t.numel() * t.element_size() for t in (
+        data.x_train, data.y_train, data.x_test, data.y_test))
+    if cfg.partition.startswith("sample:"):
+        size = cfg.shard_size or max(cfg.batch_size, -(-data.num_train // cfg.nodes))
+        shard_samples = rows * size
+    else:
+        shard_samples = data.num_train
+    return estimate(nodes=rows, param_bytes=param_bytes, algo=cfg.algo,
+                    optimizer=cfg.optimizer, momentum=cfg.momentum, fused=fused,
+                    data_bytes=data_bytes, shard_samples=shard_samples)
 
 
 def free_bytes(device: str = "cpu") -> int | None:
