@@ -18,13 +18,15 @@ model evaluated on the 360 test samples after every round.
 
 Per side and N: **client-steps/s** over the rounds (training + the evaluation of every round;
 the simulator's ``summary.json`` ``node_steps / wall_seconds``, the loop's own timer; the loop's
-first ``torch.optim.SGD``, which imports torch's compiler stack, is built before its timer) and
-the **process wall seconds** from spawn to exit (imports, data, build, rounds, plots). For the
-simulator also: **start-up** (spawn to its ``config.json``, written just before round 1) and
-**after the rounds** (its ``summary.json`` to exit: the plots). Ratios: simulator over loop in
-client-steps/s, and loop over simulator in process wall time. Both sides run with ``--threads``
-torch threads (default 1), one process at a time; ``--repeats`` alternates them and reports
-each repeat. The 1-minute load average before each run is printed: the machines are shared.
+first ``torch.optim.SGD``, which imports torch's compiler stack, is built before its timer), the
+**process wall seconds** from spawn to exit (imports, data, build, rounds, plots) and the
+**process CPU seconds** (``getrusage`` of the child: steadier than wall time on a loaded
+machine). For the simulator also: **start-up** (spawn to its ``config.json``, written just
+before round 1) and **after the rounds** (its ``summary.json`` to exit: the plots). Ratios:
+simulator over loop in client-steps/s; loop over simulator in process wall and CPU seconds.
+Both sides run with ``--threads`` torch threads (default 1), one process at a time;
+``--repeats`` alternates them and reports each repeat. The 1-minute load average before each
+run is printed: the machines are shared.
 
     python benchmarks/sim_end_to_end.py                         # N = 100, 1000, 10000
     python benchmarks/sim_end_to_end.py --runs 1000:3 --repeats 3
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +66,11 @@ def partition_for(nodes: int, samples: int) -> str:
     return f"dirichlet:{ALPHA}" if nodes <= samples else f"sample:dirichlet:{ALPHA}"
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
@@ -81,17 +89,17 @@ def run_sim(nodes: int, rounds: int, threads: int, device: str) -> dict[str, Any
                "--batch-size", str(BATCH), "--optimizer", "sgd", "--lr", str(LR),
                "--local-epochs", "1", "--rounds", str(rounds), "--eval-every", "1",
                "--threads", str(threads), "--device", device, "--out", str(out)]
-        t0_epoch, t0 = time.time(), time.perf_counter()
+        t0_epoch, t0, c0 = time.time(), time.perf_counter(), _children_cpu()
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(),
                              check=False)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
         if res.returncode != 0:
             return {"error": res.stderr.strip()[-2000:]}
         summary = json.loads((out / "summary.json").read_text())
         plots = sorted(p.name for p in out.glob("*.png"))
         startup = (out / "config.json").stat().st_mtime - t0_epoch
         after = wall - ((out / "summary.json").stat().st_mtime - t0_epoch)
-    return {"process_wall_s": wall, "client_steps": summary["node_steps"],
+    return {"process_wall_s": wall, "process_cpu_s": cpu, "client_steps": summary["node_steps"],
             "rounds_s": summary["wall_seconds"],
             "client_steps_per_s": summary["node_steps"] / summary["wall_seconds"],
             "startup_s": startup, "after_rounds_s": after, "plots": plots,
@@ -101,13 +109,13 @@ def run_sim(nodes: int, rounds: int, threads: int, device: str) -> dict[str, Any
 def run_loop(nodes: int, rounds: int, threads: int, device: str) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_loop", str(nodes),
            "--_rounds", str(rounds), "--threads", str(threads), "--device", device]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _children_cpu()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env(), check=False)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
     if res.returncode != 0:
         return {"error": res.stderr.strip()[-2000:]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    out["process_wall_s"] = wall
+    out["process_wall_s"], out["process_cpu_s"] = wall, cpu
     return out
 
 
@@ -217,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             if loop and "error" not in sim and "error" not in loop:
                 rec["steps_ratio"] = sim["client_steps_per_s"] / loop["client_steps_per_s"]
                 rec["wall_ratio"] = loop["process_wall_s"] / sim["process_wall_s"]
+                rec["cpu_ratio"] = loop["process_cpu_s"] / sim["process_cpu_s"]
                 ratios.append(rec["steps_ratio"])
                 walls.append(rec["wall_ratio"])
             rec["load_after"] = load()

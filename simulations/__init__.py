@@ -4,7 +4,10 @@
 runs one configuration; ``python -m simulations.compare`` compares FedAvg, DiLoCo, NoLoCo,
 D-PSGD and variance-corrected gossip on one non-IID task. The pieces: :mod:`.config`
 (:class:`SimConfig`), :mod:`.engine` (:class:`Simulation`, :func:`run`), :mod:`.training`
-(vectorized local training), :mod:`.network` (simulated time), :mod:`.faults`, :mod:`.plots`.
+(vectorized local training), :mod:`.evaluate` (test metrics: a global model once, else a
+seeded sample of nodes in one vectorized forward), :mod:`.network` (simulated time),
+:mod:`.faults`, :mod:`.memory` (the size estimate checked before a build), :mod:`.threads`
+(the automatic torch thread count), :mod:`.plots`.
 """
 
 from simulations.config import SimConfig
