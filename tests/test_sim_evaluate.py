@@ -106,8 +106,9 @@ def test_fedavg_evaluates_one_forward_per_round_not_n() -> None:
     assert _count_eval_forwards(sampled) == [4, 4, 4]
 
 
-def test_fedavg_global_model_figures_equal_the_loop_for_every_node() -> None:
-    sim = Simulation(SimConfig(algo="fedavg", **SMALL))
+@pytest.mark.parametrize("algo", ["fedavg", "diloco"])
+def test_global_model_figures_equal_the_loop_for_every_node(algo: str) -> None:
+    sim = Simulation(SimConfig(algo=algo, **SMALL))
     record = sim.run_round(0)
     rows = torch.cat([b for b in sim.model.flat.buffers()], dim=1)
     assert torch.equal(rows, rows[:1].expand_as(rows))  # what the one-forward shortcut relies on
