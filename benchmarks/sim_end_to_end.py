@@ -19,12 +19,14 @@ model evaluated on the 360 test samples after every round.
 Per side and N: **client-steps/s** over the rounds (training + the evaluation of every round;
 the simulator's ``summary.json`` ``node_steps / wall_seconds``, the loop's own timer; the loop's
 first ``torch.optim.SGD``, which imports torch's compiler stack, is built before its timer), the
+same per CPU second of the process over the rounds (``cpu_seconds``, ``time.process_time``:
+on a shared machine the wall-time rate measures the scheduler as much as the code), the
 **process wall seconds** from spawn to exit (imports, data, build, rounds, plots) and the
 **process CPU seconds** (``getrusage`` of the child: steadier than wall time on a loaded
 machine). For the simulator also: **start-up** (spawn to its ``config.json``, written just
 before round 1) and **after the rounds** (its ``summary.json`` to exit: the plots). Ratios:
-simulator over loop in client-steps/s; loop over simulator in process wall and CPU seconds.
-Both sides run with ``--threads`` torch threads (default 1), one process at a time;
+simulator over loop in client-steps/s (wall and CPU); loop over simulator in process wall and
+CPU seconds. Both sides run with ``--threads`` torch threads (default 1), one process at a time;
 ``--repeats`` alternates them and reports each repeat. The 1-minute load average before each
 run is printed: the machines are shared.
 
@@ -102,6 +104,8 @@ def run_sim(nodes: int, rounds: int, threads: int, device: str) -> dict[str, Any
     return {"process_wall_s": wall, "process_cpu_s": cpu, "client_steps": summary["node_steps"],
             "rounds_s": summary["wall_seconds"],
             "client_steps_per_s": summary["node_steps"] / summary["wall_seconds"],
+            "rounds_cpu_s": summary["cpu_seconds"],
+            "client_steps_per_cpu_s": summary["node_steps"] / summary["cpu_seconds"],
             "startup_s": startup, "after_rounds_s": after, "plots": plots,
             "accuracy": summary["final_accuracy_mean"], "build_s": summary.get("build_seconds")}
 
@@ -153,7 +157,7 @@ def loop_child(nodes: int, rounds: int, threads: int, device: str) -> dict[str, 
     offsets = torch.arange(BATCH, device=dev)
     steps = 0
     accuracy = float("nan")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(rounds):
         state = global_model.state_dict()
         acc = {k: torch.zeros_like(v) for k, v in state.items()}
@@ -176,9 +180,9 @@ def loop_child(nodes: int, rounds: int, threads: int, device: str) -> dict[str, 
             accuracy = float((global_model(x_test).argmax(-1) == y_test).double().mean())
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {"client_steps": steps, "rounds_s": seconds, "client_steps_per_s": steps / seconds,
-            "accuracy": accuracy}
+            "rounds_cpu_s": cpu, "client_steps_per_cpu_s": steps / cpu, "accuracy": accuracy}
 
 
 # ----------------------------------------------------------------------------- main
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             sim, loop = rec["sim"], rec.get("loop")
             if loop and "error" not in sim and "error" not in loop:
                 rec["steps_ratio"] = sim["client_steps_per_s"] / loop["client_steps_per_s"]
+                rec["steps_ratio_cpu"] = (sim["client_steps_per_cpu_s"]
+                                          / loop["client_steps_per_cpu_s"])
                 rec["wall_ratio"] = loop["process_wall_s"] / sim["process_wall_s"]
                 rec["cpu_ratio"] = loop["process_cpu_s"] / sim["process_cpu_s"]
                 ratios.append(rec["steps_ratio"])

@@ -520,7 +520,7 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     shard 0's record (every shard returns the same global record)."""
     cfg = runner.cfg
     out = cfg.out if out is None else out
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     recorder = RunRecorder(cfg, out, label_counts=runner.label_counts() if out else None,
                            plots=plots)
     show = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) \
@@ -544,7 +544,9 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     finally:
         if bar is not None:
             bar.close()
-    summary = recorder.finish(wall_seconds=time.perf_counter() - t0, info=runner.info())
+    # cpu_seconds: this process's CPU time over the rounds (with Ray actors: the driver's only)
+    summary = recorder.finish(wall_seconds=time.perf_counter() - t0, info={
+        **runner.info(), "cpu_seconds": time.process_time() - cpu0})
     summary_out = dict(summary)
     summary_out["records"] = recorder.records
     return summary_out
