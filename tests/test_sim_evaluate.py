@@ -155,16 +155,16 @@ def test_label_plot_of_many_nodes_is_one_image(tmp_path: Path) -> None:
     Figure.savefig = keep  # type: ignore[method-assign]
     try:
         plot_label_distribution(counts[:10], tmp_path / "warm.png")  # first-use costs (fonts)
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time: a loaded machine stretches wall time at random
         plot_label_distribution(counts, tmp_path / "labels.png")
-        seconds = time.perf_counter() - t0
+        seconds = time.process_time() - t0
     finally:
         Figure.savefig = original  # type: ignore[method-assign]
     assert (tmp_path / "labels.png").stat().st_size > 0
     heat, hist = drawn[-1].axes[0], drawn[-1].axes[-1]  # (the colorbar is between)
     assert len(heat.images) == 1 and not heat.patches
     assert len(hist.patches) == 1  # the entropy histogram is one step artist
-    assert seconds < 5.0  # well under 1 s on an idle machine; slack for a shared one
+    assert seconds < 2.0  # 0.37 CPU s measured at a load of 28 on 2 cores
 
 
 # ----------------------------------------------------------------------------- threads, memory
