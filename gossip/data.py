@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,15 +13,10 @@ __all__ = [
     "iid",
     "label_distribution",
     "partition",
-    "plot_label_distribution",
-    "plot_label_heatmap",
     "quantity_skew",
+    "sampled_partition",
     "shards",
 ]
-
-MAX_PLOTTED_NODES = 200
-#: Above this many nodes the label plot is a heat map and an entropy histogram, not bars.
-BARS_UP_TO = 64
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -244,6 +238,74 @@ def partition(
     return dirichlet(y, num_nodes, alpha, seed)
 
 
+_SAMPLE = 0x5A3
+
+#: Nodes drawn together by :func:`sampled_partition` (one generator per block of node ids).
+_SAMPLE_BLOCK = 1024
+
+
+def sampled_partition(spec: str, labels: torch.Tensor | None, n: int, size: int, *,
+                      num_samples: int, seed: int) -> list[np.ndarray]:
+    """Each node draws its own shard of ``size`` samples from the whole training set.
+
+    ``spec`` is ``iid`` (uniform, without replacement within a node) or ``dirichlet:ALPHA``
+    (the node's class proportions ~ Dir(ALPHA), then samples uniform within each drawn class;
+    Tian et al.'s non-IID sampling). The nodes are drawn in blocks of :data:`_SAMPLE_BLOCK`
+    ids, each from its own generator ``(seed, block)`` and always whole, so node i's draw
+    depends on ``(seed, i)`` only: shards overlap across nodes, any number of nodes works, and
+    no Python loop runs per node.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "iid" and not arg:
+        draw = _iid_block
+    elif kind != "dirichlet" or not arg:
+        raise ValueError(f"expected 'sample:iid' or 'sample:dirichlet:ALPHA', got "
+                         f"'sample:{spec}'")
+    else:
+        alpha = float(arg)
+        if labels is None:
+            raise ValueError("sample:dirichlet needs class labels (a classification task)")
+        y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        order = np.argsort(y, kind="stable")
+        _, counts = np.unique(y, return_counts=True)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+        def draw(rng: np.random.Generator, rows: int, size: int, num_samples: int
+                 ) -> np.ndarray:
+            return _dirichlet_block(rng, rows, size, alpha, order, counts, starts)
+    blocks = [draw(np.random.default_rng([seed, _SAMPLE, b]), _SAMPLE_BLOCK, size,
+                   num_samples) for b in range(-(-n // _SAMPLE_BLOCK))]
+    return list(np.sort(np.concatenate(blocks)[:n], axis=1))
+
+
+def _iid_block(rng: np.random.Generator, rows: int, size: int, num_samples: int
+               ) -> np.ndarray:
+    if size > num_samples:  # more samples than the set holds: with replacement
+        return rng.integers(0, num_samples, size=(rows, size))
+    step = max(1, (1 << 22) // num_samples)  # random keys of at most ~4M floats at a time
+    parts = [np.argpartition(rng.random((min(step, rows - r0), num_samples)), size - 1,
+                             axis=1)[:, :size] for r0 in range(0, rows, step)]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _dirichlet_block(rng: np.random.Generator, rows: int, size: int, alpha: float,
+                     order: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    k = len(counts)
+    p = rng.dirichlet(np.full(k, alpha), size=rows)
+    one_class = rng.integers(0, k, size=rows)
+    bad = ~np.isfinite(p).all(axis=1) | ~(p.sum(axis=1) > 0)  # alpha so small it underflows
+    p[bad] = np.eye(k)[one_class[bad]]
+    cdf = np.cumsum(p, axis=1)
+    cdf[:, -1] = np.inf
+    # each row's class draws by inverse CDF, all rows at once: row r's CDF shifted by 2r
+    shift = 2.0 * np.arange(rows)[:, None]
+    drawn = np.searchsorted((np.minimum(cdf, 1.5) + shift).ravel(),
+                            (rng.random((rows, size)) + shift).ravel(), side="right")
+    classes = np.minimum(drawn.reshape(rows, size) - k * np.arange(rows)[:, None], k - 1)
+    within = (rng.random((rows, size)) * counts[classes]).astype(np.int64)
+    return order[starts[classes] + np.minimum(within, counts[classes] - 1)].astype(np.int64)
+
+
 def label_distribution(
     labels: torch.Tensor | np.ndarray, parts: Sequence[np.ndarray], num_classes: int
 ) -> np.ndarray:
@@ -264,42 +326,6 @@ def label_distribution(
     return cells.reshape(len(parts), num_classes)
 
 
-def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write the per-node class counts ``counts`` [nodes, classes] to ``path`` (PNG): a stacked
-    bar chart (one bar per node) up to :data:`BARS_UP_TO` nodes, else
-    :func:`plot_label_heatmap` (a fixed number of artists, whatever the number of nodes)."""
-    counts = np.asarray(counts)
-    if counts.ndim != 2:
-        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
-    if len(counts) > BARS_UP_TO:
-        plot_label_heatmap(counts, path)
-        return
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    shown = counts[:MAX_PLOTTED_NODES]
-    num_nodes, num_classes = shown.shape
-    fig = Figure(figsize=(min(4.0 + 0.08 * num_nodes, 20.0), 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = _class_colors(num_classes)
-    x = np.arange(num_nodes)
-    bottom = np.zeros(num_nodes)
-    for c in range(num_classes):
-        ax.bar(x, shown[:, c], bottom=bottom, width=0.9, color=colors[c], label=str(c))
-        bottom += shown[:, c]
-    title = "label distribution per node"
-    if len(counts) > MAX_PLOTTED_NODES:
-        title += f" (first {MAX_PLOTTED_NODES} of {len(counts)} nodes)"
-    ax.set_title(title)
-    ax.set_xlabel("node")
-    ax.set_ylabel("samples")
-    if num_classes <= 20:
-        ax.legend(title="class", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", dpi=100)
-
-
 def class_entropy(counts: np.ndarray) -> np.ndarray:
     """Entropy in bits of each node's class distribution: ``counts`` [nodes, classes] -> [nodes]
     (0 for a node with one class, log2(classes) for a balanced one)."""
@@ -308,48 +334,3 @@ def class_entropy(counts: np.ndarray) -> np.ndarray:
     p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
     logs = np.log2(p, out=np.zeros_like(p), where=p > 0)
     return -(p * logs).sum(axis=1) + 0.0
-
-
-def plot_label_heatmap(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write the label distribution of many nodes to ``path`` (PNG): a heat map of each node's
-    class proportions (nodes by classes, one image artist) beside a histogram of the nodes'
-    class entropy (one step artist)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(counts)
-    if counts.ndim != 2:
-        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
-    num_nodes, num_classes = counts.shape
-    totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
-    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    fig = Figure(figsize=(11.0, 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 2, 1)
-    image = ax.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis",
-                      vmin=0.0, vmax=1.0, origin="lower",
-                      extent=(-0.5, num_nodes - 0.5, -0.5, num_classes - 0.5))
-    fig.colorbar(image, ax=ax, label="share of the node's samples")
-    ax.set_xlabel("node")
-    ax.set_ylabel("class")
-    ax.set_title(f"class shares per node ({num_nodes} nodes)")
-    ax = fig.add_subplot(1, 2, 2)
-    entropy = class_entropy(counts)
-    top = max(float(np.log2(num_classes)), 1e-9)
-    hist, edges = np.histogram(entropy, bins=40, range=(0.0, top))
-    ax.stairs(hist, edges, fill=True)
-    ax.set_xlabel(f"class entropy, bits (balanced: {top:.2f})")
-    ax.set_ylabel("nodes")
-    ax.set_title("label skew: entropy of each node's classes")
-    # fixed margins: tight_layout would draw the figure once more just to measure its text
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
-    fig.savefig(os.fspath(path), format="png", dpi=100)
-
-
-def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"]
-    if num_classes <= 20:
-        return [cmap(i) for i in range(num_classes)]
-    return [cmap(i / max(num_classes - 1, 1)) for i in range(num_classes)]

@@ -1,6 +1,13 @@
-"""PNG plots of a run's metrics records (matplotlib's Agg canvas; no pyplot global state).
+"""The one plot module of both executors: PNG plots of run directories (matplotlib's Agg
+canvas; no pyplot global state).
 
-Records are the dicts of a run's ``metrics.jsonl``. Each has a ``kind``:
+- :func:`plot_metrics`: a real run (``launch.train``): every rank a thin line, the mean a thick one;
+- :func:`plot_run`, :func:`plot_comparison`: simulated runs (one record per round, figures over
+  all nodes) and comparisons of them;
+- :func:`plot_label_distribution`: the nodes' label mix of a non-IID partition (bars, or
+  :func:`plot_label_heatmap` for many nodes).
+
+A real run's records (``metrics.jsonl``) each have a ``kind``:
 
 - ``"sync"``: one per rank per synchronisation, with the mean train ``loss`` since the last one;
 - ``"eval"``: one per rank per evaluation, with ``test_loss`` and (where defined)
@@ -16,14 +23,23 @@ from __future__ import annotations
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_PLOTTED_RANKS", "plot_metrics"]
+import numpy as np
+
+from gossip.data import class_entropy
+
+__all__ = ["BARS_UP_TO", "MAX_PLOTTED_NODES", "MAX_PLOTTED_RANKS", "plot_comparison",
+           "plot_label_distribution", "plot_label_heatmap", "plot_metrics", "plot_run"]
 
 #: Per-rank lines drawn at most (the mean always covers all ranks).
 MAX_PLOTTED_RANKS = 32
+#: Nodes shown in a label-distribution plot at most.
+MAX_PLOTTED_NODES = 200
+#: Above this many nodes the label plot is a heat map and an entropy histogram, not bars.
+BARS_UP_TO = 64
 
 
 def _series(records: Iterable[Mapping[str, Any]], kind: str, key: str, x: str, who: str
@@ -124,3 +140,192 @@ def plot_metrics(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLik
         written.append(_save(fig, ax, out / "consensus.png", f"{prefix}consensus distance", x,
                              "mean ||x_i - mean x||^2"))
     return written
+
+
+# ----------------------------------------------------------------------------- simulated runs
+
+
+def _sized_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _round_series(records: Sequence[Mapping[str, Any]], key: str, x: str = "round"
+            ) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for rec in records:
+        v = rec.get(key)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            xs.append(rec[x])
+            ys.append(v)
+    return xs, ys
+
+
+def plot_run(records: Sequence[Mapping[str, Any]], out_dir: str | Path, *, title: str = ""
+             ) -> list[Path]:
+    """Write the run's plots into ``out_dir``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    has_acc = any(rec.get("accuracy_mean") is not None for rec in records)
+    if has_acc:
+        fig = _sized_figure(11, 4)
+        for i, x in enumerate(("round", "sim_seconds")):
+            ax = fig.add_subplot(1, 2, i + 1)
+            xs, mean = _round_series(records, "accuracy_mean", x)
+            _, lo = _round_series(records, "accuracy_min", x)
+            _, hi = _round_series(records, "accuracy_max", x)
+            ax.plot(xs, mean, label="mean over nodes")
+            if len(lo) == len(xs) and len(hi) == len(xs):
+                ax.fill_between(xs, lo, hi, alpha=0.25, label="min-max")
+            ax.set_xlabel("round" if x == "round" else "simulated seconds")
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right", fontsize="small")
+        fig.suptitle(title)
+        fig.tight_layout()
+        written.append(out / "accuracy.png")
+        fig.savefig(written[-1], dpi=100)
+
+    fig = _sized_figure(6, 4)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, label in (("train_loss", "train (local steps)"), ("loss_mean", "test, mean")):
+        xs, ys = _round_series(records, key)
+        if ys:
+            ax.plot(xs, ys, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    written.append(out / "loss.png")
+    fig.savefig(written[-1], dpi=100)
+
+    xs, ys = _round_series(records, "consensus_distance")
+    if ys:
+        fig = _sized_figure(6, 4)
+        ax = fig.add_subplot(1, 1, 1)
+        ax.plot(xs, [max(y, 1e-30) for y in ys])
+        ax.set_yscale("log")
+        ax.set_xlabel("round")
+        ax.set_ylabel("consensus distance (1/n) Σ‖x_i − x̄‖²")
+        ax.grid(alpha=0.3)
+        ax.set_title(title)
+        fig.tight_layout()
+        written.append(out / "consensus.png")
+        fig.savefig(written[-1], dpi=100)
+    return written
+
+
+def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *,
+                    title: str = "") -> Path:
+    """All runs on one figure: mean accuracy vs round and vs simulated seconds."""
+    fig = _sized_figure(12, 4.5)
+    axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
+    for label, records in runs.items():
+        for ax, x in zip(axes, ("round", "sim_seconds"), strict=True):
+            xs, ys = _round_series(records, "accuracy_mean", x)
+            ax.plot(xs, ys, label=label)
+    for ax, x in zip(axes, ("round", "simulated seconds"), strict=True):
+        ax.set_xlabel(x)
+        ax.set_ylabel("mean test accuracy")
+        ax.grid(alpha=0.3)
+        ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    axes[1].set_xscale("log")
+    axes[0].legend(fontsize="small", loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# ----------------------------------------------------------------------------- partitions
+
+
+def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write the per-node class counts ``counts`` [nodes, classes] to ``path`` (PNG): a stacked
+    bar chart (one bar per node) up to :data:`BARS_UP_TO` nodes, else
+    :func:`plot_label_heatmap` (a fixed number of artists, whatever the number of nodes)."""
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
+    if len(counts) > BARS_UP_TO:
+        plot_label_heatmap(counts, path)
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown = counts[:MAX_PLOTTED_NODES]
+    num_nodes, num_classes = shown.shape
+    fig = Figure(figsize=(min(4.0 + 0.08 * num_nodes, 20.0), 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = _class_colors(num_classes)
+    x = np.arange(num_nodes)
+    bottom = np.zeros(num_nodes)
+    for c in range(num_classes):
+        ax.bar(x, shown[:, c], bottom=bottom, width=0.9, color=colors[c], label=str(c))
+        bottom += shown[:, c]
+    title = "label distribution per node"
+    if len(counts) > MAX_PLOTTED_NODES:
+        title += f" (first {MAX_PLOTTED_NODES} of {len(counts)} nodes)"
+    ax.set_title(title)
+    ax.set_xlabel("node")
+    ax.set_ylabel("samples")
+    if num_classes <= 20:
+        ax.legend(title="class", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), format="png", dpi=100)
+
+
+def plot_label_heatmap(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write the label distribution of many nodes to ``path`` (PNG): a heat map of each node's
+    class proportions (nodes by classes, one image artist) beside a histogram of the nodes'
+    class entropy (one step artist)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
+    num_nodes, num_classes = counts.shape
+    totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    fig = Figure(figsize=(11.0, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    image = ax.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis",
+                      vmin=0.0, vmax=1.0, origin="lower",
+                      extent=(-0.5, num_nodes - 0.5, -0.5, num_classes - 0.5))
+    fig.colorbar(image, ax=ax, label="share of the node's samples")
+    ax.set_xlabel("node")
+    ax.set_ylabel("class")
+    ax.set_title(f"class shares per node ({num_nodes} nodes)")
+    ax = fig.add_subplot(1, 2, 2)
+    entropy = class_entropy(counts)
+    top = max(float(np.log2(num_classes)), 1e-9)
+    hist, edges = np.histogram(entropy, bins=40, range=(0.0, top))
+    ax.stairs(hist, edges, fill=True)
+    ax.set_xlabel(f"class entropy, bits (balanced: {top:.2f})")
+    ax.set_ylabel("nodes")
+    ax.set_title("label skew: entropy of each node's classes")
+    # fixed margins: tight_layout would draw the figure once more just to measure its text
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
+    fig.savefig(os.fspath(path), format="png", dpi=100)
+
+
+def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"]
+    if num_classes <= 20:
+        return [cmap(i) for i in range(num_classes)]
+    return [cmap(i / max(num_classes - 1, 1)) for i in range(num_classes)]

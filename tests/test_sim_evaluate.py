@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from gossip.data import class_entropy, plot_label_distribution
+from gossip.data import class_entropy
+from gossip.plots import plot_label_distribution
 from simulations.config import SimConfig
 from simulations.engine import Simulation
 from simulations.evaluate import DEFAULT_EVAL_NODES, eval_sample
@@ -24,7 +25,7 @@ from simulations.threads import auto_threads
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = {"nodes": 12, "rounds": 2, "batch_size": 8, "local_steps": 3,
+SMALL = {"nodes": 12, "rounds": 2, "batch_size": 8, "sync_every": 3,
          "partition": "dirichlet:0.5", "seed": 4}
 
 
@@ -208,7 +209,7 @@ def test_a_fused_sgd_run_imports_no_compiler_plotting_or_graphs(tmp_path: Path) 
     code = (
         "import sys, json\n"
         "from simulations.config import SimConfig\n"
-        "from simulations.engine import run\n"
+        "from simulations.run import run\n"
         "s = run(SimConfig(algo='fedavg', nodes=8, rounds=1, optimizer='sgd', momentum=0.5))\n"
         "print(json.dumps({m: m in sys.modules for m in "
         "('torch._dynamo', 'matplotlib', 'networkx', 'ray', 'pandas')}))\n")
@@ -222,7 +223,7 @@ def test_a_fused_sgd_run_imports_no_compiler_plotting_or_graphs(tmp_path: Path) 
 
 
 def test_the_autograd_path_builds_torch_sgd_over_the_same_momentum() -> None:
-    cfg = SimConfig(algo="fedavg", nodes=6, rounds=2, local_steps=2, batch_size=8,
+    cfg = SimConfig(algo="fedavg", nodes=6, rounds=2, sync_every=2, batch_size=8,
                     optimizer="sgd", momentum=0.9, seed=3)
     fused, switched = Simulation(cfg), Simulation(cfg)
     fused.run_round(0)
@@ -238,7 +239,7 @@ def test_the_autograd_path_builds_torch_sgd_over_the_same_momentum() -> None:
 
 
 def test_sampled_dirichlet_partition_draws_each_node_from_its_proportions() -> None:
-    from simulations.engine import _SAMPLE, sampled_partition
+    from gossip.data import _SAMPLE, sampled_partition
 
     y = np.repeat(np.arange(5), 200)
     shards = sampled_partition("dirichlet:1.0", y, 3, 20_000, num_samples=len(y), seed=7)

@@ -106,6 +106,7 @@ class NoLoCo:
     same_init: ClassVar[bool] = True
     #: every node keeps its own model: a node that is down keeps its state
     global_model: ClassVar[bool] = False
+    needs_topology: ClassVar[bool] = False
 
     def __init__(self, config: NoLoCoConfig, params: FlatParams, comm: Communicator) -> None:
         n, g = comm.world_size, config.group_size
@@ -190,6 +191,14 @@ class NoLoCo:
                                        alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
                         block[0].copy_(block[1])
         return stats
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """Every node takes part in every round."""
+        return None
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: phi and the outer momentum delta."""
+        return [*self.phi, *self.delta]
 
     def state_dict(self) -> dict[str, Any]:
         return {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta]}
