@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import math
@@ -18,14 +19,18 @@ from torch import Tensor, nn
 
 __all__ = [
     "CHARLM_FILES",
+    "INITS",
     "TASK_NAMES",
     "CharGPT",
     "Task",
     "TaskData",
     "get_task",
+    "xavier_init",
 ]
 
 TASK_NAMES = ("digits", "charlm", "synthetic")
+#: Weight initializations a task's models can take (:attr:`Task.init`).
+INITS = ("default", "xavier")
 KINDS = ("classification", "regression", "lm")
 #: Standard-library modules (present in every CPython >= 3.10) used as the charlm corpus.
 CHARLM_FILES = ("textwrap.py", "argparse.py", "difflib.py", "dataclasses.py", "functools.py")
@@ -74,7 +79,13 @@ class TaskData:
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """A learning problem: data, a seeded model factory, loss/metrics and a batch iterator."""
+    """A learning problem: data, a seeded model factory, loss/metrics and a batch iterator.
+
+    ``init`` re-initializes what the factory built: ``"default"`` keeps it as is;
+    ``"xavier"`` gives every Linear and Conv weight Xavier-uniform values (Glorot & Bengio
+    2010, ``nn.init.xavier_uniform_``) and zero biases, the initialization Tian et al. 2024
+    (vanishing variance) use and study. Other layers (embeddings, norms) keep theirs.
+    """
 
     name: str
     data: TaskData
@@ -83,6 +94,11 @@ class Task:
     default_batch_size: int
     default_optimizer: str = "sgd"
     extra: dict[str, Any] = field(default_factory=dict)
+    init: str = "default"
+
+    def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is invalid: expected one of {list(INITS)}")
 
     @property
     def optimum(self) -> Tensor | None:
@@ -94,7 +110,10 @@ class Task:
         seed = _check_int("seed", seed, 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.model_factory()
+            model = self.model_factory()
+            if self.init == "xavier":
+                xavier_init(model)
+            return model
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean loss: cross-entropy (classification, lm over all positions) or MSE."""
@@ -125,6 +144,18 @@ class Task:
         with torch.no_grad():
             output = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
         return self.metrics(output, y)
+
+
+def xavier_init(model: nn.Module) -> nn.Module:
+    """Xavier-uniform weights and zero biases for every Linear and Conv layer of ``model``."""
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, layers):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    return model
 
 
 # --------------------------------------------------------------------------- digits
@@ -382,12 +413,12 @@ _BUILDERS: dict[str, Callable[..., Task]] = {
 }
 
 
-def get_task(name: str, *, seed: int = 0, **options: Any) -> Task:
+def get_task(name: str, *, seed: int = 0, init: str = "default", **options: Any) -> Task:
     """Build a named task: ``"digits"``, ``"charlm"`` or ``"synthetic"``.
 
     ``seed`` fixes the data (digits split, synthetic optimum and samples); model init is seeded
-    separately through :meth:`Task.make_model`. ``options`` are task specific, e.g.
-    ``get_task("charlm", context=32, max_chars=200_000)``.
+    separately through :meth:`Task.make_model`; ``init`` is :attr:`Task.init`. ``options`` are
+    task specific, e.g. ``get_task("charlm", context=32, max_chars=200_000)``.
     """
     builder = _BUILDERS.get(name) if isinstance(name, str) else None
     if builder is None:
@@ -399,4 +430,7 @@ def get_task(name: str, *, seed: int = 0, **options: Any) -> Task:
         raise ValueError(
             f"unknown option(s) {unknown} for task {name!r}; allowed: {sorted(allowed)}"
         )
-    return builder(seed, **options)
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is invalid: expected one of {list(INITS)}")
+    task = builder(seed, **options)
+    return task if init == "default" else dataclasses.replace(task, init=init)

@@ -43,7 +43,7 @@ from gossip.configs import (
 )
 from gossip.data import partition as _partition
 from gossip.flat import scope_from_spec
-from gossip.tasks import TASK_NAMES
+from gossip.tasks import INITS, TASK_NAMES
 
 __all__ = [
     "ALGO_FIELDS",
@@ -130,6 +130,8 @@ class TrainConfig(AlgorithmOptions, FileConfig):
         "inner steps per rank (total, incl. resumed)"))
     out: str = field(default="runs/latest", metadata=help_text("run directory"))
     seed: int = field(default=0, metadata=help_text("seeds model init, data order, pairings, ..."))
+    init: str = field(default="default", metadata=help_text(
+        "model init: default (the task's) | xavier (Xavier-uniform weights, zero biases)"))
     # data
     partition: str = field(default="iid", metadata=help_text(
         "iid | dirichlet:ALPHA | shards:K | quantity:ALPHA (one shard of the train set per rank)"))
@@ -271,6 +273,8 @@ def check_run_fields(cfg: Any) -> None:
         bad("task", cfg.task, f"one of {list(TASK_NAMES)}")
     if cfg.seed < 0:
         bad("seed", cfg.seed, "an integer >= 0")
+    if cfg.init not in INITS:
+        bad("init", cfg.init, f"one of {list(INITS)}")
     check_positive("batch_size", cfg.batch_size)
     if cfg.optimizer is not None and cfg.optimizer not in OPTIMIZERS:
         bad("optimizer", cfg.optimizer, f"one of {list(OPTIMIZERS)}")

@@ -249,7 +249,7 @@ class _Run:
         self.rank, self.n = comm.rank, comm.world_size
         self.out = Path(cfg.out)
         self.device = pick_device(cfg, comm.backend)
-        self.task = get_task(cfg.task, seed=cfg.seed)
+        self.task = get_task(cfg.task, seed=cfg.seed, init=cfg.init)
         self.cfg = cfg = cfg.resolved(self.task)
         torch.manual_seed(derived_seed(cfg.seed, self.rank, 1))
 

@@ -82,6 +82,11 @@ class SimConfig(AlgorithmOptions, FileConfig):
         "run directory (default: none written)"))
     seed: int = field(default=0, metadata=help_text(
         "seeds data split, partition, model init (seed or seed+node), batches, pairings, faults"))
+    init: str = field(default="default", metadata=help_text(
+        "model init: default (the task's) | xavier (Xavier-uniform weights, zero biases)"))
+    save_models: bool = field(default=False, metadata=help_text(
+        "write the final per-node models to OUT/models.pt (stacked) + OUT/models.json (index), "
+        "the input of python -m gossip.merge"))
     # data
     partition: str = field(default="iid", metadata=help_text(
         "iid | dirichlet:ALPHA | shards:K | quantity:ALPHA (disjoint shards), or sample:iid | "
@@ -188,6 +193,8 @@ class SimConfig(AlgorithmOptions, FileConfig):
         _at_least("crash_round", self.crash_round, 0)
         _at_least("churn_rounds", self.churn_rounds, 1)
         _at_least("actors", self.actors, 1)
+        if self.save_models and (self.out is None or self.actors > 1):
+            bad("save_models", self.save_models, "False unless out is set and actors is 1")
         if self.actors > self.nodes:
             bad("actors", self.actors, f"at most nodes={self.nodes}")
         if self.device not in DEVICES:

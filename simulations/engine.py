@@ -25,6 +25,7 @@ writes the run directory through :func:`drive`, which a Ray driver reuses.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gossip import merge
 from gossip.algorithms import build_algorithm, needs_topology, same_init
 from gossip.algorithms._common import frozen_rows
 from gossip.batching import StackedBatches
@@ -52,7 +54,8 @@ from simulations.faults import FaultSchedule
 from simulations.network import NetworkModel, SimClock
 from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
 
-__all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "set_threads", "summarize"]
+__all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "save_models", "set_threads",
+           "summarize"]
 
 #: Rows per chunk when reducing over the stacked parameters (bounds float64 temporaries).
 _ROW_CHUNK = 256
@@ -72,6 +75,8 @@ class Simulation:
                  group: dist.ProcessGroup | None = None, *, task: Task | None = None) -> None:
         t_start = time.perf_counter()
         self.task = task if task is not None else get_task(cfg.task, seed=cfg.seed)
+        if cfg.init != self.task.init and cfg.init != "default":
+            self.task = dataclasses.replace(self.task, init=cfg.init)
         self.cfg = cfg = cfg.resolved(self.task)
         if cfg.momentum and cfg.optimizer != "sgd":
             raise ValueError(f"momentum={cfg.momentum!r} is invalid with optimizer="
@@ -518,7 +523,22 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
         return ray_backend.run_on_ray(cfg)
     set_threads(cfg)
     sim = Simulation(cfg, task=task)
-    return drive(sim)
+    summary = drive(sim)
+    if cfg.save_models:
+        assert cfg.out is not None
+        save_models(sim, cfg.out)
+    return summary
+
+
+def save_models(sim: Simulation, out: str | Path) -> Path:
+    """Write the nodes' current models to ``out``/models.pt + models.json (the index that
+    :mod:`gossip.merge` reads); returns the index path."""
+    cfg = sim.cfg
+    return merge.save_stacked(
+        out, {n: p.detach() for n, p in sim.model.params.items()}, sim.model.buffers,
+        nodes=sim.nodes.tolist(), task=cfg.task, seed=cfg.seed, init=sim.task.init,
+        info={"algo": cfg.algo, "rounds": cfg.rounds, "nodes_total": cfg.nodes,
+              "config": cfg.to_dict()})
 
 
 def set_threads(cfg: SimConfig) -> int:
