@@ -283,6 +283,15 @@ def test_cli_refuses_bad_input(sim_run: Path, tmp_path: Path,
     assert "does not match the SHA-256" in refused(str(copy), "--method", "uniform")
 
 
+def test_save_models_needs_an_out_dir_and_one_process() -> None:
+    from simulations.config import SimConfig
+
+    with pytest.raises(ValueError, match="save_models=True"):
+        SimConfig(save_models=True)
+    with pytest.raises(ValueError, match="save_models=True"):
+        SimConfig(save_models=True, out="x", actors=2)
+
+
 @pytest.mark.slow
 def test_cli_on_a_real_launch_train_checkpoint_dir(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
