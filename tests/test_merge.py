@@ -283,6 +283,24 @@ def test_cli_refuses_bad_input(sim_run: Path, tmp_path: Path,
     assert "does not match the SHA-256" in refused(str(copy), "--method", "uniform")
 
 
+def test_cli_prints_the_loss_for_tasks_without_accuracy(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from simulations.run import main as sim_main
+
+    run = tmp_path / "reg"
+    assert sim_main(["--task", "synthetic", "--algo", "gossip", "--nodes", "4", "--rounds", "2",
+                     "--local-steps", "5", "--out", str(run), "--save-models"]) == 0
+    capsys.readouterr()
+    assert merge.main([str(run), "--method", "fisher", "--out", str(tmp_path / "f.pt")]) == 0
+    key, value = last_value(capsys.readouterr().out)
+    saved = torch.load(tmp_path / "f.pt", weights_only=True)
+    assert key == "loss" and value == pytest.approx(saved["metrics"]["loss"], abs=1e-6)
+    task = get_task("synthetic", seed=0)
+    w, b = saved["state"]["weight"], saved["state"]["bias"]
+    mse = float(((task.data.x_test @ w.T + b - task.data.y_test) ** 2).mean())
+    assert value == pytest.approx(mse, rel=1e-5)
+
+
 def test_save_models_needs_an_out_dir_and_one_process() -> None:
     from simulations.config import SimConfig
 
