@@ -41,6 +41,9 @@ class SimConfig(RunSpec):
     rounds: int = field(default=50, metadata=help_text("synchronisation rounds"))
     out: str | None = field(default=None, metadata=help_text(
         "run directory (default: none written)"))
+    save_models: bool = field(default=False, metadata=help_text(
+        "write the final per-node models to OUT/models.pt (stacked) + OUT/models.json (index), "
+        "the input of python -m gossip.merge"))
     # data
     shard_size: int | None = field(default=None, metadata=help_text(
         "sample:* partitions: samples per node (default: max(batch size, train set / nodes))"))
@@ -135,6 +138,8 @@ class SimConfig(RunSpec):
         _at_least("crash_round", self.crash_round, 0)
         _at_least("churn_rounds", self.churn_rounds, 1)
         _at_least("actors", self.actors, 1)
+        if self.save_models and (self.out is None or self.actors > 1):
+            bad("save_models", self.save_models, "False unless out is set and actors is 1")
         if self.actors > self.nodes:
             bad("actors", self.actors, f"at most nodes={self.nodes}")
         if self.device not in DEVICES:

@@ -80,7 +80,8 @@ class Simulation:
     def __init__(self, cfg: SimConfig, nodes: Sequence[int] | Tensor | None = None,
                  group: dist.ProcessGroup | None = None, *, task: Task | None = None) -> None:
         t_start = time.perf_counter()
-        task = task if task is not None else build.load_task(cfg.task, seed=cfg.seed)
+        task = build.with_init(task, cfg.init) if task is not None \
+            else build.load_task(cfg.task, seed=cfg.seed, init=cfg.init)
         # every node's batch is gathered from one tensor: a Dataset is read into memory once
         self.task = dataclasses.replace(task, data=task.data.to_tensors())
         self.cfg = cfg = cfg.resolved(self.task)
@@ -170,6 +171,18 @@ class Simulation:
     def flat_params(self) -> Tensor:
         """The local rows' parameters as one [L, P] tensor (a copy)."""
         return torch.cat([b.detach() for b in self.model.flat.buffers()], dim=1)
+
+    def save_models(self, out: str | Path) -> Path:
+        """Write the nodes' current models to ``out``/models.pt + models.json (the index that
+        :mod:`gossip.merge` reads); returns the index path."""
+        from gossip import merge
+
+        cfg = self.cfg
+        return merge.save_stacked(
+            out, {n: p.detach() for n, p in self.model.params.items()}, self.model.buffers,
+            nodes=self.nodes.tolist(), task=cfg.task, seed=cfg.seed, init=self.task.init,
+            info={"algo": cfg.algo, "rounds": cfg.rounds, "nodes_total": cfg.nodes,
+                  "config": cfg.to_dict()})
 
     # --------------------------------------------------------------------- one round
 
