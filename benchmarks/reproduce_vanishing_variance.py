@@ -1,7 +1,7 @@
 """Reproduce the vanishing-variance effect (Tian et al. 2024, arXiv 2404.04616) on digits.
 
-Three simulated runs through the engine's Python API (:class:`simulations.engine.Simulation`),
-same data split, partition, batches and seeds:
+Three simulated runs per seed through the engine's Python API
+(:class:`simulations.engine.Simulation`), same data split, partition, batches and seeds:
 
 - ``fedavg``: every client each round, all nodes start from one shared model;
 - ``gossip``: plain gossip learning on a random 8-regular graph, the paper's merge
@@ -9,21 +9,24 @@ same data split, partition, batches and seeds:
 - ``gossip-vc``: the same merge followed by the variance correction (each weight tensor rescaled
   to the mean variance of the received models, keeping its mean).
 
-The gossip nodes start from independent initialisations (``seed + node``: the engine's default
-for gossip algorithms, ``Gossip.same_init = False``), which is what makes the merged weights'
-variance collapse (about 0.28x after one 50/50 merge with 8 uncorrelated neighbours). A round is
+Models start at the paper's initialization by default (``--init xavier``: Xavier-uniform weights,
+zero biases, as in Tian et al.'s code; ``--init default`` is PyTorch's Linear init). The gossip
+nodes start from independent initialisations (``seed + node``: the engine's default for gossip
+algorithms, ``Gossip.same_init = False``), which is what makes the merged weights' variance
+collapse (about 0.28x after one 50/50 merge with 8 uncorrelated neighbours). A round is
 ``--local-steps`` local SGD steps (default 1: the paper trains one mini-batch between merges),
 then one synchronisation.
 
-Writes to ``--out`` (default ``runs/vanishing_variance``): ``accuracy.png`` (mean test accuracy
-across nodes vs round, min-max band shaded, all three runs), ``variance.png`` (per-layer weight
-variance vs round: the mean over nodes of each node's variance of that tensor),
-``summary.json``, and one run directory per algorithm (config, metrics.jsonl, summary, plots).
-Prints one JSON line per algorithm with rounds to 90 % mean test accuracy (``null`` = not
-reached) and a closing table.
+Every seed (``--seeds 0,1,2``) reruns everything (data split, partition, graph, init, batches).
+Writes to ``--out`` (default ``runs/vanishing_variance``): ``accuracy.png/.svg`` (mean test
+accuracy across nodes vs round: the mean over seeds, +-1 std shaded), ``variance.png/.svg``
+(per-layer weight variance vs round: the mean over nodes of each node's variance of that tensor,
+mean over seeds, +-1 std shaded), ``summary.json``, and one run directory per algorithm and seed
+(``ALGO/seed_S``). Prints one JSON line per run, one per algorithm with rounds to 50/80/90 % mean
+test accuracy as mean and std over the seeds that reached it, the issue's two checks, and a table.
 
-    python benchmarks/reproduce_vanishing_variance.py                 # ~ a few minutes
-    python benchmarks/reproduce_vanishing_variance.py --rounds 400 --eval-every 2
+    python benchmarks/reproduce_vanishing_variance.py                 # 3 seeds x 300 rounds
+    python benchmarks/reproduce_vanishing_variance.py --seeds 0 --rounds 1000 --init default
     python benchmarks/reproduce_vanishing_variance.py --quick         # smoke test
 """
 
@@ -31,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -43,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.figures import band, figure, mean_std, parse_seeds, save
 from gossip.tasks import get_task
 from simulations.config import SimConfig
 from simulations.engine import RunRecorder, Simulation
@@ -73,18 +76,18 @@ def weight_variance(sim: Simulation) -> dict[str, float]:
     return out
 
 
-def run_algo(algo: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_algo(algo: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if algo != "fedavg":
         extra["topology"] = f"random-regular:{args.degree}"
     cfg = SimConfig(algo=algo, task="digits", nodes=args.nodes, rounds=args.rounds,
                     partition=args.partition, sync_every=args.local_steps, lr=args.lr,
-                    momentum=args.momentum, batch_size=args.batch_size, seed=args.seed,
-                    eval_every=args.eval_every, threads=args.threads, progress=False,
-                    optimizer="sgd", **extra)
-    task = get_task("digits", seed=args.seed)
+                    momentum=args.momentum, batch_size=args.batch_size, seed=seed,
+                    init=args.init, eval_every=args.eval_every, threads=args.threads,
+                    progress=False, optimizer="sgd", **extra)
+    task = get_task("digits", seed=seed)
     sim = Simulation(cfg, task=task)
-    out = Path(args.out) / algo
+    out = Path(args.out) / algo / f"seed_{seed}"
     recorder = RunRecorder(sim.cfg, out, label_counts=sim.label_counts(),
                            plots=args.run_plots)
     rows = sim.flat_params()
@@ -100,9 +103,9 @@ def run_algo(algo: str, args: argparse.Namespace) -> dict[str, Any]:
         recorder.log(rec)
     wall = time.perf_counter() - t0
     summary = recorder.finish(wall_seconds=wall, info=sim.info())
-    records = recorder.records
-    return {"algo": algo, "summary": summary, "records": records,
-            "independent_init": independent}
+    return {"algo": algo, "seed": seed, "summary": summary, "records": recorder.records,
+            "independent_init": independent, "rounds_to": rounds_to(recorder.records,
+                                                                    THRESHOLDS)}
 
 
 def _eval0(sim: Simulation) -> dict[str, Any]:
@@ -113,56 +116,90 @@ def _eval0(sim: Simulation) -> dict[str, Any]:
             "accuracy_max": float(acc.max()), "sim_seconds": 0.0}
 
 
-def plot(results: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def _evaluated(res: dict[str, Any], key: str) -> tuple[list[float], list[float]]:
+    recs = [r for r in res["records"] if r.get(key) is not None]
+    return [r["round"] for r in recs], [r[key] for r in recs]
 
-    written = []
-    fig = Figure(figsize=(8, 5))
-    FigureCanvasAgg(fig)
+
+def plot(results: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
+    """Accuracy and per-layer weight variance vs round: mean over seeds, +-1 std shaded."""
+    algos = list(dict.fromkeys(r["algo"] for r in results))
+    fig = figure(8, 5)
     ax = fig.add_subplot(1, 1, 1)
-    for res in results:
-        recs = [r for r in res["records"] if r.get("accuracy_mean") is not None]
-        xs = [r["round"] for r in recs]
-        color = COLORS.get(res["algo"])
-        ax.plot(xs, [r["accuracy_mean"] for r in recs], label=res["algo"], color=color)
-        ax.fill_between(xs, [r["accuracy_min"] for r in recs],
-                        [r["accuracy_max"] for r in recs], color=color, alpha=0.15, lw=0)
-    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    for algo in algos:
+        runs = [r for r in results if r["algo"] == algo]
+        xs, _ = _evaluated(runs[0], "accuracy_mean")
+        band(ax, xs, [_evaluated(r, "accuracy_mean")[1] for r in runs],
+             label=f"{algo} ({len(runs)} seeds)", color=COLORS.get(algo))
+    for t in THRESHOLDS:
+        ax.axhline(t, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (mean over nodes, min-max shaded)")
+    ax.set_ylabel("test accuracy, mean over nodes (mean over seeds, +-1 std)")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     ax.set_title(title, fontsize="medium")
-    fig.tight_layout()
-    path = out / "accuracy.png"
-    fig.savefig(path, dpi=110)
-    written.append(path)
+    written = save(fig, out, "accuracy")
 
     names = sorted({k for res in results for r in res["records"] for k in r
                     if k.startswith("var/")})
     if names:
-        fig = Figure(figsize=(5 * len(names), 4.2))
-        FigureCanvasAgg(fig)
+        fig = figure(5 * len(names), 4.2)
         for j, name in enumerate(names):
             ax = fig.add_subplot(1, len(names), j + 1)
-            for res in results:
-                pts = [(r["round"], r[name]) for r in res["records"] if name in r]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=res["algo"],
-                        color=COLORS.get(res["algo"]))
+            for algo in algos:
+                runs = [r for r in results if r["algo"] == algo]
+                xs, _ = _evaluated(runs[0], name)
+                band(ax, xs, [_evaluated(r, name)[1] for r in runs], label=algo,
+                     color=COLORS.get(algo))
             ax.set_yscale("log")
             ax.set_xlabel("round")
             ax.set_ylabel("weight variance (mean over nodes)")
-            ax.set_title(name[len("var/"):])
+            ax.set_title(f"layer {name[len('var/'):]}")
             ax.grid(alpha=0.3, which="both")
             ax.legend(fontsize="small")
         fig.suptitle(title, fontsize="medium")
-        fig.tight_layout()
-        path = out / "variance.png"
-        fig.savefig(path, dpi=110)
-        written.append(path)
+        written += save(fig, out, "variance")
     return written
+
+
+def aggregate(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per algorithm: rounds to each threshold (mean, std, seeds that reached it) and the final
+    mean accuracy (mean, std)."""
+    table: dict[str, dict[str, Any]] = {}
+    for algo in dict.fromkeys(r["algo"] for r in results):
+        runs = [r for r in results if r["algo"] == algo]
+        row: dict[str, Any] = {"seeds": [r["seed"] for r in runs]}
+        for t in THRESHOLDS:
+            m, sd, k = mean_std([r["rounds_to"][f"{t:g}"] for r in runs])
+            row[f"rounds_to_{t:g}"] = {"mean": m, "std": sd, "reached": k,
+                                       "per_seed": [r["rounds_to"][f"{t:g}"] for r in runs]}
+        m, sd, _ = mean_std([r["summary"]["final_accuracy_mean"] for r in runs])
+        row["final_accuracy_mean"] = {"mean": m, "std": sd}
+        row["wall_seconds"] = sum(r["summary"]["wall_seconds"] for r in runs)
+        table[algo] = row
+    return table
+
+
+def checks(table: dict[str, dict[str, Any]], rounds: int) -> dict[str, Any]:
+    """The issue's done-when ratios of mean rounds. Where the slower arm missed the level in
+    some seed, that seed counts as ``rounds`` and the ratio is a lower bound (``*_at_least``)."""
+    def ratio(slow: str, fast: str, t: str) -> tuple[float | None, bool]:
+        if slow not in table or fast not in table:
+            return None, False
+        a, b = table[slow][f"rounds_to_{t}"], table[fast][f"rounds_to_{t}"]
+        n = len(table[fast]["seeds"])
+        if b["reached"] < n or not b["mean"]:
+            return None, False
+        filled = [rounds if v is None else v for v in a["per_seed"]]
+        return sum(filled) / len(filled) / b["mean"], a["reached"] < len(filled)
+
+    vc, vc_bound = ratio("gossip-vc", "fedavg", "0.8")
+    plain, plain_bound = ratio("gossip", "fedavg", "0.5")
+    return {"gossip_vc_over_fedavg_rounds_to_80": vc, "vc_at_least": vc_bound,
+            "target_vc": "<= 1.3", "vc_ok": vc is not None and not vc_bound and vc <= 1.3,
+            "gossip_over_fedavg_rounds_to_50": plain, "gossip_at_least": plain_bound,
+            "target_gossip": ">= 3", "gossip_ok": plain is not None and plain >= 3.0}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -171,21 +208,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=64)
     p.add_argument("--degree", type=int, default=8, help="random regular graph degree")
     p.add_argument("--partition", default="dirichlet:0.5")
-    p.add_argument("--rounds", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=300)
     p.add_argument("--local-steps", type=int, default=1, help="local SGD steps per round")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--init", default="xavier", choices=("default", "xavier"),
+                   help="model init (xavier: the paper's)")
     p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="runs/vanishing_variance")
-    p.add_argument("--run-plots", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--run-plots", action=argparse.BooleanOptionalAction, default=False,
                    help="each run directory's own plots (accuracy, loss, consensus, labels)")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
     args = p.parse_args(argv)
+    try:
+        args.seed_list = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
     if args.quick:
         args.nodes, args.degree, args.rounds, args.eval_every = 12, 4, 4, 2
+        args.seed_list = args.seed_list[:2]
         args.run_plots = False
     return args
 
@@ -197,41 +241,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     results = []
-    for algo in algos:
-        res = run_algo(algo, args)
-        s = res["summary"]
-        line = {"algo": algo, "rounds_to_90": s["rounds_to_90"],
-                "rounds_to": rounds_to(res["records"], THRESHOLDS),
-                "final_accuracy_mean": s["final_accuracy_mean"],
-                "final_accuracy_min": s["final_accuracy_min"],
-                "independent_init": res["independent_init"], "wall_seconds": s["wall_seconds"],
-                "rounds": args.rounds, "local_steps": args.local_steps}
-        print(json.dumps(line), flush=True)
-        results.append(res)
+    for seed in args.seed_list:
+        for algo in algos:
+            res = run_algo(algo, seed, args)
+            s = res["summary"]
+            print(json.dumps({"algo": algo, "seed": seed, "rounds_to": res["rounds_to"],
+                              "final_accuracy_mean": s["final_accuracy_mean"],
+                              "independent_init": res["independent_init"],
+                              "wall_seconds": round(s["wall_seconds"], 1)}), flush=True)
+            results.append(res)
     title = (f"digits, {args.nodes} nodes, {args.partition}, random {args.degree}-regular "
-             f"graph (gossip), {args.local_steps} local step(s)/round, SGD lr {args.lr}")
+             f"graph (gossip), {args.init} init,\n{args.local_steps} local step(s)/round, "
+             f"SGD lr {args.lr}, seeds {args.seeds}")
+    table = aggregate(results)
+    for algo, row in table.items():
+        print(json.dumps({"algo": algo, "aggregate": True, **row}), flush=True)
+    check = checks(table, args.rounds)
+    print(json.dumps({"checks": check}), flush=True)
     plots = plot(results, out, title)
-    table = {r["algo"]: {**{k: r["summary"][k] for k in
-                            ("rounds_to_90", "final_accuracy_mean", "final_accuracy_min",
-                             "final_accuracy_max", "wall_seconds")},
-                         "rounds_to": rounds_to(r["records"], THRESHOLDS)} for r in results}
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     with open(out / "summary.json", "w") as fh:
-        json.dump({"args": vars(args), "results": table, "load": load,
-                   "plots": [str(p) for p in plots]}, fh, indent=2)
-    heads = "".join(f"{'rounds to ' + format(t, '.0%'):>16}" for t in THRESHOLDS)
-    print(f"\n{'algo':<10}{heads} {'final mean acc':>15} {'wall s':>8}")
+        json.dump({"args": {k: v for k, v in vars(args).items()}, "results": table,
+                   "checks": check, "load": load, "plots": [str(p) for p in plots]}, fh,
+                  indent=2)
+    n = len(args.seed_list)
+    heads = "".join(f"{'rounds to ' + format(t, '.0%'):>22}" for t in THRESHOLDS)
+    print(f"\n{args.init} init, {n} seed(s): mean +- std over the seeds that reached the level "
+          f"[how many of {n}]")
+    print(f"{'algo':<10}{heads} {'final mean acc':>16} {'wall s':>8}")
     for algo, row in table.items():
-        cells = "".join(f"{('not reached' if v is None else str(v)):>16}"
-                        for v in row["rounds_to"].values())
-        print(f"{algo:<10}{cells} {_fmt(row['final_accuracy_mean']):>15} "
+        cells = "".join(f"{_cell(row[f'rounds_to_{t:g}'], n):>22}" for t in THRESHOLDS)
+        acc = row["final_accuracy_mean"]
+        print(f"{algo:<10}{cells} {acc['mean']:>9.3f} +- {acc['std']:.3f} "
               f"{row['wall_seconds']:>8.1f}")
+    print(f"gossip-vc / fedavg rounds to 80%: "
+          f"{_fmt(check['gossip_vc_over_fedavg_rounds_to_80'], check['vc_at_least'])} "
+          f"(target <= 1.3)   gossip / fedavg rounds to 50%: "
+          f"{_fmt(check['gossip_over_fedavg_rounds_to_50'], check['gossip_at_least'])} "
+          f"(target >= 3)")
     print(f"plots: {', '.join(str(p) for p in plots)}")
     return 0
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None or math.isnan(x) else f"{x:.3f}"
+def _cell(stat: dict[str, Any], n: int) -> str:
+    if stat["reached"] == 0:
+        return f"not reached [0/{n}]"
+    return f"{stat['mean']:.0f} +- {stat['std']:.0f} [{stat['reached']}/{n}]"
+
+
+def _fmt(x: float | None, at_least: bool = False) -> str:
+    if x is None:
+        return "n/a (fedavg did not reach it in every seed)"
+    return f">= {x:.2f} (not reached in every seed)" if at_least else f"{x:.2f}"
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "class_entropy",
     "dirichlet",
     "iid",
     "label_distribution",
@@ -16,7 +17,6 @@ __all__ = [
     "sampled_partition",
     "shards",
 ]
-
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -240,43 +240,70 @@ def partition(
 
 _SAMPLE = 0x5A3
 
+#: Nodes drawn together by :func:`sampled_partition` (one generator per block of node ids).
+_SAMPLE_BLOCK = 1024
+
+
 def sampled_partition(spec: str, labels: torch.Tensor | None, n: int, size: int, *,
                       num_samples: int, seed: int) -> list[np.ndarray]:
     """Each node draws its own shard of ``size`` samples from the whole training set.
 
     ``spec`` is ``iid`` (uniform, without replacement within a node) or ``dirichlet:ALPHA``
     (the node's class proportions ~ Dir(ALPHA), then samples uniform within each drawn class;
-    Tian et al.'s non-IID sampling). Node i's draw depends on ``(seed, i)`` only, so shards
-    overlap across nodes and any number of nodes works.
+    Tian et al.'s non-IID sampling). The nodes are drawn in blocks of :data:`_SAMPLE_BLOCK`
+    ids, each from its own generator ``(seed, block)`` and always whole, so node i's draw
+    depends on ``(seed, i)`` only: shards overlap across nodes, any number of nodes works, and
+    no Python loop runs per node.
     """
     kind, _, arg = spec.partition(":")
     if kind == "iid" and not arg:
-        out = []
-        for i in range(n):
-            rng = np.random.default_rng([seed, _SAMPLE, i])
-            out.append(np.sort(rng.choice(num_samples, size=size,
-                                          replace=size > num_samples)))
-        return out
-    if kind != "dirichlet" or not arg:
+        draw = _iid_block
+    elif kind != "dirichlet" or not arg:
         raise ValueError(f"expected 'sample:iid' or 'sample:dirichlet:ALPHA', got "
                          f"'sample:{spec}'")
-    alpha = float(arg)
-    if labels is None:
-        raise ValueError("sample:dirichlet needs class labels (a classification task)")
-    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    classes = np.unique(y)
-    members = [np.flatnonzero(y == c) for c in classes]
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, _SAMPLE, i])
-        p = rng.dirichlet(np.full(len(classes), alpha))
-        if not np.all(np.isfinite(p)) or p.sum() <= 0:  # alpha so small it underflows
-            p = np.eye(len(classes))[rng.integers(0, len(classes))]
-        drawn = rng.choice(len(classes), size=size, p=p)
-        picks = [members[c][rng.integers(0, len(members[c]))] for c in drawn]
-        out.append(np.sort(np.asarray(picks, dtype=np.int64)))
-    return out
+    else:
+        alpha = float(arg)
+        if labels is None:
+            raise ValueError("sample:dirichlet needs class labels (a classification task)")
+        y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+        order = np.argsort(y, kind="stable")
+        _, counts = np.unique(y, return_counts=True)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
 
+        def draw(rng: np.random.Generator, rows: int, size: int, num_samples: int
+                 ) -> np.ndarray:
+            return _dirichlet_block(rng, rows, size, alpha, order, counts, starts)
+    blocks = [draw(np.random.default_rng([seed, _SAMPLE, b]), _SAMPLE_BLOCK, size,
+                   num_samples) for b in range(-(-n // _SAMPLE_BLOCK))]
+    return list(np.sort(np.concatenate(blocks)[:n], axis=1))
+
+
+def _iid_block(rng: np.random.Generator, rows: int, size: int, num_samples: int
+               ) -> np.ndarray:
+    if size > num_samples:  # more samples than the set holds: with replacement
+        return rng.integers(0, num_samples, size=(rows, size))
+    step = max(1, (1 << 22) // num_samples)  # random keys of at most ~4M floats at a time
+    parts = [np.argpartition(rng.random((min(step, rows - r0), num_samples)), size - 1,
+                             axis=1)[:, :size] for r0 in range(0, rows, step)]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def _dirichlet_block(rng: np.random.Generator, rows: int, size: int, alpha: float,
+                     order: np.ndarray, counts: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    k = len(counts)
+    p = rng.dirichlet(np.full(k, alpha), size=rows)
+    one_class = rng.integers(0, k, size=rows)
+    bad = ~np.isfinite(p).all(axis=1) | ~(p.sum(axis=1) > 0)  # alpha so small it underflows
+    p[bad] = np.eye(k)[one_class[bad]]
+    cdf = np.cumsum(p, axis=1)
+    cdf[:, -1] = np.inf
+    # each row's class draws by inverse CDF, all rows at once: row r's CDF shifted by 2r
+    shift = 2.0 * np.arange(rows)[:, None]
+    drawn = np.searchsorted((np.minimum(cdf, 1.5) + shift).ravel(),
+                            (rng.random((rows, size)) + shift).ravel(), side="right")
+    classes = np.minimum(drawn.reshape(rows, size) - k * np.arange(rows)[:, None], k - 1)
+    within = (rng.random((rows, size)) * counts[classes]).astype(np.int64)
+    return order[starts[classes] + np.minimum(within, counts[classes] - 1)].astype(np.int64)
 
 
 def label_distribution(
@@ -290,9 +317,20 @@ def label_distribution(
             f"labels must lie in [0, num_classes={num_classes}), got range "
             f"[{int(y.min())}, {int(y.max())}]"
         )
-    counts = np.zeros((len(parts), num_classes), dtype=np.int64)
-    for node, part in enumerate(parts):
-        counts[node] = np.bincount(y[np.asarray(part, dtype=np.int64)], minlength=num_classes)
-    return counts
+    if not len(parts):
+        return np.zeros((0, num_classes), dtype=np.int64)
+    sizes = np.fromiter((len(p) for p in parts), dtype=np.int64, count=len(parts))
+    flat = np.concatenate([np.asarray(p, dtype=np.int64) for p in parts])
+    node = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
+    cells = np.bincount(node * num_classes + y[flat], minlength=len(parts) * num_classes)
+    return cells.reshape(len(parts), num_classes)
 
 
+def class_entropy(counts: np.ndarray) -> np.ndarray:
+    """Entropy in bits of each node's class distribution: ``counts`` [nodes, classes] -> [nodes]
+    (0 for a node with one class, log2(classes) for a balanced one)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    p = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    logs = np.log2(p, out=np.zeros_like(p), where=p > 0)
+    return -(p * logs).sum(axis=1) + 0.0

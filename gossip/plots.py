@@ -4,7 +4,8 @@ canvas; no pyplot global state).
 - :func:`plot_metrics`: a real run (``launch.train``): every rank a thin line, the mean a thick one;
 - :func:`plot_run`, :func:`plot_comparison`: simulated runs (one record per round, figures over
   all nodes) and comparisons of them;
-- :func:`plot_label_distribution`: the nodes' label mix of a non-IID partition.
+- :func:`plot_label_distribution`: the nodes' label mix of a non-IID partition (bars, or
+  :func:`plot_label_heatmap` for many nodes).
 
 A real run's records (``metrics.jsonl``) each have a ``kind``:
 
@@ -28,13 +29,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_PLOTTED_NODES", "MAX_PLOTTED_RANKS", "plot_comparison",
-           "plot_label_distribution", "plot_metrics", "plot_run"]
+from gossip.data import class_entropy
+
+__all__ = ["BARS_UP_TO", "MAX_PLOTTED_NODES", "MAX_PLOTTED_RANKS", "plot_comparison",
+           "plot_label_distribution", "plot_label_heatmap", "plot_metrics", "plot_run"]
 
 #: Per-rank lines drawn at most (the mean always covers all ranks).
 MAX_PLOTTED_RANKS = 32
 #: Nodes shown in a label-distribution plot at most.
 MAX_PLOTTED_NODES = 200
+#: Above this many nodes the label plot is a heat map and an entropy histogram, not bars.
+BARS_UP_TO = 64
 
 
 def _series(records: Iterable[Mapping[str, Any]], kind: str, key: str, x: str, who: str
@@ -246,13 +251,18 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str |
 
 
 def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write a stacked bar chart (one bar per node, first 200 nodes) of class counts to ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Write the per-node class counts ``counts`` [nodes, classes] to ``path`` (PNG): a stacked
+    bar chart (one bar per node) up to :data:`BARS_UP_TO` nodes, else
+    :func:`plot_label_heatmap` (a fixed number of artists, whatever the number of nodes)."""
     counts = np.asarray(counts)
     if counts.ndim != 2:
         raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
+    if len(counts) > BARS_UP_TO:
+        plot_label_heatmap(counts, path)
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     shown = counts[:MAX_PLOTTED_NODES]
     num_nodes, num_classes = shown.shape
     fig = Figure(figsize=(min(4.0 + 0.08 * num_nodes, 20.0), 4.0))
@@ -273,6 +283,42 @@ def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) ->
     if num_classes <= 20:
         ax.legend(title="class", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
+    fig.savefig(os.fspath(path), format="png", dpi=100)
+
+
+def plot_label_heatmap(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
+    """Write the label distribution of many nodes to ``path`` (PNG): a heat map of each node's
+    class proportions (nodes by classes, one image artist) beside a histogram of the nodes'
+    class entropy (one step artist)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    counts = np.asarray(counts)
+    if counts.ndim != 2:
+        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
+    num_nodes, num_classes = counts.shape
+    totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
+    share = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    fig = Figure(figsize=(11.0, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 2, 1)
+    image = ax.imshow(share.T, aspect="auto", interpolation="nearest", cmap="viridis",
+                      vmin=0.0, vmax=1.0, origin="lower",
+                      extent=(-0.5, num_nodes - 0.5, -0.5, num_classes - 0.5))
+    fig.colorbar(image, ax=ax, label="share of the node's samples")
+    ax.set_xlabel("node")
+    ax.set_ylabel("class")
+    ax.set_title(f"class shares per node ({num_nodes} nodes)")
+    ax = fig.add_subplot(1, 2, 2)
+    entropy = class_entropy(counts)
+    top = max(float(np.log2(num_classes)), 1e-9)
+    hist, edges = np.histogram(entropy, bins=40, range=(0.0, top))
+    ax.stairs(hist, edges, fill=True)
+    ax.set_xlabel(f"class entropy, bits (balanced: {top:.2f})")
+    ax.set_ylabel("nodes")
+    ax.set_title("label skew: entropy of each node's classes")
+    # fixed margins: tight_layout would draw the figure once more just to measure its text
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
     fig.savefig(os.fspath(path), format="png", dpi=100)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.util
 import math
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset, default_collate
 
 __all__ = [
     "CHARLM_FILES",
+    "INITS",
     "TASK_NAMES",
     "CharGPT",
     "DatasetData",
@@ -28,9 +30,12 @@ __all__ = [
     "digits",
     "get_task",
     "synthetic",
+    "xavier_init",
 ]
 
 TASK_NAMES = ("digits", "charlm", "synthetic")
+#: Weight initializations a task's models can take (:attr:`Task.init`).
+INITS = ("default", "xavier")
 KINDS = ("classification", "regression", "lm")
 #: Standard-library modules (present in every CPython >= 3.10) used as the charlm corpus.
 CHARLM_FILES = ("textwrap.py", "argparse.py", "difflib.py", "dataclasses.py", "functools.py")
@@ -151,6 +156,11 @@ class Task:
     (cross-entropy for classification and lm, MSE for regression). Both CLIs take a function
     returning a Task (``--task package.module:function``); the built-in tasks are such
     functions: :func:`digits`, :func:`charlm`, :func:`synthetic`.
+
+    ``init`` re-initializes what the factory built: ``"default"`` keeps it as is;
+    ``"xavier"`` gives every Linear and Conv weight Xavier-uniform values (Glorot & Bengio
+    2010, ``nn.init.xavier_uniform_``) and zero biases, the initialization Tian et al. 2024
+    (vanishing variance) use and study. Other layers (embeddings, norms) keep theirs.
     """
 
     name: str
@@ -161,6 +171,7 @@ class Task:
     default_optimizer: str = "sgd"
     extra: dict[str, Any] = field(default_factory=dict)
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+    init: str = "default"
 
     def __post_init__(self) -> None:
         if not isinstance(self.data, (TaskData, DatasetData)):
@@ -170,6 +181,8 @@ class Task:
             raise ValueError("model_factory is invalid: expected a callable returning a module")
         if self.loss_fn is not None and not callable(self.loss_fn):
             raise ValueError(f"loss_fn={self.loss_fn!r} is invalid: expected a callable")
+        if self.init not in INITS:
+            raise ValueError(f"init={self.init!r} is invalid: expected one of {list(INITS)}")
 
     @property
     def optimum(self) -> Tensor | None:
@@ -181,7 +194,10 @@ class Task:
         seed = _check_int("seed", seed, 0)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.model_factory()
+            model = self.model_factory()
+            if self.init == "xavier":
+                xavier_init(model)
+            return model
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Mean loss: ``loss_fn`` when given, else cross-entropy (classification, lm over all
@@ -224,6 +240,18 @@ class Task:
                 outputs.append(model(x))
                 targets.append(y)
         return self.metrics(torch.cat(outputs), torch.cat(targets))
+
+
+def xavier_init(model: nn.Module) -> nn.Module:
+    """Xavier-uniform weights and zero biases for every Linear and Conv layer of ``model``."""
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, layers):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+    return model
 
 
 # --------------------------------------------------------------------------- digits
@@ -496,12 +524,12 @@ _BUILDERS: dict[str, Callable[..., Task]] = {
 }
 
 
-def get_task(name: str, *, seed: int = 0, **options: Any) -> Task:
+def get_task(name: str, *, seed: int = 0, init: str = "default", **options: Any) -> Task:
     """Build a named task: ``"digits"``, ``"charlm"`` or ``"synthetic"``.
 
     ``seed`` fixes the data (digits split, synthetic optimum and samples); model init is seeded
-    separately through :meth:`Task.make_model`. ``options`` are task specific, e.g.
-    ``get_task("charlm", context=32, max_chars=200_000)``.
+    separately through :meth:`Task.make_model`; ``init`` is :attr:`Task.init`. ``options`` are
+    task specific, e.g. ``get_task("charlm", context=32, max_chars=200_000)``.
     """
     builder = _BUILDERS.get(name) if isinstance(name, str) else None
     if builder is None:
@@ -513,4 +541,7 @@ def get_task(name: str, *, seed: int = 0, **options: Any) -> Task:
         raise ValueError(
             f"unknown option(s) {unknown} for task {name!r}; allowed: {sorted(allowed)}"
         )
-    return builder(seed, **options)
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is invalid: expected one of {list(INITS)}")
+    task = builder(seed, **options)
+    return task if init == "default" else dataclasses.replace(task, init=init)

@@ -8,13 +8,17 @@ Everything here is pure: the same ``(spec, n, seed)`` always yields the same top
 from __future__ import annotations
 
 import math
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 import torch
+
+if TYPE_CHECKING:  # networkx costs ~0.3 s to import: loaded by the functions that build graphs
+    import networkx as nx
 
 __all__ = [
     "KNOWN_TOPOLOGIES",
@@ -30,7 +34,7 @@ __all__ = [
     "uniform_weights",
 ]
 
-AdjacencyLike = nx.Graph | torch.Tensor | np.ndarray | Sequence[Sequence[float]]
+AdjacencyLike = "nx.Graph | torch.Tensor | np.ndarray | Sequence[Sequence[float]]"
 
 KNOWN_TOPOLOGIES: tuple[str, ...] = (
     "ring",
@@ -273,6 +277,8 @@ def make_topology(spec: str, n: int, *, seed: int = 0, weights: str = "metropoli
     ``one-peer-exponential`` and ``matching`` define their own weights. Random graphs are drawn
     with ``seed`` (resampling with ``seed + 1, ...`` until connected where noted).
     """
+    import networkx as nx
+
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"n must be an int >= 2, got n={n!r}")
     if weights not in _WEIGHT_SCHEMES:
@@ -348,6 +354,8 @@ def make_topology(spec: str, n: int, *, seed: int = 0, weights: str = "metropoli
 
 
 def _static(graph: nx.Graph, spec: str, weights: str) -> StaticTopology:
+    import networkx as nx
+
     n = graph.number_of_nodes()
     if not nx.is_connected(graph):
         parts = nx.number_connected_components(graph)
@@ -358,6 +366,8 @@ def _static(graph: nx.Graph, spec: str, weights: str) -> StaticTopology:
 
 
 def _first_connected(spec: str, n: int, seed: int, sample: Callable[[int], nx.Graph]) -> nx.Graph:
+    import networkx as nx
+
     for s in range(seed, seed + _MAX_RESAMPLES):
         graph = sample(s)
         if nx.is_connected(graph):
@@ -382,6 +392,8 @@ def _near_square_rows(n: int) -> int:
 
 
 def _torus(n: int, rows: int) -> nx.Graph:
+    import networkx as nx
+
     if rows < 3 or n % rows != 0 or n // rows < 3:
         raise ValueError(f"torus needs R >= 3 dividing n with n/R >= 3, got R={rows} with n={n}")
     cols = n // rows
@@ -390,6 +402,8 @@ def _torus(n: int, rows: int) -> nx.Graph:
 
 
 def _read_edge_list(path: str, n: int) -> nx.Graph:
+    import networkx as nx
+
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"topology file PATH={path!r} does not exist")
@@ -418,12 +432,18 @@ def _read_edge_list(path: str, n: int) -> nx.Graph:
     return graph
 
 
+def _is_graph(adj: Any) -> bool:
+    """Whether ``adj`` is a networkx graph (without importing networkx for other inputs)."""
+    nx_mod = sys.modules.get("networkx")
+    return nx_mod is not None and isinstance(adj, nx_mod.Graph)
+
+
 def _in_neighbors(adj: AdjacencyLike, *, symmetric: bool = False) -> list[np.ndarray]:
     """Sorted in-neighbours of each node (``i`` receives from ``j``), self-loops dropped.
 
     A ``networkx`` graph is read edge by edge (no ``n x n`` matrix); a matrix ``adj[i, j]``
     nonzero means ``i`` receives from ``j``; ``symmetric`` requires an undirected graph."""
-    if isinstance(adj, nx.Graph):
+    if _is_graph(adj):
         n = adj.number_of_nodes()
         if set(adj.nodes) != set(range(n)):
             raise ValueError(f"adj graph nodes must be 0..{n - 1}, got {sorted(adj.nodes)!r}")

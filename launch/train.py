@@ -70,7 +70,7 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
     device = pick_device(cfg, comm.backend)
 
     # ---- build: the run layer, the same calls the simulator makes
-    task = agree(lambda: build.load_task(cfg.task, seed=cfg.seed))
+    task = agree(lambda: build.load_task(cfg.task, seed=cfg.seed, init=cfg.init))
     cfg = cfg.resolved(task, n)
     torch.manual_seed(derived_seed(cfg.seed, rank, 1))
     shards = agree(lambda: build.make_shards(cfg, task, n))

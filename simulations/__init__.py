@@ -3,8 +3,12 @@
 ``python -m simulations.run --algo gossip-vc --nodes 64 --partition dirichlet:0.5 --out runs/x``
 runs one configuration; ``python -m simulations.compare`` compares FedAvg, DiLoCo, NoLoCo,
 D-PSGD and variance-corrected gossip on one non-IID task. The pieces: :mod:`.config`
-(:class:`SimConfig`), :mod:`.engine` (:class:`Simulation`, :func:`run`), :mod:`.training`
-(vectorized local training), :mod:`.network` (simulated time), :mod:`.faults`, :mod:`.plots`.
+(:class:`SimConfig`), :mod:`.engine` (:class:`Simulation`, :func:`drive`), :mod:`.run`
+(:func:`run`: picks the runner), :mod:`.training`
+(vectorized local training), :mod:`.evaluate` (test metrics: a global model once, else a
+seeded sample of nodes in one vectorized forward), :mod:`.network` (simulated time),
+:mod:`.faults`, :mod:`.memory` (the size estimate checked before a build), :mod:`.threads`
+(the automatic torch thread count); plots are in :mod:`gossip.plots`.
 """
 
 from simulations.config import SimConfig

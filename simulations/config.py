@@ -41,6 +41,9 @@ class SimConfig(RunSpec):
     rounds: int = field(default=50, metadata=help_text("synchronisation rounds"))
     out: str | None = field(default=None, metadata=help_text(
         "run directory (default: none written)"))
+    save_models: bool = field(default=False, metadata=help_text(
+        "write the final per-node models to OUT/models.pt (stacked) + OUT/models.json (index), "
+        "the input of python -m gossip.merge"))
     # data
     shard_size: int | None = field(default=None, metadata=help_text(
         "sample:* partitions: samples per node (default: max(batch size, train set / nodes))"))
@@ -87,11 +90,15 @@ class SimConfig(RunSpec):
         "rounds between test-set evaluations (the last round is always evaluated)"))
     eval_samples: int | None = field(default=None, metadata=help_text(
         "evaluate on the first K test samples (default: all)"))
+    eval_nodes: int | None = field(default=None, metadata=help_text(
+        "nodes evaluated per evaluation: a seeded sample of K of the nodes that are up "
+        "(default: all up to 1000, a sample of 1000 beyond; one model where the algorithm "
+        "has a global model)"))
     progress: bool | None = field(default=None, metadata=help_text(
         "progress bar (default: only on a terminal)"))
     threads: int = field(default=0, metadata=help_text(
         "torch CPU threads (0 = auto: 1 below 512 nodes, where small kernels lose to thread "
-        "overhead, else torch's default)"))
+        "overhead, else the CPUs the machine's load leaves free; see simulations.threads)"))
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,12 +138,15 @@ class SimConfig(RunSpec):
         _at_least("crash_round", self.crash_round, 0)
         _at_least("churn_rounds", self.churn_rounds, 1)
         _at_least("actors", self.actors, 1)
+        if self.save_models and (self.out is None or self.actors > 1):
+            bad("save_models", self.save_models, "False unless out is set and actors is 1")
         if self.actors > self.nodes:
             bad("actors", self.actors, f"at most nodes={self.nodes}")
         if self.device not in DEVICES:
             bad("device", self.device, f"one of {list(DEVICES)}")
         _at_least("eval_every", self.eval_every, 1)
         _at_least("eval_samples", self.eval_samples, 1)
+        _at_least("eval_nodes", self.eval_nodes, 1)
         _at_least("threads", self.threads, 0)
         self._check_algorithm_fields()
 

@@ -12,8 +12,9 @@ rank runs (``gossip.algorithms.build_algorithm``). A round is one synchronisatio
    afterwards with their algorithm state, so a down node is frozen whatever the algorithm does;
 4. the communication events of the sync are turned into simulated seconds
    (:mod:`simulations.network`); bytes come from ``comm.bytes_per_node``;
-5. metrics: train loss, each node evaluated on the task's global test set (vectorized),
-   consensus distance, bytes, simulated and wall seconds.
+5. metrics: train loss, test metrics (:mod:`simulations.evaluate`: the global model once, or
+   a seeded sample of nodes in one vectorized forward), consensus distance, bytes, simulated
+   and wall seconds.
 
 Everything random derives from ``(seed, global node id)`` or ``(seed, round)``, so results do
 not depend on how the nodes are sharded. A shard's :meth:`Simulation.run_round` reduces its
@@ -53,8 +54,11 @@ from gossip.run.spec import optimizer_kwargs
 from gossip.tasks import Task
 from gossip.topology import Topology, spectral_gap
 from simulations.config import SimConfig
+from simulations.evaluate import eval_sample, evaluate_rows
 from simulations.faults import FaultSchedule
+from simulations.memory import check_fits, simulation_estimate
 from simulations.network import NetworkModel, SimClock
+from simulations.threads import auto_threads
 from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
 
 __all__ = ["RunRecorder", "Runner", "Simulation", "drive", "set_threads", "summarize"]
@@ -76,11 +80,14 @@ class Simulation:
     def __init__(self, cfg: SimConfig, nodes: Sequence[int] | Tensor | None = None,
                  group: dist.ProcessGroup | None = None, *, task: Task | None = None) -> None:
         t_start = time.perf_counter()
-        task = task if task is not None else build.load_task(cfg.task, seed=cfg.seed)
+        task = build.with_init(task, cfg.init) if task is not None \
+            else build.load_task(cfg.task, seed=cfg.seed, init=cfg.init)
         # every node's batch is gathered from one tensor: a Dataset is read into memory once
         self.task = dataclasses.replace(task, data=task.data.to_tensors())
         self.cfg = cfg = cfg.resolved(self.task)
         n = cfg.nodes
+        check_fits(simulation_estimate(cfg, self.task, n if nodes is None else len(nodes)),
+                   device=cfg.device)  # before anything proportional to N is allocated
         ids = torch.arange(n) if nodes is None else torch.as_tensor(nodes, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= n \
                 or ids.unique().numel() != ids.numel():
@@ -91,7 +98,6 @@ class Simulation:
         self.group = group
         self.device = torch.device(cfg.device)
         data = self.task.data
-
         bsz = cfg.batch_size
         assert bsz is not None
         self.shards = shards = build.make_shards(cfg, self.task, n, shard_size=cfg.shard_size)
@@ -166,6 +172,18 @@ class Simulation:
         """The local rows' parameters as one [L, P] tensor (a copy)."""
         return torch.cat([b.detach() for b in self.model.flat.buffers()], dim=1)
 
+    def save_models(self, out: str | Path) -> Path:
+        """Write the nodes' current models to ``out``/models.pt + models.json (the index that
+        :mod:`gossip.merge` reads); returns the index path."""
+        from gossip import merge
+
+        cfg = self.cfg
+        return merge.save_stacked(
+            out, {n: p.detach() for n, p in self.model.params.items()}, self.model.buffers,
+            nodes=self.nodes.tolist(), task=cfg.task, seed=cfg.seed, init=self.task.init,
+            info={"algo": cfg.algo, "rounds": cfg.rounds, "nodes_total": cfg.nodes,
+                  "config": cfg.to_dict()})
+
     # --------------------------------------------------------------------- one round
 
     def run_round(self, r: int) -> dict[str, Any]:
@@ -227,7 +245,7 @@ class Simulation:
             "round_sim_seconds": self.clock.now - before,
         }
         if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            record.update(self._eval_record(up_local))
+            record.update(self._eval_record(alive, r))
         return record
 
     @contextmanager
@@ -279,13 +297,25 @@ class Simulation:
             total += float(self._sum(sq.reshape(1)))
         return total / count
 
-    def _eval_record(self, up: Tensor) -> dict[str, Any]:
-        ev = self.evaluate()
-        out: dict[str, Any] = {"consensus_distance": self.consensus_distance(up)}
+    def _eval_record(self, alive: Tensor, r: int) -> dict[str, Any]:
+        """Test metrics of round ``r``, right after its sync (:mod:`simulations.evaluate`):
+        one model where the algorithm has a global one, else a seeded sample of the up nodes
+        in one vectorized forward. A global model's consensus distance is 0: every row holds
+        it."""
+        global_model = self.algorithm.global_model
+        chosen = alive if global_model else eval_sample(
+            alive, self.cfg.eval_nodes, seed=self.cfg.seed, round_index=r)
+        rows = chosen[self.nodes].nonzero().flatten()
+        ev = evaluate_rows(self.model, self.x_test, self.y_test, rows,
+                           global_model=global_model)
+        up = alive[self.nodes]
+        out: dict[str, Any] = {
+            "consensus_distance": 0.0 if global_model else self.consensus_distance(up)}
+        out["eval_nodes"] = int(self._sum(torch.tensor([float(len(rows))], dtype=torch.float64)))
         for key in ("accuracy", "loss"):
             if key not in ev:
                 continue
-            v = ev[key][up]
+            v = ev[key]
             stats = self._sum(torch.tensor([float(v.sum()), float(v.numel())],
                                            dtype=torch.float64))
             lo = self._reduce(torch.tensor([float(v.min()) if v.numel() else math.inf],
@@ -371,15 +401,12 @@ class RunRecorder:
         self.out = None if out is None else Path(out)
         self.plots = plots
         self.records: list[dict[str, Any]] = []
+        self.label_counts = label_counts
         config = cfg.to_dict()
         if info is not None and "task" in info:  # the Task's own name and where it came from
             config["task_name"], config["task_source"] = info["task"], info["task_source"]
         self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
                                 tensorboard=cfg.tensorboard)
-        if self.out is not None and label_counts is not None and plots:
-            from gossip.plots import plot_label_distribution
-
-            plot_label_distribution(label_counts, self.out / "label_distribution.png")
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -390,9 +417,11 @@ class RunRecorder:
         summary = summarize(self.cfg, self.records, wall_seconds=wall_seconds, info=info)
         self.writer.summary(summary)
         self.writer.close()
-        if self.out is not None and self.plots:
-            from gossip.plots import plot_run
+        if self.out is not None and self.plots:  # after the summary: a plot cannot lose it
+            from gossip.plots import plot_label_distribution, plot_run
 
+            if self.label_counts is not None:
+                plot_label_distribution(self.label_counts, self.out / "label_distribution.png")
             plot_run(self.records, self.out, title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
                                                    f"{self.cfg.partition}")
         return summary
@@ -408,7 +437,7 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     shard 0's record (every shard returns the same global record)."""
     cfg = runner.cfg
     out = cfg.out if out is None else out
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     info = runner.info()
     recorder = RunRecorder(cfg, out, label_counts=runner.label_counts() if out else None,
                            plots=plots, info=info)
@@ -433,14 +462,17 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     finally:
         if bar is not None:
             bar.close()
-    summary = recorder.finish(wall_seconds=time.perf_counter() - t0, info=info)
+    # cpu_seconds: this process's CPU time over the rounds (with Ray actors: the driver's only)
+    summary = recorder.finish(wall_seconds=time.perf_counter() - t0,
+                              info={**info, "cpu_seconds": time.process_time() - cpu0})
     summary_out = dict(summary)
     summary_out["records"] = recorder.records
     return summary_out
 
 
 def set_threads(cfg: SimConfig) -> int:
-    """Apply ``cfg.threads`` to torch (0 = 1 thread below 512 nodes, else torch's default)."""
-    threads = cfg.threads or min(torch.get_num_threads(), max(1, cfg.nodes // 256))
+    """Apply ``cfg.threads`` to torch (0 = :func:`simulations.threads.auto_threads`: 1 below
+    512 nodes, else the CPUs the machine's load leaves free)."""
+    threads = cfg.threads or auto_threads(cfg.nodes)
     torch.set_num_threads(threads)
     return threads

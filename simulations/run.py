@@ -36,9 +36,11 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
         return ray_backend.run_on_ray(cfg)
     set_threads(cfg)
     sim = Simulation(cfg, task=task)
-    return drive(sim)
-
-
+    summary = drive(sim)
+    if cfg.save_models:  # SimConfig allows it only with out set and one process
+        assert cfg.out is not None
+        sim.save_models(cfg.out)
+    return summary
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
     if value is None:

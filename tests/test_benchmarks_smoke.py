@@ -68,15 +68,22 @@ def test_sim_throughput_cuda_guard() -> None:
 def test_vanishing_variance_quick(quick_runs: dict) -> None:
     rc, out, err = quick_runs["variance"]
     assert rc == 0, err
-    recs = {r["algo"]: r for r in _json_lines(out)}
-    assert set(recs) == {"fedavg", "gossip", "gossip-vc"}
-    assert recs["fedavg"]["independent_init"] is False
-    assert recs["gossip"]["independent_init"] is True
-    assert recs["gossip-vc"]["independent_init"] is True
+    lines = _json_lines(out)
+    runs = [r for r in lines if "seed" in r]
+    assert {(r["algo"], r["seed"]) for r in runs} == {
+        (a, s) for a in ("fedavg", "gossip", "gossip-vc") for s in (0, 1)}
+    for r in runs:
+        assert r["independent_init"] is (r["algo"] != "fedavg")
+    agg = {r["algo"]: r for r in lines if r.get("aggregate")}
+    assert set(agg) == {"fedavg", "gossip", "gossip-vc"}
+    for row in agg.values():
+        assert row["seeds"] == [0, 1] and row["rounds_to_0.5"]["reached"] in (0, 1, 2)
+    assert "gossip_vc_over_fedavg_rounds_to_80" in next(r for r in lines if "checks" in r)["checks"]
     base = quick_runs["out"]
-    for name in ("accuracy.png", "variance.png", "summary.json"):
+    for name in ("accuracy.png", "accuracy.svg", "variance.png", "variance.svg", "summary.json"):
         assert (base / name).stat().st_size > 0
-    assert (base / "gossip-vc" / "metrics.jsonl").exists()
+    assert (base / "gossip-vc" / "seed_1" / "metrics.jsonl").exists()
+    assert json.loads((base / "summary.json").read_text())["args"]["init"] == "xavier"
 
 
 def test_stacked_batches_equal_node_batch() -> None:

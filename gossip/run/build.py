@@ -8,6 +8,7 @@ same optimizer settings and the same algorithm config from the same spec.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Iterable
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "make_topology_for",
     "scheduled_lr",
     "task_source",
+    "with_init",
 ]
 
 
@@ -42,12 +44,13 @@ def task_source(name: str) -> str:
     return f"gossip.tasks:{name}" if name in TASK_NAMES else name
 
 
-def load_task(name: str, *, seed: int) -> Task:
+def load_task(name: str, *, seed: int, init: str = "default") -> Task:
     """The task ``name`` means: a built-in shorthand (digits, charlm, synthetic) or
     ``package.module:function``, called as ``function(seed=seed)`` (or ``function()`` when it
-    takes no seed); it must return a :class:`gossip.tasks.Task`."""
+    takes no seed); it must return a :class:`gossip.tasks.Task`. ``init`` other than
+    ``"default"`` replaces the task's :attr:`~gossip.tasks.Task.init`."""
     if name in TASK_NAMES:
-        return get_task(name, seed=seed)
+        return get_task(name, seed=seed, init=init)
     module, _, attr = name.partition(":")
     try:
         fn = getattr(importlib.import_module(module), attr)
@@ -62,7 +65,13 @@ def load_task(name: str, *, seed: int) -> Task:
     if not isinstance(task, Task):
         raise ValueError(f"task={name!r} is invalid: it returned {type(task).__name__}, "
                          "expected a gossip.tasks.Task")
-    return task
+    return with_init(task, init)
+
+
+def with_init(task: Task, init: str) -> Task:
+    """``task`` with :attr:`~gossip.tasks.Task.init` ``init``; ``"default"`` keeps the task's
+    own."""
+    return task if init == "default" else dataclasses.replace(task, init=init)
 
 
 def make_shards(spec: RunSpec, task: Task, nodes: int, *, shard_size: int | None = None

@@ -51,7 +51,7 @@ from gossip.algorithms import (
 from gossip.configs import FileConfig, bad, check_positive, check_types, help_text
 from gossip.data import partition as _partition
 from gossip.flat import scope_from_spec
-from gossip.tasks import TASK_NAMES
+from gossip.tasks import INITS, TASK_NAMES
 
 __all__ = [
     "ALGO_FIELDS",
@@ -177,6 +177,8 @@ class RunSpec(AlgorithmOptions, FileConfig):
         f"one of {list(TASK_NAMES)}, or package.module:function returning a gossip.tasks.Task"))
     seed: int = field(default=0, metadata=help_text(
         "seeds data split, partition, model init, data order, pairings, ..."))
+    init: str = field(default="default", metadata=help_text(
+        "model init: default (the task's) | xavier (Xavier-uniform weights, zero biases)"))
     partition: str = field(default="iid", metadata=help_text(
         "iid | dirichlet:ALPHA | shards:K | quantity:ALPHA (disjoint shards); simulator only: "
         "sample:iid | sample:dirichlet:ALPHA (each node draws its own, overlapping shard)"))
@@ -208,6 +210,8 @@ class RunSpec(AlgorithmOptions, FileConfig):
             bad("task", self.task, f"one of {list(TASK_NAMES)} or 'package.module:function'")
         if self.seed < 0:
             bad("seed", self.seed, "an integer >= 0")
+        if self.init not in INITS:
+            bad("init", self.init, f"one of {list(INITS)}")
         check_partition(self.partition)
         check_positive("batch_size", self.batch_size)
         if self.optimizer is not None:
