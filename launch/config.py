@@ -164,6 +164,12 @@ class TrainConfig(AlgorithmOptions, FileConfig):
         "Gloo only (auto picks Gloo, also on GPUs)"))
     dead_after: float = field(default=5.0, metadata=help_text(
         "with --survive-failures: seconds without a heartbeat before a rank counts as dead"))
+    # [faults] run directory and resume safety
+    overwrite: bool = field(default=False, metadata=help_text(
+        "start fresh in an --out that holds another run: its files are removed first"))
+    resume_override: str | None = field(default=None, metadata=help_text(
+        "with --resume: FIELD[,FIELD...] whose change from the checkpoint's config is accepted "
+        "(seed, lr, ...); the change is recorded in config.json with its step"))
 
     def __post_init__(self) -> None:
         check_types(self)

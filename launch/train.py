@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import time
@@ -46,9 +47,11 @@ from gossip.data import partition
 from gossip.flat import FlatParams, scope_from_spec
 from gossip.metrics import RunWriter, append_jsonl, atomic_write_text, read_jsonl, to_jsonable
 from gossip.plots import plot_metrics
+from gossip.rundir import RunDir
 from gossip.tasks import Task, get_task
 from gossip.topology import make_topology
 from launch.config import TrainConfig, build_parser, from_args
+from launch.spawn import torchrun_store_warning
 
 __all__ = ["RunError", "ShardStream", "main", "train"]
 
@@ -297,6 +300,8 @@ class _Run:
         self.tolerant = comm.monitor is not None
         self.final: dict[str, Any] = {}
         self.start_step = 0
+        self.last_step = 0
+        self.resume_changes: list[dict[str, Any]] = []  # [faults] accepted by --resume-override
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -323,8 +328,14 @@ class _Run:
         if step > self.cfg.steps:
             raise ValueError(f"checkpoint {marker} is at step {step}, beyond steps="
                              f"{self.cfg.steps}")
+        # [faults] trajectory changes are refused unless overridden; recorded with their step
+        overrides = [f for f in (self.cfg.resume_override or "").split(",") if f]
+        changes = ckpt.check_resume({**latest.get("config", {}), "world_size": latest.get(
+            "world_size")}, {**self.cfg.to_dict(), "world_size": self.n}, overrides)
+        self.resume_changes = [{**c, "step": step} for c in changes]
         path = ckpt.rank_file(self.out, step, self.rank)
-        state = ckpt.load_rank_state(path, expect={**self.meta, "rank": self.rank})
+        state = ckpt.load_rank_state(path, sha256=ckpt.expected_sha256(self.out, latest, path),
+                                     expect={**self.meta, "rank": self.rank})
         try:
             ckpt.restore_params(self.params, state["params"], source=str(path))
             self.opt.load_state_dict(state["optimizer"])
@@ -361,11 +372,14 @@ class _Run:
         ckpt.atomic_torch_save(state, ckpt.rank_file(self.out, step, self.rank))
         if self.tolerant:  # no collective: the marker moves only if every rank wrote its file
             if self._all_ranks_wrote(step) and self.rank == 0:
-                ckpt.write_latest(self.out, step, self.meta)
+                ckpt.write_latest(self.out, step, self._marker_meta(), ranks=self.n)
             return
         self.comm.barrier()  # every rank's file is on disk before the marker moves
         if self.rank == 0:
-            ckpt.write_latest(self.out, step, self.meta)
+            ckpt.write_latest(self.out, step, self._marker_meta(), ranks=self.n)
+
+    def _marker_meta(self) -> dict[str, Any]:
+        return {**self.meta, "config": self.cfg.to_dict()}  # [faults] for check_resume
 
     def _all_ranks_wrote(self, step: int) -> bool:
         """Count this rank's checkpoint in the store; True once all ranks have (bounded wait).
@@ -424,7 +438,9 @@ class _Run:
                             "without it", self.rank, dead, at)
                 self.records.append({"kind": "death", "step": stats.step, "rank": dead,
                                      "detected_by": self.rank, "detected_at_step": at,
-                                     "unix_time": time.time()})
+                                     "unix_time": time.time(),
+                                     "reason": self.comm.failures.get(
+                                         dead, "no heartbeat, or a peer reported it")})
 
     def on_eval(self, step: int, *, final: bool, record: bool = True) -> dict[str, Any]:
         c = self.counters
@@ -461,7 +477,9 @@ class _Run:
                           json.dumps(to_jsonable(mine)) + "\n")
         monitor = self.comm.monitor
         assert monitor is not None
-        if min(set(range(self.n)) - set(monitor.dead()) - set(self.comm.deaths)) != self.rank:
+        # [faults] this rank is always live (it is running this), so the set is never empty
+        live = (set(range(self.n)) - set(monitor.dead()) - set(self.comm.deaths)) | {self.rank}
+        if min(live) != self.rank:
             return None, []
         deadline = time.monotonic() + self.cfg.timeout
         while True:
@@ -500,7 +518,22 @@ class _Run:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> dict[str, Any] | None:
+        # [faults] rank 0 owns --out for the run's life; a refusal stops every rank
+        self.run_dir = RunDir(self.out, resume=self.cfg.resume, overwrite=self.cfg.overwrite)
+        _agree(lambda: self.run_dir.acquire() if self.rank == 0 else None)
+        try:
+            return self._run()
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: say so instead of leaving no summary
+            if self.rank == 0:
+                self.run_dir.write_interrupted(self.last_step, algo=self.cfg.algo,
+                                               steps=self.cfg.steps)
+            raise
+        finally:
+            self.run_dir.release()
+
+    def _run(self) -> dict[str, Any] | None:
         self.resume()
+        self.last_step = self.start_step
         resumed = self.start_step > 0
         writer = None
         if resumed and self.tolerant:
@@ -575,6 +608,7 @@ class _Run:
                     self.flush(writer)
                     self.save(step)
                 bar.update(1)
+                self.last_step = step
                 if step == fault_step:
                     log.warning("%s=%d: exiting on purpose", FAULT_ENV, step)
                     os._exit(17)
@@ -605,7 +639,15 @@ class _Run:
             "shard_sizes": self.shard_sizes,
             "model_parameters": self.params.numel,
             "torch": torch.__version__,
+            "resume_changes": self._past_changes() + self.resume_changes,  # [faults]
         }
+
+    def _past_changes(self) -> list[dict[str, Any]]:
+        """[faults] The changes earlier resumes of this run accepted (from config.json)."""
+        path = self.out / "config.json"
+        if not self.start_step or not path.exists():
+            return []
+        return list(json.loads(path.read_text()).get("resume_changes", []))
 
     def _finish(self, writer: RunWriter) -> dict[str, Any] | None:
         c = self.counters
@@ -634,11 +676,7 @@ class _Run:
         if self.tolerant:
             summary["deaths"] = deaths
             summary["survivors"] = [r["rank"] for r in per_rank]
-        if writer.enabled:
-            writer.summary(summary)
-        else:  # rank 0 died and this rank took over
-            atomic_write_text(self.out / "summary.json",
-                              json.dumps(to_jsonable(summary), indent=2, sort_keys=True) + "\n")
+        self.run_dir.write_summary(summary)  # [faults] also when rank 0 died and this took over
         try:
             plot_metrics(read_jsonl(self.out / "metrics.jsonl"), self.out,
                          title=f"{self.cfg.algo} on {self.cfg.task}, {self.n} ranks")
@@ -748,6 +786,10 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
     return _Run(cfg, comm).run()
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -762,8 +804,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     comm = join_process_group(backend, cfg.timeout, survive=cfg.survive_failures,
                               dead_after=cfg.dead_after)
     _setup_logging(comm.rank)
+    warning = torchrun_store_warning(os.environ, cfg.survive_failures)  # [faults]
+    if warning and comm.rank == 0:
+        log.warning("%s", warning)
+    signal.signal(signal.SIGTERM, _interrupt)  # [faults] SIGTERM ends the run like Ctrl-C
     try:
         train(cfg, comm)
+    except KeyboardInterrupt:
+        log.warning("rank %d: interrupted", comm.rank)
+        return 130
     except RunError as e:
         if comm.rank == 0:
             log.error("%s", e)

@@ -80,6 +80,8 @@ class SimConfig(AlgorithmOptions, FileConfig):
     rounds: int = field(default=50, metadata=help_text("synchronisation rounds"))
     out: str | None = field(default=None, metadata=help_text(
         "run directory (default: none written)"))
+    overwrite: bool = field(default=False, metadata=help_text(  # [faults]
+        "replace the run already in --out (its files are removed first)"))
     seed: int = field(default=0, metadata=help_text(
         "seeds data split, partition, model init (seed or seed+node), batches, pairings, faults"))
     # data

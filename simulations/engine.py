@@ -45,6 +45,7 @@ from gossip.comm.stacked import StackedCommunicator
 from gossip.data import label_distribution, partition, plot_label_distribution
 from gossip.flat import scope_from_spec
 from gossip.metrics import RunWriter
+from gossip.rundir import RunDir
 from gossip.tasks import Task, get_task
 from gossip.topology import Topology, make_topology, spectral_gap
 from simulations.config import SimConfig
@@ -443,9 +444,11 @@ class RunRecorder:
         self.out = None if out is None else Path(out)
         self.plots = plots
         self.records: list[dict[str, Any]] = []
+        # [faults] the run owns --out until finish() or interrupted(); refused before any write
+        self.run_dir = None if self.out is None else RunDir(
+            self.out, overwrite=cfg.overwrite).acquire()
         self.writer = RunWriter(self.out or ".", cfg.to_dict(), enabled=self.out is not None)
-        if self.out is not None and label_counts is not None and plots:
-            plot_label_distribution(label_counts, self.out / "label_distribution.png")
+        self.label_counts = label_counts  # plotted at a successful end, with the rest
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -454,14 +457,27 @@ class RunRecorder:
     def finish(self, *, wall_seconds: float, info: dict[str, Any] | None = None
                ) -> dict[str, Any]:
         summary = summarize(self.cfg, self.records, wall_seconds=wall_seconds, info=info)
-        self.writer.summary(summary)
         self.writer.close()
-        if self.out is not None and self.plots:
-            from simulations.plots import plot_run
+        if self.run_dir is not None:
+            if self.plots and self.label_counts is not None:
+                plot_label_distribution(self.label_counts,
+                                        self.run_dir.path / "label_distribution.png")
+            if self.plots:
+                from simulations.plots import plot_run
 
-            plot_run(self.records, self.out, title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
-                                                   f"{self.cfg.partition}")
+                plot_run(self.records, self.run_dir.path,
+                         title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, {self.cfg.partition}")
+            self.run_dir.write_summary(summary)
+            self.run_dir.release()
         return summary
+
+    def interrupted(self) -> None:
+        """Ctrl-C: summary.json says so, with the last round recorded; the directory is freed."""
+        self.writer.close()
+        if self.run_dir is not None:
+            self.run_dir.write_interrupted(len(self.records), algo=self.cfg.algo,
+                                           rounds=self.cfg.rounds)
+            self.run_dir.release()
 
 
 def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | None = None,
@@ -495,6 +511,12 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
                 if record.get("accuracy_mean") is not None:
                     bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}",
                                     sim_s=f"{record['sim_seconds']:.1f}")
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            recorder.interrupted()
+        elif recorder.run_dir is not None:
+            recorder.run_dir.release()
+        raise
     finally:
         if bar is not None:
             bar.close()

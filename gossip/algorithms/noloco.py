@@ -11,7 +11,9 @@ with the reference code's **plus** sign on beta (the paper's Eq. 2 prints a minu
 ``gamma == beta`` this is ``delta = alpha delta + beta (mean_G(theta) - phi)`` and only the fast
 weights theta are exchanged (one buffer); otherwise phi travels too. ``phi`` and ``delta`` are
 fp32. A node whose partner's model does not arrive averages over the group members it heard from
-(alone: its own model).
+(alone: its own model). When phi travels too, theta and phi are averaged over the same members:
+those whose theta AND phi arrived (a member heard from only once is left out of both means, so a
+lost theta can never push a node away from a partner whose phi came).
 """
 
 from __future__ import annotations
@@ -121,6 +123,9 @@ class NoLoCo:
         self._theta_mean = [torch.empty_like(p) for p in self.phi]
         self._phi_mean = ([] if config.gamma == config.beta
                           else [torch.empty_like(p) for p in self.phi])
+        # with phi travelling: theta's received models, kept while phi's exchange (which may
+        # reuse the communicator's receive buffer) decides who arrived twice
+        self._theta_recv: list[Tensor | None] = [None] * len(self.phi)
 
     def _group_mean(self, x: Tensor, received: Tensor, arrived: Tensor, me: Tensor,
                     out: Tensor) -> Tensor:
@@ -172,9 +177,12 @@ class NoLoCo:
                     zip(self.params.buffers(), self.phi, self.delta, strict=True)):
                 me = me.to(theta.device)
                 recv, arrived = self.comm.exchange(theta, others)
-                if not tied:  # phi travels too; its exchange may reuse theta's receive buffer
-                    self._group_mean(theta, recv, arrived, me, self._theta_mean[i])
+                if not tied:  # phi travels too: both means over the members whose both came
+                    theta_recv = self._kept(i, recv)
+                    theta_arrived = arrived.clone()
                     recv, arrived = self.comm.exchange(phi, others)
+                    arrived = arrived & theta_arrived
+                    self._group_mean(theta, theta_recv, arrived, me, self._theta_mean[i])
                 for cols in _column_blocks(theta):
                     if tied:
                         theta_mean = self._group_mean(theta[:, cols], recv[..., cols], arrived,
@@ -190,6 +198,13 @@ class NoLoCo:
                                        alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
                         block[0].copy_(block[1])
         return stats
+
+    def _kept(self, i: int, recv: Tensor) -> Tensor:
+        """A copy of ``recv`` in buffer ``i``'s persistent slot (allocated on first use)."""
+        kept = self._theta_recv[i]
+        if kept is None or kept.shape != recv.shape or kept.device != recv.device:
+            kept = self._theta_recv[i] = torch.empty_like(recv)
+        return kept.copy_(recv)
 
     def state_dict(self) -> dict[str, Any]:
         return {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta]}

@@ -63,6 +63,12 @@ class PeerMonitor:
     def _key(self, kind: str, rank: int | str) -> str:
         return f"{_PREFIX}/{kind}/{rank}"
 
+    @staticmethod
+    def heartbeat_key(rank: int) -> str:
+        """The key of ``rank``'s heartbeat counter in the process group's store (a launcher that
+        hosts the store reads it to tell a frozen rank from a working one)."""
+        return f"{_PREFIX}/hb/{rank}"
+
     def _beat(self) -> None:
         self.store.add(self._key("hb", self.rank), 1)
 
@@ -111,7 +117,11 @@ class PeerMonitor:
                     self._dead.setdefault(r, now)
 
     def report_dead(self, rank: int, step: int) -> None:
-        """Tell every rank that ``rank`` failed (e.g. its connection closed) at ``step``."""
+        """Tell every rank that ``rank`` failed (e.g. its connection closed) at ``step``.
+
+        A rank never reports itself: it is running this call."""
+        if rank == self.rank:
+            return
         with self._lock:
             self._dead.setdefault(rank, time.monotonic())
         self.store.append(self._key("dead", "all"), f"{rank}:{step},")
@@ -134,14 +144,18 @@ class PeerMonitor:
         return frozenset()
 
     def agreed_dead(self, step: int) -> frozenset[int]:
-        """The dead set every rank uses at outer step ``step`` (first writer wins)."""
-        mine = ",".join(str(r) for r in sorted(self.dead()))
+        """The dead set every rank uses at outer step ``step`` (first writer wins).
+
+        The writer leaves itself out, so the agreed set never holds every rank. It may hold this
+        rank (peers that gave up on it): the set is used as agreed, so that every rank plans the
+        same groups, but this rank never records itself as dead."""
+        mine = ",".join(str(r) for r in sorted(self.dead() - {self.rank}))
         value = self.store.compare_set(self._key("members", step), "", mine or "-")
         text = value.decode() if isinstance(value, bytes) else str(value)
         agreed = frozenset(int(r) for r in text.split(",") if r and r != "-")
         with self._lock:
             now = time.monotonic()
-            for r in agreed:
+            for r in agreed - {self.rank}:
                 self._dead.setdefault(r, now)
         return agreed
 
