@@ -40,11 +40,12 @@ def host_store(host: str = "127.0.0.1", port: int = 0) -> dist.TCPStore:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launch.store", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--port", type=int, required=True, help="TCP port to serve on")
+    ap.add_argument("--port", type=int, required=True, help="TCP port to serve on (0: a free "
+                    "one, printed)")
     ap.add_argument("--host", default="0.0.0.0", help="address to bind (default: all)")
     args = ap.parse_args(argv)
-    if not 0 < args.port < 65536:
-        ap.error(f"port={args.port} is invalid: expected 0 < PORT < 65536")
+    if not 0 <= args.port < 65536:
+        ap.error(f"port={args.port} is invalid: expected 0 <= PORT < 65536")
     try:
         store = host_store(args.host, args.port)
     except (RuntimeError, OSError) as e:  # the port is taken, the host unknown, ...

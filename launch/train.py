@@ -825,8 +825,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             comm.monitor.close()
         if dist.is_initialized() and not comm.deaths:
             dist.destroy_process_group()  # with dead peers it could wait on them: just exit
+        _DEAD_PEERS.update(comm.deaths)  # [faults]
     return 0
 
 
+#: [faults] peers this process saw die: then the interpreter's teardown can hang on their
+#: connections (measured: a NoLoCo survivor that had written everything never exited), so the
+#: command line leaves at once
+_DEAD_PEERS: set[int] = set()
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if _DEAD_PEERS:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

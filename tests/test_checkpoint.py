@@ -180,7 +180,7 @@ def test_check_resume_accepts_neutral_and_overridden_changes() -> None:
                                 ["lr", "partition"])
     assert changes == [{"field": "lr", "old": 0.001, "new": 0.01},
                        {"field": "partition", "old": "iid", "new": "dirichlet:0.5"}]
-    with pytest.raises(ValueError, match="resume_override.*'sed'"):
+    with pytest.raises(ValueError, match=r"resume_override.*'sed'"):
         ckpt.check_resume(_OLD, _OLD, ["sed"])
 
 

@@ -92,7 +92,7 @@ def test_concurrent_run_is_refused_naming_the_holders_pid(tmp_path: Path) -> Non
 
 def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ValueError, match="out='.*f' is invalid: it is a file"):
+    with pytest.raises(ValueError, match=r"out='.*f' is invalid: it is a file"):
         RunDir(tmp_path / "f").acquire()
 
 

@@ -11,8 +11,14 @@ For algorithms that re-plan around dead peers (NoLoCo pairings, gossip neighbour
 a collective: the first rank to reach the step writes its view with the store's atomic
 ``compare_set``, and everyone reads that one value back.
 
-The store must outlive any worker: under torchrun it is the agent's (it survives a worker's
-death); with plain env:// initialisation rank 0 hosts it, so rank 0's death ends the run.
+The store must outlive any worker: ``launch.spawn`` hosts it in its own process (or joins a
+standalone ``launch.store``), ``launch.ray_launch`` in the driver; under torchrun it is the agent's
+(it survives a worker's death, not the loss of rank 0's agent); with plain env:// initialisation
+rank 0 hosts it, so rank 0's death ends the run.
+
+A rank never counts itself dead (it ignores reports about itself), so the membership it plans
+with always holds it and is never empty. A live rank's heartbeat needs its thread to run: on an
+overloaded machine keep ``dead_after`` well above the longest stall (seconds).
 """
 
 from __future__ import annotations
