@@ -147,6 +147,7 @@ def spawn(train_argv: Sequence[str], *, nproc: int, store: str | None = None,
             on_start(dict(procs))
         beats = None if dead_after is None else _Heartbeats(host, port, run_id, dead_after)
         codes: dict[int, int] = {}
+        killed: set[int] = set()
         while len(codes) < len(procs):
             for rank, p in procs.items():
                 if rank not in codes and p.poll() is not None:
@@ -154,7 +155,10 @@ def spawn(train_argv: Sequence[str], *, nproc: int, store: str | None = None,
             running = [r for r in procs if r not in codes]
             if beats is not None and running and len(running) < len(procs):
                 for rank in running:
+                    if rank in killed:
+                        continue
                     if all(r in codes for r in procs if r != rank) and beats.silent(rank):
+                        killed.add(rank)
                         log.warning("rank %d has been silent for %.1f s while every other rank "
                                     "exited: killing it", rank, dead_after)
                         procs[rank].kill()

@@ -105,3 +105,27 @@ def test_a_scan_costs_two_store_requests_whatever_the_world_size(n):
     mon._scan()
     assert store.calls - before == Counter({"multi_get": 1, "add": 1})
     assert mon.dead() == frozenset()
+
+
+def test_a_rank_never_counts_itself_dead():
+    """Peers that gave up on rank 1 report it; rank 1 keeps itself alive, never writes itself
+    into the agreed set, and so the set a live writer agrees on is never every rank."""
+    store = CountingStore()
+    mons = _monitors(store, 3)
+    try:
+        mons[0].report_dead(1, step=4)
+        mons[2].report_dead(1, step=4)
+        mons[1].report_dead(1, step=4)  # itself: ignored
+        _wait_until(lambda: 1 in mons[2].dead())
+        time.sleep(3 * INTERVAL)
+        assert 1 not in mons[1].dead()
+        # rank 1 writes first: the agreed set leaves rank 1 in (rank 1 is running it)
+        assert mons[1].agreed_dead(step=10) == frozenset()
+        # rank 0 writes first: rank 1 reads the agreed set with itself in it (to plan as its
+        # peers do), yet never records itself as dead
+        assert mons[0].agreed_dead(step=20) == frozenset({1})
+        assert mons[1].agreed_dead(step=20) == frozenset({1})
+        assert 1 not in mons[1].dead()
+    finally:
+        for m in mons:
+            m.close()
