@@ -25,7 +25,8 @@ def _frozen_peer(comm):
     comm.monitor = PeerMonitor(PeerMonitor.default_store(), comm.rank, comm.world_size,
                                interval=0.2, dead_after=DEAD_AFTER)
     store = PeerMonitor.default_store()
-    if comm.rank == 2:  # frozen: no heartbeat, no messages, until the others are done
+    if comm.rank == 2:  # set up, then frozen: no heartbeat, no messages, until the others end
+        comm.monitor.arm()
         comm.monitor.close()
         while store.add("test/done", 0) < 2:
             time.sleep(0.05)
@@ -82,7 +83,7 @@ def _order(comm):
 
 
 def test_exchange_posts_receives_before_sends():
-    outs = run_ranks(_order, 3, timeout=120)
+    outs = run_ranks(_order, 3, timeout=240)
     for rank, (seen, got) in enumerate(outs):
         assert seen == ["recv", "recv", "send", "send"], seen
         assert got == [float(j) for j in range(3) if j != rank]

@@ -59,6 +59,7 @@ class PeerMonitor:
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it last moved)
         self._dead: dict[int, float] = {}  # rank -> monotonic time we learned it
         self._all_started = False
+        self._armed: set[int] = set()  # peers that called arm(): judged by their heartbeat
         self._reports: set[int] = set()
         self._reports_read = 0
         self._stop = threading.Event()
@@ -112,15 +113,26 @@ class PeerMonitor:
             return
         counters = self._counters(peers)
         reported = self._reported()
+        for r in peers:
+            if r not in self._armed and self.store.check([self._key("armed", r)]):
+                self._armed.add(r)
+                self._seen.pop(r, None)  # its silence counts from now
         with self._lock:
             for r, counter in zip(peers, counters, strict=True):
                 last = self._seen.get(r)
                 if last is None or counter != last[0]:
                     self._seen[r] = (counter, now)
-                elif now - last[1] > self.dead_after:
+                elif now - last[1] > self.dead_after and r in self._armed:
                     self._dead[r] = now
                 if r in reported:
                     self._dead.setdefault(r, now)
+
+    def arm(self) -> None:
+        """Say that this rank is set up and about to communicate: from now on its peers judge it
+        by its heartbeat. Start-up (imports, data, models) can starve a heartbeat thread for
+        seconds on a loaded machine; a rank that dies then is still caught by the timeout or a
+        closed connection."""
+        self.store.set(self._key("armed", self.rank), "1")
 
     def report_dead(self, rank: int, step: int) -> None:
         """Tell every rank that ``rank`` failed (e.g. its connection closed) at ``step``.

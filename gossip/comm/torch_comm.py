@@ -65,6 +65,7 @@ class TorchCommunicator:
         self.monitor = monitor
         self.deaths: dict[int, int] = {}  # peer -> step at which this rank learned it died
         self.failures: dict[int, str] = {}  # peer -> why this rank's exchange with it failed
+        self._armed = False
 
     @property
     def nodes(self) -> Tensor:
@@ -123,6 +124,12 @@ class TorchCommunicator:
             time.sleep(pause)
             pause = min(2 * pause, 1e-3)
 
+    def _arm(self) -> None:
+        """On the first communication: peers judge this rank by its heartbeat from now on."""
+        if self.monitor is not None and not self._armed:
+            self.monitor.arm()
+            self._armed = True
+
     def _learn(self, dead: set[int] | frozenset[int]) -> None:
         for r in dead - {self.rank}:  # a rank never counts itself dead
             self.deaths.setdefault(r, self.step)
@@ -135,6 +142,7 @@ class TorchCommunicator:
         """
         alive = torch.ones(self._world_size, dtype=torch.bool)
         if self.monitor is not None:
+            self._arm()
             dead = self.monitor.agreed_dead(step)
             self._learn(dead)
             alive[list(dead)] = False
@@ -145,6 +153,7 @@ class TorchCommunicator:
             raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
         n = self._world_size
         everyone = tuple(r for r in range(n) if r != self.rank)
+        self._arm()
         if weight is not None:
             if weight.numel() != 1:
                 raise ValueError(f"weight must have one entry on a real rank, got shape "
@@ -223,6 +232,7 @@ class TorchCommunicator:
         for the full timeout. Returns the peers that were sent to.
         """
         assert self.monitor is not None
+        self._arm()
         # only deaths this rank saw itself or all ranks agreed on: skipping a send on a mere
         # suspicion would make a live peer time out on us
         dead = set(self.deaths)
