@@ -179,6 +179,7 @@ def test_simulator_ctrl_c_leaves_an_interrupted_summary(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # four real launches
 def test_launcher_refuses_second_and_concurrent_runs_and_records_interrupts(tmp_path: Path
                                                                             ) -> None:
     out = tmp_path / "run"
