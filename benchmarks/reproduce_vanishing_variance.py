@@ -78,7 +78,7 @@ def run_algo(algo: str, args: argparse.Namespace) -> dict[str, Any]:
     if algo != "fedavg":
         extra["topology"] = f"random-regular:{args.degree}"
     cfg = SimConfig(algo=algo, task="digits", nodes=args.nodes, rounds=args.rounds,
-                    partition=args.partition, local_steps=args.local_steps, lr=args.lr,
+                    partition=args.partition, sync_every=args.local_steps, lr=args.lr,
                     momentum=args.momentum, batch_size=args.batch_size, seed=args.seed,
                     eval_every=args.eval_every, threads=args.threads, progress=False,
                     optimizer="sgd", **extra)

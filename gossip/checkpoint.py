@@ -132,7 +132,8 @@ def expected_sha256(root: str | os.PathLike[str], latest: Mapping[str, Any],
 #: writes, how it talks and waits); every other field does, and so does the world size.
 NEUTRAL_FIELDS = frozenset({
     "out", "resume", "resume_override", "overwrite", "steps", "timeout", "eval_every",
-    "checkpoint_every", "survive_failures", "dead_after", "backend", "device", "config"})
+    "checkpoint_every", "survive_failures", "dead_after", "backend", "device", "config",
+    "tensorboard"})
 
 
 def check_resume(old: Mapping[str, Any], new: Mapping[str, Any],

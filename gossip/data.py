@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,12 +12,11 @@ __all__ = [
     "iid",
     "label_distribution",
     "partition",
-    "plot_label_distribution",
     "quantity_skew",
+    "sampled_partition",
     "shards",
 ]
 
-MAX_PLOTTED_NODES = 200
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -240,6 +238,47 @@ def partition(
     return dirichlet(y, num_nodes, alpha, seed)
 
 
+_SAMPLE = 0x5A3
+
+def sampled_partition(spec: str, labels: torch.Tensor | None, n: int, size: int, *,
+                      num_samples: int, seed: int) -> list[np.ndarray]:
+    """Each node draws its own shard of ``size`` samples from the whole training set.
+
+    ``spec`` is ``iid`` (uniform, without replacement within a node) or ``dirichlet:ALPHA``
+    (the node's class proportions ~ Dir(ALPHA), then samples uniform within each drawn class;
+    Tian et al.'s non-IID sampling). Node i's draw depends on ``(seed, i)`` only, so shards
+    overlap across nodes and any number of nodes works.
+    """
+    kind, _, arg = spec.partition(":")
+    if kind == "iid" and not arg:
+        out = []
+        for i in range(n):
+            rng = np.random.default_rng([seed, _SAMPLE, i])
+            out.append(np.sort(rng.choice(num_samples, size=size,
+                                          replace=size > num_samples)))
+        return out
+    if kind != "dirichlet" or not arg:
+        raise ValueError(f"expected 'sample:iid' or 'sample:dirichlet:ALPHA', got "
+                         f"'sample:{spec}'")
+    alpha = float(arg)
+    if labels is None:
+        raise ValueError("sample:dirichlet needs class labels (a classification task)")
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    classes = np.unique(y)
+    members = [np.flatnonzero(y == c) for c in classes]
+    out = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, _SAMPLE, i])
+        p = rng.dirichlet(np.full(len(classes), alpha))
+        if not np.all(np.isfinite(p)) or p.sum() <= 0:  # alpha so small it underflows
+            p = np.eye(len(classes))[rng.integers(0, len(classes))]
+        drawn = rng.choice(len(classes), size=size, p=p)
+        picks = [members[c][rng.integers(0, len(members[c]))] for c in drawn]
+        out.append(np.sort(np.asarray(picks, dtype=np.int64)))
+    return out
+
+
+
 def label_distribution(
     labels: torch.Tensor | np.ndarray, parts: Sequence[np.ndarray], num_classes: int
 ) -> np.ndarray:
@@ -257,41 +296,3 @@ def label_distribution(
     return counts
 
 
-def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write a stacked bar chart (one bar per node, first 200 nodes) of class counts to ``path``."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    counts = np.asarray(counts)
-    if counts.ndim != 2:
-        raise ValueError(f"counts must be [num_nodes, num_classes], got shape {counts.shape}")
-    shown = counts[:MAX_PLOTTED_NODES]
-    num_nodes, num_classes = shown.shape
-    fig = Figure(figsize=(min(4.0 + 0.08 * num_nodes, 20.0), 4.0))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = _class_colors(num_classes)
-    x = np.arange(num_nodes)
-    bottom = np.zeros(num_nodes)
-    for c in range(num_classes):
-        ax.bar(x, shown[:, c], bottom=bottom, width=0.9, color=colors[c], label=str(c))
-        bottom += shown[:, c]
-    title = "label distribution per node"
-    if len(counts) > MAX_PLOTTED_NODES:
-        title += f" (first {MAX_PLOTTED_NODES} of {len(counts)} nodes)"
-    ax.set_title(title)
-    ax.set_xlabel("node")
-    ax.set_ylabel("samples")
-    if num_classes <= 20:
-        ax.legend(title="class", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", dpi=100)
-
-
-def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if num_classes <= 10 else "tab20" if num_classes <= 20 else "turbo"]
-    if num_classes <= 20:
-        return [cmap(i) for i in range(num_classes)]
-    return [cmap(i / max(num_classes - 1, 1)) for i in range(num_classes)]

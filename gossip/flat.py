@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gossip.ops import Segment
 
-__all__ = ["FlatGroup", "FlatParams", "default_vc_scope", "scope_from_spec"]
+__all__ = ["FlatGroup", "FlatParams", "default_vc_scope", "persistent_buffers", "scope_from_spec"]
 
 ScopeFn = Callable[[str, nn.Module | None], bool]
 
@@ -59,12 +59,15 @@ class FlatParams:
     """
 
     def __init__(self, groups: list[FlatGroup], params: list[nn.Parameter],
-                 names: list[str] | None = None) -> None:
+                 names: list[str] | None = None, *, kind: str = "parameter") -> None:
         self.groups = groups
         self.params = params
         if names is None:  # params given in group order
             names = [seg.name for g in groups for seg in g.segments]
         self.names = names
+        self.kind = kind  # what the tensors are, for error messages
+        # where each tensor must stay: checked by check_views before every sync
+        self._layouts = [_layout(p) for p in params]
 
     @property
     def rows(self) -> int:
@@ -90,6 +93,21 @@ class FlatParams:
         return cls._build(
             [(n, p, tuple(p.shape), scope(n, owners.get(n))) for n, p in named], lead=None
         )
+
+    @classmethod
+    def from_buffers(cls, module: nn.Module) -> FlatParams | None:
+        """The module's floating-point persistent buffers (BatchNorm running statistics) as flat
+        buffers, each buffer a view like the parameters; None if it has none.
+
+        Integer buffers (``num_batches_tracked``) and non-persistent buffers (constants that are
+        not part of the model's state) are left out.
+        """
+        named = [(n, b) for n, b in persistent_buffers(module).items() if b.is_floating_point()]
+        if not named:
+            return None
+        flat = cls._build([(n, b, tuple(b.shape), False) for n, b in named], lead=None)
+        flat.kind = "buffer"
+        return flat
 
     @classmethod
     def from_stacked(
@@ -151,12 +169,66 @@ class FlatParams:
         """``{name: parameter}``, each with the leading row axis where L > 1."""
         return dict(zip(self.names, self.params, strict=True))
 
+    def check_views(self, current: Mapping[str, Tensor] | None = None) -> None:
+        """Raise ``RuntimeError`` naming the first tensor that no longer views its slice of the
+        flat buffers, so an average would silently miss it.
+
+        That happens when a module is converted after flattening (``model.double()``,
+        ``model.to(other_device)``: the same Parameter object gets new storage), or when a
+        tensor is replaced (``load_state_dict(..., assign=True)``). ``current`` is the module's
+        tensors now, e.g. ``dict(model.named_parameters())``: each flattened name must still
+        map to the very tensor that was flattened, and no new trainable tensor may have
+        appeared. Cheap: a pointer, dtype, device, shape and stride comparison per tensor.
+        """
+        kind = self.kind
+        if current is not None:
+            for name, p in zip(self.names, self.params, strict=True):
+                now = current.get(name)
+                if now is None:
+                    raise RuntimeError(f"{kind} {name!r} is no longer in the model")
+                if now is not p:
+                    raise RuntimeError(
+                        f"{kind} {name!r} was replaced by a new tensor after it was flattened "
+                        "(e.g. load_state_dict(..., assign=True)): the algorithm would average "
+                        "the old one; load without assign=True (it copies in place)")
+            known = set(self.names)
+            for name, t in current.items():
+                if name not in known and t.requires_grad:
+                    raise RuntimeError(f"{kind} {name!r} is trainable but was not flattened "
+                                       "(added or unfrozen afterwards): it would never be "
+                                       "averaged")
+        for name, p, layout in zip(self.names, self.params, self._layouts, strict=True):
+            if _layout(p) != layout:
+                raise RuntimeError(
+                    f"{kind} {name!r} no longer views the flat buffer the algorithm averages "
+                    f"(now {p.dtype} on {p.device}, flattened as {layout[1]} on {layout[2]}): "
+                    "convert or move the model (model.double(), model.to(...)) before "
+                    "flattening it (gossip.attach), never after")
+
 
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
         n *= s
     return n
+
+
+def _layout(t: Tensor) -> tuple:
+    """Where a tensor's elements live: equal layouts view the same memory the same way."""
+    return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride())
+
+
+def persistent_buffers(module: nn.Module) -> dict[str, Tensor]:
+    """``{name: buffer}`` of the module's buffers that are part of its ``state_dict``."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules():
+        for b_name, buf in mod._buffers.items():
+            if buf is None or b_name in mod._non_persistent_buffers_set or id(buf) in seen:
+                continue
+            seen.add(id(buf))
+            out[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
+    return out
 
 
 def _owners(module: nn.Module) -> dict[str, nn.Module]:

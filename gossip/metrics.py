@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["RunWriter", "append_jsonl", "atomic_write", "atomic_write_text", "read_jsonl",
-           "to_jsonable"]
+__all__ = ["RunWriter", "append_jsonl", "atomic_write", "atomic_write_text", "load_runs",
+           "read_jsonl", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -109,15 +109,26 @@ def append_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, An
 
 
 class RunWriter:
-    """Writes one run directory. With ``enabled=False`` (non-zero ranks) it writes nothing."""
+    """Writes one run directory. With ``enabled=False`` (non-zero ranks) it writes nothing.
+
+    ``tensorboard=True`` also writes every number of every record as a TensorBoard scalar
+    under ``tensorboard/`` (tag ``kind/key``, plus ``/rank<r>`` for a rank's records; x = the
+    record's ``step``); it needs the ``track`` extra.
+    """
 
     def __init__(self, out_dir: str | os.PathLike[str], config: Mapping[str, Any] | Any,
-                 *, enabled: bool = True, append: bool = False) -> None:
+                 *, enabled: bool = True, append: bool = False,
+                 tensorboard: bool = False) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._file = None
+        self._tb: Any = None
         if not enabled:
             return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.json",
                           json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
@@ -127,6 +138,13 @@ class RunWriter:
         if self._file is not None:
             self._file.write(json.dumps(to_jsonable(record)) + "\n")
             self._file.flush()
+        if self._tb is not None:
+            prefix = str(record.get("kind", "round"))
+            suffix = f"/rank{record['rank']}" if "rank" in record else ""
+            for key, value in record.items():
+                if key not in ("step", "rank", "kind", "round") and isinstance(
+                        value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{prefix}/{key}{suffix}", value, record.get("step", 0))
 
     def summary(self, summary: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -137,9 +155,59 @@ class RunWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def __enter__(self) -> RunWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def load_runs(paths: Iterable[str | os.PathLike[str]]) -> Any:
+    """Read run directories, real (``launch.train``) and simulated (``simulations.run``) alike,
+    into one ``pandas.DataFrame`` (needs the ``track`` extra), one row per evaluation:
+
+    ``run`` (the directory), ``executor`` (``real`` | ``sim``), ``algo``, ``task``, ``node``
+    (the rank on a real run; None for a simulated round, whose figures are over all nodes),
+    ``step``, ``test_loss``, ``test_accuracy``, ``consensus_distance``, ``bytes_total`` and
+    ``train_loss``. A real run's consensus distance is joined to its ranks' rows by step; a
+    simulated round gives the mean over its nodes (``loss_mean``, ``accuracy_mean``).
+    """
+    import pandas as pd
+
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        run = Path(path)
+        config = json.loads((run / "config.json").read_text())
+        records = read_jsonl(run / "metrics.jsonl")
+        if "train" in config:  # a real run: one eval record per rank
+            algo, task = config["train"]["algo"], config.get("task", {}).get(
+                "name", config["train"]["task"])
+            distance = {r["step"]: r["consensus_distance"] for r in records
+                        if r.get("kind") == "consensus"}
+            for r in records:
+                if r.get("kind") == "eval":
+                    rows.append({"run": str(run), "executor": "real", "algo": algo,
+                                 "task": task, "node": r["rank"], "step": r["step"],
+                                 "test_loss": r.get("test_loss"),
+                                 "test_accuracy": r.get("test_accuracy"),
+                                 "consensus_distance": distance.get(r["step"]),
+                                 "bytes_total": r.get("bytes_total"),
+                                 "train_loss": r.get("train_loss")})
+        else:  # a simulated run: one record per round, evaluated rounds carry loss_mean
+            task = config.get("task_name", config["task"])
+            for r in records:
+                if "loss_mean" in r:
+                    rows.append({"run": str(run), "executor": "sim", "algo": config["algo"],
+                                 "task": task, "node": None, "step": r["step"],
+                                 "test_loss": r["loss_mean"],
+                                 "test_accuracy": r.get("accuracy_mean"),
+                                 "consensus_distance": r.get("consensus_distance"),
+                                 "bytes_total": r.get("bytes_total"),
+                                 "train_loss": r.get("train_loss")})
+    columns = ["run", "executor", "algo", "task", "node", "step", "test_loss", "test_accuracy",
+               "consensus_distance", "bytes_total", "train_loss"]
+    return pd.DataFrame(rows, columns=columns)

@@ -7,7 +7,7 @@ import importlib.util
 import math
 import os
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,14 +15,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
 
 __all__ = [
     "CHARLM_FILES",
     "TASK_NAMES",
     "CharGPT",
+    "DatasetData",
     "Task",
     "TaskData",
+    "charlm",
+    "digits",
     "get_task",
+    "synthetic",
 ]
 
 TASK_NAMES = ("digits", "charlm", "synthetic")
@@ -71,18 +76,100 @@ class TaskData:
     def num_test(self) -> int:
         return len(self.x_test)
 
+    def train_batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The training samples ``idx`` as one batch (x, y)."""
+        return self.x_train[idx], self.y_train[idx]
+
+    def test_chunks(self, size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The test set in batches of ``size``."""
+        for i in range(0, self.num_test, size):
+            yield self.x_test[i : i + size], self.y_test[i : i + size]
+
+    def to_tensors(self) -> TaskData:
+        return self
+
+
+@dataclass(frozen=True)
+class DatasetData:
+    """Train/test data as ``torch.utils.data.Dataset`` s of ``(x, y)`` items, for data that is
+    not one tensor (files, decoded on access). Batches are collated with torch's
+    ``default_collate``.
+
+    ``train_labels`` [num_train] (class ids) lets label-based partitions (dirichlet, shards)
+    split the data without reading every sample. A real rank reads only its batches; the
+    simulator, which gathers every node's batch from one tensor, materializes the data once
+    (:meth:`to_tensors`).
+    """
+
+    train: Dataset[Any]
+    test: Dataset[Any]
+    num_classes: int | None
+    kind: str
+    train_labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is invalid: expected one of {KINDS}")
+        if self.train_labels is not None and len(self.train_labels) != self.num_train:
+            raise ValueError(f"train_labels has {len(self.train_labels)} entries but the train "
+                             f"dataset has {self.num_train} samples")
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)  # type: ignore[arg-type]
+
+    @property
+    def num_test(self) -> int:
+        return len(self.test)  # type: ignore[arg-type]
+
+    @property
+    def y_train(self) -> Tensor | None:
+        """The training labels the partitioners read (``train_labels``)."""
+        return self.train_labels
+
+    def train_batch(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        x, y = default_collate([self.train[int(i)] for i in idx])
+        return x, y
+
+    def test_chunks(self, size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        for i in range(0, self.num_test, size):
+            x, y = default_collate([self.test[j] for j in range(i, min(i + size, self.num_test))])
+            yield x, y
+
+    def to_tensors(self) -> TaskData:
+        """All of it as one :class:`TaskData` (in memory)."""
+        x_train, y_train = self.train_batch(torch.arange(self.num_train))
+        x_test, y_test = default_collate([self.test[j] for j in range(self.num_test)])
+        return TaskData(x_train, y_train, x_test, y_test, self.num_classes, self.kind)
+
 
 @dataclass(frozen=True, eq=False)
 class Task:
-    """A learning problem: data, a seeded model factory, loss/metrics and a batch iterator."""
+    """A learning problem: data, a seeded model factory, loss/metrics and a batch iterator.
+
+    ``loss_fn(output, target) -> scalar mean loss`` replaces the loss of the data's kind
+    (cross-entropy for classification and lm, MSE for regression). Both CLIs take a function
+    returning a Task (``--task package.module:function``); the built-in tasks are such
+    functions: :func:`digits`, :func:`charlm`, :func:`synthetic`.
+    """
 
     name: str
-    data: TaskData
+    data: TaskData | DatasetData
     model_factory: Callable[[], nn.Module]
     default_lr: float
     default_batch_size: int
     default_optimizer: str = "sgd"
     extra: dict[str, Any] = field(default_factory=dict)
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.data, (TaskData, DatasetData)):
+            raise ValueError(f"data={type(self.data).__name__} is invalid: expected a TaskData "
+                             "or a DatasetData")
+        if not callable(self.model_factory):
+            raise ValueError("model_factory is invalid: expected a callable returning a module")
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(f"loss_fn={self.loss_fn!r} is invalid: expected a callable")
 
     @property
     def optimum(self) -> Tensor | None:
@@ -97,7 +184,10 @@ class Task:
             return self.model_factory()
 
     def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Mean loss: cross-entropy (classification, lm over all positions) or MSE."""
+        """Mean loss: ``loss_fn`` when given, else cross-entropy (classification, lm over all
+        positions) or MSE."""
+        if self.loss_fn is not None:
+            return self.loss_fn(output, target)
         if self.data.kind == "classification":
             return F.cross_entropy(output, target)
         if self.data.kind == "lm":
@@ -120,11 +210,20 @@ class Task:
         if split not in ("train", "test"):
             raise ValueError(f"split={split!r} is invalid: expected 'train' or 'test'")
         batch_size = _check_int("batch_size", batch_size)
-        x = self.data.x_train if split == "train" else self.data.x_test
-        y = self.data.y_train if split == "train" else self.data.y_test
+        data = self.data.to_tensors() if split == "train" else self.data
+        if split == "train":
+            full = data.to_tensors()
+            chunks: Iterator[tuple[Tensor, Tensor]] = (
+                (full.x_train[i : i + batch_size], full.y_train[i : i + batch_size])
+                for i in range(0, full.num_train, batch_size))
+        else:
+            chunks = data.test_chunks(batch_size)
+        outputs, targets = [], []
         with torch.no_grad():
-            output = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-        return self.metrics(output, y)
+            for x, y in chunks:
+                outputs.append(model(x))
+                targets.append(y)
+        return self.metrics(torch.cat(outputs), torch.cat(targets))
 
 
 # --------------------------------------------------------------------------- digits
@@ -373,6 +472,21 @@ def _synthetic(
         default_batch_size=32,
         extra={"optimum": w_star, "optimum_bias": 0.0, "noise": noise},
     )
+
+
+def digits(seed: int = 0, **options: Any) -> Task:
+    """The built-in digits task (sklearn's 8x8 digits, an MLP) as a plain task function."""
+    return _digits(seed, **options)
+
+
+def charlm(seed: int = 0, **options: Any) -> Task:
+    """The built-in character language model task (a small GPT) as a plain task function."""
+    return _charlm(seed, **options)
+
+
+def synthetic(seed: int = 0, **options: Any) -> Task:
+    """The built-in linear-regression task (known optimum) as a plain task function."""
+    return _synthetic(seed, **options)
 
 
 _BUILDERS: dict[str, Callable[..., Task]] = {

@@ -5,7 +5,7 @@
 
 The flags after ``--`` (or any flag this launcher does not know) go unchanged to
 ``launch.train.main``, which every actor runs with torchrun's environment (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT; see :mod:`launch.ray_actors`): the same training loop as
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT; see :mod:`raytools.workers`): the same training loop as
 under torchrun, over Gloo on CPUs or NCCL with one GPU per actor. Ranks are numbered node by
 node, this machine's first; rank 0 writes the run directory, so on a multi-node cluster whose
 driver node holds no actor, ``--out`` must be on a filesystem the nodes share. The actors start
@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gossip.comm.torch_comm import STORE_PREFIX_ENV
-from launch.ray_actors import WorkerGroup, WorkerGroupConfig, WorkerGroupError
 from launch.store import host_store
+from raytools.workers import WorkerGroup, WorkerGroupConfig, WorkerGroupError
 
 __all__ = ["DEFAULT_ENTRY", "build_parser", "launch", "main", "parse"]
 

@@ -24,9 +24,9 @@ from typing import Any
 
 from gossip.algorithms import needs_topology
 from gossip.metrics import atomic_write_text, to_jsonable
+from gossip.plots import plot_comparison
 from simulations.config import SimConfig
-from simulations.engine import run
-from simulations.plots import plot_comparison
+from simulations.run import run
 
 __all__ = ["ALGO_SETTINGS", "compare", "format_table", "main"]
 

@@ -1,26 +1,16 @@
-"""The simulator's configuration: one frozen dataclass, its CLI flags (1:1) and TOML files.
+"""The configuration of a simulated run: :class:`gossip.run.RunSpec` plus what a simulation adds.
 
-Every field of :class:`SimConfig` is a flag (``local_steps`` <-> ``--local-steps``) and a TOML key
-(``local_steps`` or ``local-steps``). Precedence: dataclass defaults < ``--config FILE.toml`` <
-flags on the command line. Fields left at None mean "the default for this algorithm and task",
-filled in by :meth:`SimConfig.resolved` once the task is known (the same rules as the real
-launcher, ``launch.config``):
-
-========== ================ ======================== ==========================================
-algo       inner optimizer  inner lr                 topology
-========== ================ ======================== ==========================================
-fedavg     task default     task default             -
-diloco     AdamW            1e-3 (3e-3 on charlm)    -
-noloco     Adam             1e-3 (3e-3 on charlm)    - (random groups of ``group_size``)
-dpsgd,     task default     task default             random-regular:8 (ring when nodes < 9)
-gossip,
-gossip-vc
-========== ================ ======================== ==========================================
+Every field of :class:`SimConfig` is a flag (``drop_prob`` <-> ``--drop-prob``) and a TOML key
+(``drop_prob`` or ``drop-prob``). Precedence: dataclass defaults < ``--config FILE.toml`` < flags
+on the command line. The fields every run has (algorithm, task, optimizer, schedule, H =
+``--sync-every``, ...), their defaults and how None defaults are filled in are in
+:mod:`gossip.run.spec`, the very table real runs use.
 
 A *round* is one synchronisation period: every node runs up to H inner steps, then the algorithm
-syncs once. H is ``local_steps`` when given; otherwise ``local_epochs`` epochs of the largest
-shard, and a node with a smaller shard trains ``local_epochs`` epochs of its own shard and idles
-(masked: parameters and optimizer state untouched) for the rest of the round.
+syncs once. H is ``sync_every`` (default: the algorithm's); or, with ``local_epochs`` instead,
+``local_epochs`` epochs of the largest shard, and a node with a smaller shard trains
+``local_epochs`` epochs of its own shard and idles (masked: parameters and optimizer state
+untouched) for the rest of the round.
 """
 
 from __future__ import annotations
@@ -31,81 +21,33 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from gossip import configs
-from gossip.algorithms import ALGORITHMS, make_config
-from gossip.configs import (
-    FileConfig,
-    bad,
-    check_positive,
-    check_types,
-    field_flag,
-    help_text,
-)
-from gossip.data import partition as _partition
-from gossip.tasks import TASK_NAMES
-from launch import config as launch_config
-from launch.config import AlgorithmOptions
+from gossip.configs import bad, check_positive, help_text
+from gossip.run.spec import RunSpec, check_finite
 from simulations.network import ALLREDUCE_ALGOS
 
-__all__ = [
-    "ALGO_FIELDS",
-    "OPTIMIZERS",
-    "SimConfig",
-    "applicable_fields",
-    "build_parser",
-    "field_flag",
-    "from_args",
-]
+__all__ = ["SimConfig", "build_parser", "from_args"]
 
-OPTIMIZERS = ("sgd", "adam", "adamw")
 TRAIN_IMPLS = ("auto", "matmul", "vmap", "loop")
 DEVICES = ("cpu", "cuda")
 STRAGGLER_POLICIES = ("wait", "deadline")
-#: Inner optimizer each algorithm defaults to (None = the task's default optimizer).
-DEFAULT_INNER_OPTIMIZER: dict[str, str | None] = {"diloco": "adamw", "noloco": "adam"}
-#: Learning rate for an optimizer that is not of the task's default optimizer's family.
-DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
 
 
 @dataclass(frozen=True, kw_only=True)
-class SimConfig(AlgorithmOptions, FileConfig):
+class SimConfig(RunSpec):
     """One simulated run. None = the algorithm's or task's default (see :meth:`resolved`)."""
 
-    # run
-    algo: str = field(default="fedavg", metadata=help_text(f"one of {sorted(ALGORITHMS)}"))
-    task: str = field(default="digits", metadata=help_text(f"one of {list(TASK_NAMES)}"))
     nodes: int = field(default=16, metadata=help_text("number of simulated nodes N"))
     rounds: int = field(default=50, metadata=help_text("synchronisation rounds"))
     out: str | None = field(default=None, metadata=help_text(
         "run directory (default: none written)"))
-    overwrite: bool = field(default=False, metadata=help_text(  # [faults]
-        "replace the run already in --out (its files are removed first)"))
-    seed: int = field(default=0, metadata=help_text(
-        "seeds data split, partition, model init (seed or seed+node), batches, pairings, faults"))
     # data
-    partition: str = field(default="iid", metadata=help_text(
-        "iid | dirichlet:ALPHA | shards:K | quantity:ALPHA (disjoint shards), or sample:iid | "
-        "sample:dirichlet:ALPHA (each node draws its own shard from the whole training set, "
-        "shards overlap: for more nodes than samples)"))
     shard_size: int | None = field(default=None, metadata=help_text(
         "sample:* partitions: samples per node (default: max(batch size, train set / nodes))"))
-    batch_size: int | None = field(default=None, metadata=help_text("default: the task's"))
     # local training
-    local_steps: int | None = field(default=None, metadata=help_text(
-        "inner steps per round H (= the algorithm's sync_every); default: local_epochs epochs "
-        "of the largest shard"))
-    local_epochs: int = field(default=1, metadata=help_text(
-        "epochs of its own shard each node runs per round when local_steps is not given"))
-    optimizer: str | None = field(default=None, metadata=help_text(
-        f"{' | '.join(OPTIMIZERS)}; default: AdamW for diloco, Adam for noloco, else the task's"))
-    lr: float | None = field(default=None, metadata=help_text("inner learning rate"))
-    momentum: float = field(default=0.0, metadata=help_text("sgd: momentum"))
-    weight_decay: float | None = field(default=None, metadata=help_text(
-        "inner weight decay (default: the optimizer's)"))
-    grad_clip: float | None = field(default=None, metadata=help_text(
-        "clip each node's gradient norm to this value (default: off)"))
+    local_epochs: int | None = field(default=None, metadata=help_text(
+        "instead of --sync-every: H = this many epochs of the largest shard (a node with a "
+        "smaller shard trains this many epochs of its own and idles the rest of the round)"))
     train_impl: str = field(default="auto", metadata=help_text(
         "auto | matmul (MLPs of Linear/ReLU/Tanh) | vmap | loop (per-node; BatchNorm)"))
     # network / time model
@@ -152,22 +94,21 @@ class SimConfig(AlgorithmOptions, FileConfig):
         "overhead, else torch's default)"))
 
     def __post_init__(self) -> None:
-        check_types(self)
-        launch_config.check_run_fields(self)
+        super().__post_init__()
         _at_least("nodes", self.nodes, 2)
         _at_least("rounds", self.rounds, 1)
-        _check_partition(self.partition)
         _at_least("shard_size", self.shard_size, 1)
         if self.shard_size is not None and not self.partition.startswith("sample:"):
             bad("shard_size", self.shard_size, "None unless partition is 'sample:...'")
-        _at_least("local_steps", self.local_steps, 1)
         _at_least("local_epochs", self.local_epochs, 1)
-        if not 0.0 <= self.momentum < 1.0:
-            bad("momentum", self.momentum, "a number in [0, 1)")
-        if self.momentum and self.optimizer not in (None, "sgd"):
-            bad("momentum", self.momentum, f"0 with optimizer={self.optimizer!r} (sgd only)")
+        if self.local_epochs is not None and self.sync_every is not None:
+            bad("local_epochs", self.local_epochs,
+                f"None with sync_every={self.sync_every} (H is one or the other)")
         if self.train_impl not in TRAIN_IMPLS:
             bad("train_impl", self.train_impl, f"one of {list(TRAIN_IMPLS)}")
+        for name in ("latency", "compute_time", "jitter", "bandwidth", "server_bandwidth",
+                     "straggler_slowdown"):
+            check_finite(name, getattr(self, name))
         for name in ("latency", "compute_time", "jitter"):
             if not getattr(self, name) >= 0:
                 bad(name, getattr(self, name), "a number >= 0")
@@ -200,58 +141,23 @@ class SimConfig(AlgorithmOptions, FileConfig):
         self._check_algorithm_fields()
 
     def _check_algorithm_fields(self) -> None:
-        launch_config.check_algorithm_fields(self, applicable_fields(self.algo), ALGO_FIELDS)
+        super()._check_algorithm_fields()
         if self.algo == "noloco":
             g = self.group_size or 2
             if self.nodes % g:
                 bad("nodes", self.nodes, f"a multiple of group_size={g} for noloco")
-        self.algorithm_config(1)  # the algorithm's own checks name field and value
 
-    def algorithm_config(self, sync_every: int) -> Any:
-        """The algorithm's config (``FedAvgConfig``, ...) with ``sync_every`` = H."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k in ALGO_FIELDS}
-        return make_config(self.algo, **fields, sync_every=sync_every, seed=self.seed)
-
-    def resolved(self, task: Any) -> SimConfig:
-        """A copy with every None default filled in for ``task`` (a :class:`gossip.tasks.Task`)."""
-        optimizer = self.optimizer or DEFAULT_INNER_OPTIMIZER.get(self.algo) \
-            or task.default_optimizer
-        lr = self.lr
-        if lr is None:
-            adaptive = {"adam", "adamw"}
-            same_family = optimizer == task.default_optimizer or (
-                optimizer in adaptive and task.default_optimizer in adaptive)
-            lr = task.default_lr if same_family else DEFAULT_LR[optimizer]
-        fields = applicable_fields(self.algo)
-        topology = None
-        if "topology" in fields:
-            topology = self.topology or ("random-regular:8" if self.nodes >= 9 else "ring")
+    def resolved(self, task: Any, nodes: int | None = None) -> SimConfig:
+        """A copy with every None default filled in (see :mod:`gossip.run.spec`); crash_round
+        defaults to rounds // 2. With ``local_epochs``, sync_every stays None (H comes from
+        the shard sizes)."""
+        out = super().resolved(task, self.nodes if nodes is None else nodes)
         return dataclasses.replace(
-            self,
-            optimizer=optimizer,
-            lr=float(lr),
-            batch_size=self.batch_size or task.default_batch_size,
-            topology=topology,
-            topology_weights=(self.topology_weights or "metropolis")
-            if "topology_weights" in fields else None,
-            vc_scope=(self.vc_scope or "weights") if "vc_scope" in fields else None,
-            crash_round=self.rounds // 2 if self.crash_round is None else self.crash_round,
-        )
+            out, crash_round=self.rounds // 2 if self.crash_round is None else self.crash_round)
 
-
-
-# ----------------------------------------------------------------------------- fields
-
-
-#: Algorithm config fields that are not flags: shared (seed, sync_every) or chosen by the name.
-NOT_FLAGS = launch_config.NOT_FLAGS | {"sync_every"}  # H is local_steps here
-#: SimConfig fields that belong to some algorithms only (None = not set).
-ALGO_FIELDS: frozenset[str] = launch_config.ALGO_FIELDS - NOT_FLAGS
-
-
-def applicable_fields(algo: str) -> set[str]:
-    """The algorithm-specific fields that ``algo`` uses (launch.config's, but sync_every)."""
-    return launch_config.applicable_fields(algo) - NOT_FLAGS
+    def resolved_sync_every(self) -> int | None:
+        """None with ``local_epochs`` (H then comes from the shard sizes)."""
+        return None if self.local_epochs is not None else super().resolved_sync_every()
 
 
 def _at_least(name: str, value: int | None, low: int) -> None:
@@ -262,19 +168,6 @@ def _at_least(name: str, value: int | None, low: int) -> None:
 def _fraction(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
         bad(name, value, "a number in [0, 1]")
-
-
-def _check_partition(spec: str) -> None:
-    # The partitioners are pure and cheap: run the real parser on a dummy label set.
-    inner = spec.strip()
-    if inner.startswith("sample:"):
-        inner = inner[len("sample:"):]
-        if inner.split(":", 1)[0] not in ("iid", "dirichlet"):
-            bad("partition", spec, "'sample:iid' or 'sample:dirichlet:ALPHA'")
-    try:
-        _partition(inner, np.zeros(10_000, dtype=np.int64), 1, seed=0)
-    except ValueError as e:
-        raise ValueError(f"partition={spec!r} is invalid: {e}") from None
 
 
 # ----------------------------------------------------------------------------- CLI and files

@@ -19,12 +19,14 @@ Everything random derives from ``(seed, global node id)`` or ``(seed, round)``, 
 not depend on how the nodes are sharded. A shard's :meth:`Simulation.run_round` reduces its
 metrics over the process group, so every shard returns the same global record.
 
-:func:`run` runs a whole configuration (in this process, or on Ray when ``actors > 1``) and
-writes the run directory through :func:`drive`, which a Ray driver reuses.
+:func:`drive` runs every round of a runner (a :class:`Simulation`, or the Ray driver of
+:mod:`simulations.ray_backend`) and writes the run directory; :func:`simulations.run.run` picks
+the runner.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -38,22 +40,25 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.algorithms import build_algorithm, needs_topology, same_init
+from gossip.algorithms import same_init
 from gossip.algorithms._common import frozen_rows
 from gossip.batching import StackedBatches
 from gossip.comm.stacked import StackedCommunicator
-from gossip.data import label_distribution, partition, plot_label_distribution
+from gossip.data import label_distribution
 from gossip.flat import scope_from_spec
 from gossip.metrics import RunWriter
+from gossip.run import build
+from gossip.run.schedule import lr_factors
+from gossip.run.spec import optimizer_kwargs
 from gossip.rundir import RunDir
-from gossip.tasks import Task, get_task
-from gossip.topology import Topology, make_topology, spectral_gap
+from gossip.tasks import Task
+from gossip.topology import Topology, spectral_gap
 from simulations.config import SimConfig
 from simulations.faults import FaultSchedule
 from simulations.network import NetworkModel, SimClock
 from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
 
-__all__ = ["RunRecorder", "Runner", "Simulation", "drive", "run", "set_threads", "summarize"]
+__all__ = ["RunRecorder", "Runner", "Simulation", "drive", "set_threads", "summarize"]
 
 #: Rows per chunk when reducing over the stacked parameters (bounds float64 temporaries).
 _ROW_CHUNK = 256
@@ -72,11 +77,10 @@ class Simulation:
     def __init__(self, cfg: SimConfig, nodes: Sequence[int] | Tensor | None = None,
                  group: dist.ProcessGroup | None = None, *, task: Task | None = None) -> None:
         t_start = time.perf_counter()
-        self.task = task if task is not None else get_task(cfg.task, seed=cfg.seed)
+        task = task if task is not None else build.load_task(cfg.task, seed=cfg.seed)
+        # every node's batch is gathered from one tensor: a Dataset is read into memory once
+        self.task = dataclasses.replace(task, data=task.data.to_tensors())
         self.cfg = cfg = cfg.resolved(self.task)
-        if cfg.momentum and cfg.optimizer != "sgd":
-            raise ValueError(f"momentum={cfg.momentum!r} is invalid with optimizer="
-                             f"{cfg.optimizer!r}: expected 0 (momentum is for sgd)")
         n = cfg.nodes
         ids = torch.arange(n) if nodes is None else torch.as_tensor(nodes, dtype=torch.long)
         if ids.dim() != 1 or ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= n \
@@ -91,24 +95,11 @@ class Simulation:
 
         bsz = cfg.batch_size
         assert bsz is not None
-        labels = data.y_train if data.kind == "classification" else None
-        try:
-            if cfg.partition.startswith("sample:"):
-                size = cfg.shard_size or max(bsz, -(-data.num_train // n))
-                shards = sampled_partition(cfg.partition[len("sample:"):], labels, n, size,
-                                           num_samples=data.num_train, seed=cfg.seed)
-            else:
-                shards = partition(cfg.partition, labels, n, num_samples=data.num_train,
-                                   seed=cfg.seed)
-        except ValueError as e:
-            hint = " (more nodes than samples: try partition='sample:iid')" \
-                if n > data.num_train else ""
-            raise ValueError(f"partition={cfg.partition!r} is invalid for task={cfg.task!r} "
-                             f"with {n} nodes: {e}{hint}") from None
-        self.shards = shards
+        self.shards = shards = build.make_shards(cfg, self.task, n, shard_size=cfg.shard_size)
         self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
-        if cfg.local_steps is not None:
-            self.round_steps = torch.full((n,), cfg.local_steps, dtype=torch.long)
+        if cfg.local_epochs is None:
+            assert cfg.sync_every is not None
+            self.round_steps = torch.full((n,), cfg.sync_every, dtype=torch.long)
         else:
             self.round_steps = steps_for_epochs(self.sizes, bsz, cfg.local_epochs)
         self.steps_per_round = int(self.round_steps.max())
@@ -119,26 +110,17 @@ class Simulation:
         self.model = StackedModel(self.task, local, seed=cfg.seed, same_init=same_init(cfg.algo),
                                   device=self.device, impl=cfg.train_impl,
                                   scope=scope_from_spec(cfg.vc_scope or "weights"))
-        assert cfg.optimizer is not None and cfg.lr is not None
         self.trainer = LocalTrainer(
             self.model, data.x_train.to(self.device), data.y_train.to(self.device),
-            optimizer=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip)
+            optimizer=cfg.optimizer or "sgd", lr=cfg.lr or 0.0, momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
+            extra=optimizer_kwargs(cfg.optimizer_args))
+        self.total_steps = cfg.rounds * self.steps_per_round
         self.comm = StackedCommunicator(n, ids, group=group, seed=cfg.seed)
-        self.topology: Topology | None = None
-        if needs_topology(cfg.algo):
-            assert cfg.topology is not None
-            try:
-                topo = make_topology(cfg.topology, n, seed=cfg.seed,
-                                     weights=cfg.topology_weights or "metropolis")
-            except ValueError as e:
-                raise ValueError(f"topology={cfg.topology!r} is invalid with {n} nodes: "
-                                 f"{e}") from None
-            self.topology = topo
-        self.algorithm = build_algorithm(
-            cfg.algo, cfg.algorithm_config(self.steps_per_round), self.model.flat, self.comm,
-            topology=self.topology,  # type: ignore[arg-type]
-            weight=self.sizes[ids].to(torch.float64))
+        self.topology: Topology | None = build.make_topology_for(cfg, n)
+        self.algorithm, _ = build.make_algorithm(
+            cfg, self.model.flat, self.comm, topology=self.topology,
+            weight=self.sizes[ids].to(torch.float64), sync_every=self.steps_per_round)
         self.faults = FaultSchedule(
             n, cfg.rounds, seed=cfg.seed, crash_fraction=cfg.crash_fraction,
             crash_round=cfg.crash_round or 0, churn_fraction=cfg.churn_fraction,
@@ -159,6 +141,8 @@ class Simulation:
         """Static facts of the run (the same on every shard)."""
         flat = self.model.flat
         out: dict[str, Any] = {
+            "task": self.task.name,
+            "task_source": build.task_source(self.cfg.task),
             "steps_per_round": self.steps_per_round,
             "params_per_node": flat.numel,
             "model_bytes": flat.nbytes_per_row,
@@ -192,9 +176,9 @@ class Simulation:
         slow = self.faults.slowdown(r)
         self.comm.set_faults(alive, cfg.drop_prob)
         take = alive.clone()
-        sampled = getattr(self.algorithm, "sampled", None)
-        if callable(sampled):  # FedAvg client sampling: unsampled clients stay idle
-            take &= sampled(r)
+        sampled = self.algorithm.sampled(r)
+        if sampled is not None:  # FedAvg client sampling: unsampled clients stay idle
+            take &= sampled
         steps = self.round_steps * take
         if cfg.straggler_policy == "deadline":
             steps = torch.floor(steps / slow).to(torch.long)
@@ -204,7 +188,12 @@ class Simulation:
         for s in range(int(local_steps.max()) if len(local_steps) else 0):
             act = local_steps > s
             idx = self.batches.batch(self.local_step).to(self.device)
-            losses = self.trainer.step(idx, act.to(self.device))
+            lr = None
+            if cfg.schedule != "constant":  # each node at its own step of the schedule
+                assert cfg.lr is not None
+                lr = cfg.lr * lr_factors(cfg.schedule, self.local_step, self.total_steps,
+                                         cfg.warmup_steps)
+            losses = self.trainer.step(idx, act.to(self.device), lr)
             loss_sum += losses.double() * act.to(self.device)
             self.local_step += act
         node_steps = int(steps.sum())
@@ -247,15 +236,15 @@ class Simulation:
         """Nodes that are down keep parameters and algorithm state through the sync, and state
         created lazily during it starts at zero for them. Not for algorithms with one global
         model (FedAvg, DiLoCo): a node that was down pulls the current global model."""
-        if bool(up.all()) or getattr(self.algorithm, "global_model", False):
+        if bool(up.all()) or self.algorithm.global_model:
             yield  # FedAvg/DiLoCo: down nodes get the global model too (pulled on return)
             return
-        before = _row_tensors(self.algorithm, len(self.nodes))
+        before = self.algorithm.state_rows()
         seen = {id(t) for t in before}
         with torch.no_grad(), frozen_rows(self.model.state_tensors() + before, up):
             yield
         with torch.no_grad():
-            for t in _row_tensors(self.algorithm, len(self.nodes)):
+            for t in self.algorithm.state_rows():
                 if id(t) not in seen:
                     t[~up.to(t.device)] = 0
 
@@ -323,68 +312,6 @@ class Simulation:
         return t.to(device)
 
 
-_SAMPLE = 0x5A3
-
-def sampled_partition(spec: str, labels: Tensor | None, n: int, size: int, *,
-                      num_samples: int, seed: int) -> list[np.ndarray]:
-    """Each node draws its own shard of ``size`` samples from the whole training set.
-
-    ``spec`` is ``iid`` (uniform, without replacement within a node) or ``dirichlet:ALPHA``
-    (the node's class proportions ~ Dir(ALPHA), then samples uniform within each drawn class;
-    Tian et al.'s non-IID sampling). Node i's draw depends on ``(seed, i)`` only, so shards
-    overlap across nodes and any number of nodes works.
-    """
-    kind, _, arg = spec.partition(":")
-    if kind == "iid" and not arg:
-        out = []
-        for i in range(n):
-            rng = np.random.default_rng([seed, _SAMPLE, i])
-            out.append(np.sort(rng.choice(num_samples, size=size,
-                                          replace=size > num_samples)))
-        return out
-    if kind != "dirichlet" or not arg:
-        raise ValueError(f"expected 'sample:iid' or 'sample:dirichlet:ALPHA', got "
-                         f"'sample:{spec}'")
-    alpha = float(arg)
-    if labels is None:
-        raise ValueError("sample:dirichlet needs class labels (a classification task)")
-    y = labels.numpy() if isinstance(labels, Tensor) else np.asarray(labels)
-    classes = np.unique(y)
-    members = [np.flatnonzero(y == c) for c in classes]
-    out = []
-    for i in range(n):
-        rng = np.random.default_rng([seed, _SAMPLE, i])
-        p = rng.dirichlet(np.full(len(classes), alpha))
-        if not np.all(np.isfinite(p)) or p.sum() <= 0:  # alpha so small it underflows
-            p = np.eye(len(classes))[rng.integers(0, len(classes))]
-        drawn = rng.choice(len(classes), size=size, p=p)
-        picks = [members[c][rng.integers(0, len(members[c]))] for c in drawn]
-        out.append(np.sort(np.asarray(picks, dtype=np.int64)))
-    return out
-
-
-def _row_tensors(algorithm: Any, rows: int) -> list[Tensor]:
-    """The per-row state tensors [rows, ...] an algorithm object holds (phi, momentum, ...)."""
-    out: list[Tensor] = []
-
-    def visit(value: Any) -> None:
-        if isinstance(value, Tensor):
-            if value.dim() >= 2 and value.shape[0] == rows:
-                out.append(value)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                visit(v)
-        elif isinstance(value, torch.optim.Optimizer):
-            for state in value.state.values():
-                for v in state.values():
-                    visit(v)
-
-    for name, value in vars(algorithm).items():
-        if name not in ("params", "comm", "topology", "config"):
-            visit(value)
-    return out
-
-
 # ----------------------------------------------------------------------------- run directory
 
 
@@ -439,7 +366,8 @@ class RunRecorder:
     """
 
     def __init__(self, cfg: SimConfig, out: str | Path | None, *,
-                 label_counts: np.ndarray | None = None, plots: bool = True) -> None:
+                 label_counts: np.ndarray | None = None, plots: bool = True,
+                 info: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.out = None if out is None else Path(out)
         self.plots = plots
@@ -447,7 +375,11 @@ class RunRecorder:
         # [faults] the run owns --out until finish() or interrupted(); refused before any write
         self.run_dir = None if self.out is None else RunDir(
             self.out, overwrite=cfg.overwrite).acquire()
-        self.writer = RunWriter(self.out or ".", cfg.to_dict(), enabled=self.out is not None)
+        config = cfg.to_dict()
+        if info is not None and "task" in info:  # the Task's own name and where it came from
+            config["task_name"], config["task_source"] = info["task"], info["task_source"]
+        self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
+                                tensorboard=cfg.tensorboard)
         self.label_counts = label_counts  # plotted at a successful end, with the rest
 
     def log(self, record: dict[str, Any]) -> None:
@@ -459,12 +391,12 @@ class RunRecorder:
         summary = summarize(self.cfg, self.records, wall_seconds=wall_seconds, info=info)
         self.writer.close()
         if self.run_dir is not None:
-            if self.plots and self.label_counts is not None:
-                plot_label_distribution(self.label_counts,
-                                        self.run_dir.path / "label_distribution.png")
             if self.plots:
-                from simulations.plots import plot_run
+                from gossip.plots import plot_label_distribution, plot_run
 
+                if self.label_counts is not None:
+                    plot_label_distribution(self.label_counts,
+                                            self.run_dir.path / "label_distribution.png")
                 plot_run(self.records, self.run_dir.path,
                          title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, {self.cfg.partition}")
             self.run_dir.write_summary(summary)
@@ -491,8 +423,9 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     cfg = runner.cfg
     out = cfg.out if out is None else out
     t0 = time.perf_counter()
+    info = runner.info()
     recorder = RunRecorder(cfg, out, label_counts=runner.label_counts() if out else None,
-                           plots=plots)
+                           plots=plots, info=info)
     show = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) \
         if progress is None else progress
     bar = None
@@ -520,27 +453,10 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     finally:
         if bar is not None:
             bar.close()
-    summary = recorder.finish(wall_seconds=time.perf_counter() - t0, info=runner.info())
+    summary = recorder.finish(wall_seconds=time.perf_counter() - t0, info=info)
     summary_out = dict(summary)
     summary_out["records"] = recorder.records
     return summary_out
-
-
-def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
-    """Run ``cfg`` to the end and return its summary (plus ``records``, the per-round metrics).
-
-    ``cfg.actors > 1`` shards the nodes over Ray actors (:mod:`simulations.ray_backend`).
-    """
-    if cfg.actors > 1:
-        if task is not None:
-            raise ValueError("task= is not supported with actors > 1 (each actor builds "
-                             f"task={cfg.task!r} itself)")
-        from simulations import ray_backend  # type: ignore[attr-defined]
-
-        return ray_backend.run_on_ray(cfg)
-    set_threads(cfg)
-    sim = Simulation(cfg, task=task)
-    return drive(sim)
 
 
 def set_threads(cfg: SimConfig) -> int:

@@ -14,7 +14,7 @@ in-process engine writes. Each shard's ``run_round`` already reduces its metrics
 the same global record; the driver keeps rank 0's and checks that the others agree.
 
     from simulations.config import SimConfig
-    from simulations.engine import run
+    from simulations.run import run
     run(SimConfig(algo="gossip-vc", nodes=64, actors=4, rounds=20, out="runs/x"))
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from launch.ray_actors import (
+from raytools.workers import (
     WorkerGroup,
     WorkerGroupConfig,
     cuda_device_index,

@@ -5,7 +5,7 @@ Example::
     python -m simulations.run --algo gossip-vc --nodes 64 --topology random-regular:8 \\
         --partition dirichlet:0.5 --task digits --rounds 50 --out runs/x
 
-Every :class:`simulations.config.SimConfig` field is a flag (``--local-steps``, ``--drop-prob``,
+Every :class:`simulations.config.SimConfig` field is a flag (``--sync-every``, ``--drop-prob``,
 ...); ``--config FILE.toml`` loads the same fields from a file and flags override it.
 """
 
@@ -15,10 +15,29 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from simulations.config import from_args
-from simulations.engine import run
+from gossip.tasks import Task
+from simulations.config import SimConfig, from_args
+from simulations.engine import Simulation, drive, set_threads
 
-__all__ = ["format_summary", "main"]
+__all__ = ["format_summary", "main", "run"]
+
+
+def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
+    """Run ``cfg`` to the end and return its summary (plus ``records``, the per-round metrics).
+
+    ``cfg.actors > 1`` shards the nodes over Ray actors (:mod:`simulations.ray_backend`).
+    """
+    if cfg.actors > 1:
+        if task is not None:
+            raise ValueError("task= is not supported with actors > 1 (each actor builds "
+                             f"task={cfg.task!r} itself)")
+        from simulations import ray_backend
+
+        return ray_backend.run_on_ray(cfg)
+    set_threads(cfg)
+    sim = Simulation(cfg, task=task)
+    return drive(sim)
+
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:

@@ -41,6 +41,7 @@ from torch.func import functional_call
 
 from gossip.algorithms._common import frozen_rows
 from gossip.flat import FlatParams, ScopeFn, default_vc_scope
+from gossip.run.spec import optimizer_class
 from gossip.scratch import Scratch
 from gossip.tasks import Task
 
@@ -274,6 +275,8 @@ def _per_node_loss(task: Task, out: Tensor, y: Tensor) -> Tensor:
     """``task.loss`` of each row: out [L, B, ...], y [L, B, ...] -> [L]."""
     rows = out.shape[0]
     kind = task.data.kind
+    if task.loss_fn is not None:  # the user's loss, per node
+        return torch.vmap(task.loss)(out, y)
     if kind in ("classification", "lm"):
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1),
                                reduction="none").view(rows, -1).mean(dim=1)
@@ -375,24 +378,75 @@ class RowAdam(torch.optim.Optimizer):
         return loss
 
 
+#: Stock torch optimizers whose rule is element-wise with no step-dependent factor, so one
+#: instance over ``[L, ...]`` tensors is exactly L independent optimizers (Adagrad only with
+#: ``lr_decay=0``: its decay reads one step count per tensor).
+ELEMENTWISE = (torch.optim.RMSprop, torch.optim.Adagrad, torch.optim.Adadelta)
+_ROW_ADAM_ARGS = {"betas", "eps", "weight_decay"}
+
+
 def make_optimizer(name: str, params: list[nn.Parameter], *, lr: float, momentum: float = 0.0,
-                   weight_decay: float | None = None) -> torch.optim.Optimizer:
-    """SGD (stock, momentum buffers pre-created as zeros), Adam or AdamW (:class:`RowAdam`)."""
-    if name == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay or 0.0)
-        if momentum:
+                   weight_decay: float | None = None, extra: dict[str, Any] | None = None,
+                   ) -> torch.optim.Optimizer:
+    """The inner optimizer over stacked rows, exactly L independent ones, every state tensor
+    created up front (so masked first steps can be restored).
+
+    ``name`` is anything :func:`gossip.run.spec.optimizer_class` takes. SGD is the stock one
+    (momentum buffers pre-created as zeros), Adam or AdamW :class:`RowAdam` (one step count per
+    row), RMSprop, Adagrad and Adadelta the stock ones (:data:`ELEMENTWISE`). Any other rule may
+    mix rows or count steps per tensor: refused with a ValueError naming it.
+    """
+    cls = optimizer_class(name)
+    extra = dict(extra or {})
+    if momentum and cls is not torch.optim.SGD:
+        raise ValueError(f"momentum={momentum!r} is invalid with optimizer={name!r}: expected 0 "
+                         "(momentum is for sgd)")
+    if cls is torch.optim.SGD:
+        kwargs = {"momentum": momentum, "weight_decay": weight_decay or 0.0, **extra}
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, **kwargs)
+        if opt.param_groups[0]["momentum"]:
             for p in params:
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         return opt
-    if name in ("adam", "adamw"):
-        default_wd = 0.01 if name == "adamw" else 0.0
-        opt = RowAdam(params, lr=lr,
-                      weight_decay=default_wd if weight_decay is None else weight_decay,
-                      decoupled=name == "adamw")
+    if cls in (torch.optim.Adam, torch.optim.AdamW):
+        unknown = sorted(set(extra) - _ROW_ADAM_ARGS)
+        if unknown:
+            raise ValueError(f"optimizer_args {unknown} are not supported by the simulator's "
+                             f"stacked {cls.__name__} (it takes {sorted(_ROW_ADAM_ARGS)})")
+        decoupled = cls is torch.optim.AdamW
+        wd = extra.pop("weight_decay", weight_decay)
+        opt = RowAdam(params, lr=lr, weight_decay=(0.01 if decoupled else 0.0) if wd is None
+                      else wd, decoupled=decoupled, **extra)
         opt.init_state()
         return opt
-    raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {name!r}")
+    if issubclass(cls, ELEMENTWISE) and cls in ELEMENTWISE:
+        if weight_decay is not None:
+            extra.setdefault("weight_decay", weight_decay)
+        opt = cls(params, lr=lr, **extra)
+        if cls is torch.optim.Adagrad and opt.param_groups[0]["lr_decay"]:
+            raise ValueError("optimizer_args lr_decay is not supported by the simulator: Adagrad "
+                             "decays with one step count per tensor, not per node")
+        _init_state(opt)
+        return opt
+    raise ValueError(
+        f"optimizer={name!r} is not supported by the simulator: it trains N nodes as one "
+        "[N, ...] tensor per parameter, exact only for element-wise rules with per-node state "
+        "(sgd, adam, adamw, RMSprop, Adagrad, Adadelta)")
+
+
+def _init_state(opt: torch.optim.Optimizer) -> None:
+    """Create a stock element-wise optimizer's state: one step with zero gradients, lr 0 and no
+    weight decay, which leaves parameters and (zero) state as they were."""
+    saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"], g["weight_decay"] = 0.0, 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for g, (lr, wd) in zip(opt.param_groups, saved, strict=True):
+        g["lr"], g["weight_decay"] = lr, wd
+        for p in g["params"]:
+            p.grad = None
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -405,8 +459,9 @@ class LocalTrainer:
         model: the stacked models.
         x_train, y_train: the whole training set, on the model's device; a step gathers each
             node's batch with one index tensor [L, B].
-        optimizer: ``sgd`` | ``adam`` | ``adamw``.
+        optimizer: a name :func:`make_optimizer` takes (``sgd``, ``adam``, ``RMSprop``, ...).
         lr, momentum, weight_decay: optimizer settings (weight_decay None = its default).
+        extra: more optimizer keyword arguments (``--optimizer-args``).
         grad_clip: clip each node's gradient norm to this (None = off).
 
     SGD on a plain MLP (``impl="matmul"``) with a classification or regression loss and no
@@ -419,14 +474,15 @@ class LocalTrainer:
 
     def __init__(self, model: StackedModel, x_train: Tensor, y_train: Tensor, *,
                  optimizer: str, lr: float, momentum: float = 0.0,
-                 weight_decay: float | None = None, grad_clip: float | None = None) -> None:
+                 weight_decay: float | None = None, grad_clip: float | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.model = model
         self.x_train = x_train
         self.y_train = y_train
         self.grad_clip = grad_clip
         self.params = model.parameters
         self.optimizer = make_optimizer(optimizer, self.params, lr=lr, momentum=momentum,
-                                        weight_decay=weight_decay)
+                                        weight_decay=weight_decay, extra=extra)
         self.fused = True
         self._neg: dict[tuple[int, ...], Tensor] = {}
         self._scratch = Scratch()  # weight-update products
@@ -439,13 +495,22 @@ class LocalTrainer:
             out += [t for t in state.values() if isinstance(t, Tensor) and t.dim() >= 1]
         return out
 
-    def step(self, idx: Tensor, active: Tensor | None = None) -> Tensor:
+    def step(self, idx: Tensor, active: Tensor | None = None, lr: Tensor | None = None
+             ) -> Tensor:
         """Train every active row on its batch ``idx`` [L, B]; returns per-node losses [L]
         (detached; idle rows hold the loss they would have had, or 0 with the loop impl and
-        the fused SGD path)."""
+        the fused SGD path). ``lr`` [L] sets each row's learning rate (a schedule over each
+        node's own steps); rows with different rates step in one optimizer step per rate, the
+        other rows frozen."""
         if active is not None and bool(active.all()):
             active = None
-        if self.fused and self.fused_applies():
+        rates: list[float] = []
+        if lr is not None:
+            on = lr if active is None else lr[active.to(lr.device)]
+            rates = sorted(set(on.tolist()))
+            if len(rates) == 1:
+                self._set_lr(rates[0])
+        if self.fused and len(rates) <= 1 and self.fused_applies():
             return self._fused_step(idx, active)
         xb, yb = self.x_train[idx], self.y_train[idx]
         losses = self.model.node_losses(xb, yb, active)
@@ -454,11 +519,26 @@ class LocalTrainer:
             p.grad = torch.zeros_like(p) if g is None else g
         if self.grad_clip is not None:
             clip_rows_(self.params, self.grad_clip)
-        with torch.no_grad(), frozen_rows(self.state_tensors(), active):
-            self.optimizer.step()
+        with torch.no_grad():
+            if len(rates) <= 1:
+                with frozen_rows(self.state_tensors(), active):
+                    self.optimizer.step()
+            else:
+                assert lr is not None
+                for rate in rates:
+                    rows = lr == rate
+                    if active is not None:
+                        rows &= active.to(rows.device)
+                    self._set_lr(rate)
+                    with frozen_rows(self.state_tensors(), rows):
+                        self.optimizer.step()
         for p in self.params:
             p.grad = None
         return losses.detach()
+
+    def _set_lr(self, rate: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
 
     # --------------------------------------------------------------------- fused SGD path
 
@@ -467,7 +547,8 @@ class LocalTrainer:
         opt = self.optimizer
         if self.model.plan is None or type(opt) is not torch.optim.SGD \
                 or self.grad_clip is not None or len(opt.param_groups) != 1 \
-                or self.model.task.data.kind not in ("classification", "regression"):
+                or self.model.task.data.kind not in ("classification", "regression") \
+                or self.model.task.loss_fn is not None:
             return False
         g = opt.param_groups[0]
         kind = self.model.task.data.kind

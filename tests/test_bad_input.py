@@ -56,8 +56,8 @@ def test_nodes_not_divisible_by_group_size(tmp_path: Path,
     err = _sim(capsys, "--algo", "noloco", "--nodes", "7", "--rounds", "1",
                "--out", str(tmp_path / "sim"))
     assert "group_size=2" in err and "7" in err
-    res = _train("--algo", "noloco", "--steps", "5", "--out", str(tmp_path / "run"),
-                 cwd=tmp_path)  # one process: N = 1
+    res = _train("--algo", "noloco", "--steps", "5", "--sync-every", "5",
+                 "--out", str(tmp_path / "run"), cwd=tmp_path)  # one process: N = 1
     assert res.returncode == 2 and "group_size=2" in res.stderr and "N=1" in res.stderr
 
 

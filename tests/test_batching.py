@@ -8,7 +8,7 @@ import torch
 from gossip.batching import StackedBatches, node_batch, steps_per_epoch
 from gossip.data import partition
 from gossip.tasks import get_task
-from launch.train import ShardStream
+from launch.rank import ShardStream
 
 
 def test_real_rank_stream_equals_simulated_node_batches():

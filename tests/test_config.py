@@ -10,16 +10,10 @@ import pytest
 
 from gossip import configs
 from gossip.algorithms import ALGORITHMS
+from gossip.configs import field_flag
+from gossip.run.spec import ALGO_FIELDS, FLAG_FIELDS, NOT_FLAGS, applicable_fields
 from gossip.tasks import get_task
-from launch.config import (
-    ALGO_FIELDS,
-    NOT_FLAGS,
-    TrainConfig,
-    applicable_fields,
-    build_parser,
-    field_flag,
-    from_args,
-)
+from launch.config import TrainConfig, build_parser, from_args
 
 
 @pytest.mark.parametrize(("fields", "name", "value"), [
@@ -43,7 +37,7 @@ from launch.config import (
     ({"checkpoint_every": -1}, "checkpoint_every", "-1"),
     ({"grad_clip": -1.0}, "grad_clip", "-1.0"),
     ({"sync_every": 0}, "sync_every", "0"),
-    ({"algo": "noloco", "alpha": 1.5}, "alpha", "1.5"),
+    ({"algo": "noloco", "noloco_alpha": 1.5}, "alpha", "1.5"),
     ({"algo": "fedavg", "client_fraction": 0.0}, "client_fraction", "0.0"),
     ({"algo": "gossip-vc", "vc_scope": "bogus"}, "vc_scope", "'bogus'"),
     # a field of another algorithm is an error, not silently ignored
@@ -92,14 +86,16 @@ def test_algorithm_fields_have_flags_and_reach_the_algorithm_config() -> None:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for _, config_cls, _ in ALGORITHMS.values():
         for f in dataclasses.fields(config_cls):
-            assert f.name in names or f.name in NOT_FLAGS, f.name
+            flag = {v: k for k, v in FLAG_FIELDS.items()}.get(f.name, f.name)
+            assert flag in names or f.name in NOT_FLAGS, f.name
     assert names >= ALGO_FIELDS
-    cfg = from_args(["--algo", "noloco", "--alpha", "0.3", "--beta", "0.6", "--gamma", "0.4",
+    cfg = from_args(["--algo", "noloco", "--noloco-alpha", "0.3", "--noloco-beta", "0.6",
+                     "--noloco-gamma", "0.4",
                      "--group-size", "4", "--sync-every", "20", "--seed", "5"])
     algo_cfg = cfg.algorithm_config()
     assert (algo_cfg.alpha, algo_cfg.beta, algo_cfg.gamma, algo_cfg.group_size,
             algo_cfg.sync_every, algo_cfg.seed) == (0.3, 0.6, 0.4, 4, 20, 5)
-    vc = from_args(["--algo", "gossip-vc", "--self-weight", "0.3", "--vc-eps", "1e-6",
+    vc = from_args(["--algo", "gossip-vc", "--gossip-beta", "0.3", "--vc-eps", "1e-6",
                     "--vc-ratio", "0.5", "--topology", "random-regular:4"]).algorithm_config()
     assert (vc.merge, vc.variance_correction, vc.self_weight, vc.vc_eps, vc.vc_ratio) == \
         ("beta", True, 0.3, 1e-6, 0.5)
@@ -115,19 +111,19 @@ def test_applicable_fields() -> None:
 
 @pytest.mark.parametrize(("algo", "optimizer", "lr", "sync_every"), [
     ("fedavg", "sgd", 0.2, 10),
-    ("diloco", "adamw", 3e-3, 500),
+    ("diloco", "adamw", 3e-3, 50),
     ("noloco", "adam", 3e-3, 50),
     ("gossip-vc", "sgd", 0.2, 1),
 ])
 def test_resolved_defaults(algo: str, optimizer: str, lr: float, sync_every: int) -> None:
     task = get_task("digits")
-    cfg = TrainConfig(algo=algo).resolved(task)
+    cfg = TrainConfig(algo=algo).resolved(task, 4)
     assert (cfg.optimizer, cfg.lr, cfg.sync_every) == (optimizer, lr, sync_every)
     assert cfg.batch_size == task.default_batch_size
     assert cfg.eval_every == (sync_every if 10 <= sync_every <= 50 else 50)
     assert (cfg.topology == "ring") == (algo == "gossip-vc")
-    assert TrainConfig(algo=algo, lr=0.01).resolved(task).lr == 0.01  # explicit value wins
-    charlm = TrainConfig(algo="diloco", task="charlm").resolved(get_task("charlm"))
+    assert TrainConfig(algo=algo, lr=0.01).resolved(task, 4).lr == 0.01  # explicit value wins
+    charlm = TrainConfig(algo="diloco", task="charlm").resolved(get_task("charlm"), 4)
     assert (charlm.optimizer, charlm.lr) == ("adamw", 3e-3)
 
 

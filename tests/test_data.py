@@ -13,10 +13,10 @@ from gossip.data import (
     iid,
     label_distribution,
     partition,
-    plot_label_distribution,
     quantity_skew,
     shards,
 )
+from gossip.plots import plot_label_distribution
 
 NUM_CLASSES = 10
 SPECS = ["iid", "dirichlet:0.1", "dirichlet:1.0", "dirichlet:0.01", "shards:2", "quantity:0.5"]

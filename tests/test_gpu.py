@@ -56,7 +56,7 @@ def test_cuda_tensors_over_gloo_are_staged():
 @pytest.mark.parametrize("algo", ["fedavg", "diloco", "noloco", "gossip-vc"])
 def test_simulator_on_cuda_matches_cpu(algo):
     base = {"algo": algo, "nodes": 8, "rounds": 3, "batch_size": 8, "partition": "dirichlet:0.5",
-            "seed": 1, "local_steps": 3}
+            "seed": 1, "sync_every": 3}
     runs = {}
     for device in ("cpu", "cuda"):
         sim = Simulation(SimConfig(**base, device=device))

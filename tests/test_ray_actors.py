@@ -1,4 +1,4 @@
-"""launch.ray_actors on a real local Ray cluster: torchrun's environment, a Gloo all-reduce
+"""raytools.workers on a real local Ray cluster: torchrun's environment, a Gloo all-reduce
 across actors, and bounded failure (a raising, dying or hanging rank tears the group down)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 pytest.importorskip("ray")
 
-from launch.ray_actors import WorkerGroup, WorkerGroupConfig, WorkerGroupError
+from raytools.workers import WorkerGroup, WorkerGroupConfig, WorkerGroupError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

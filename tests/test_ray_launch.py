@@ -18,8 +18,8 @@ import pytest
 
 pytest.importorskip("ray")
 
-from launch.ray_actors import WorkerGroup, WorkerGroupConfig
 from launch.ray_launch import launch, parse
+from raytools.workers import WorkerGroup, WorkerGroupConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--task", "digits", "--steps", "30", "--sync-every", "10", "--seed", "3"]

@@ -14,10 +14,11 @@ import torch
 
 pytest.importorskip("ray")
 
-from launch.ray_actors import WorkerGroup, WorkerGroupConfig
+from raytools.workers import WorkerGroup, WorkerGroupConfig
 from simulations.config import SimConfig
-from simulations.engine import Simulation, drive, run
+from simulations.engine import Simulation, drive
 from simulations.ray_backend import RaySimulation, run_on_ray, shard_ranges
+from simulations.run import run
 
 ALGOS = ("fedavg", "noloco", "gossip-vc")
 #: metrics measured on the wall clock (or per process) rather than computed
@@ -25,7 +26,7 @@ WALL_KEYS = ("wall_seconds", "build_seconds", "node_steps_per_second", "actors",
 
 
 def _config(algo: str, actors: int = 1, **changes: Any) -> SimConfig:
-    return SimConfig(algo=algo, nodes=8, rounds=3, local_steps=4, seed=5, eval_samples=256,
+    return SimConfig(algo=algo, nodes=8, rounds=3, sync_every=4, seed=5, eval_samples=256,
                      partition="dirichlet:0.5", progress=False, actors=actors, **changes)
 
 

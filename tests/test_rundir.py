@@ -24,7 +24,7 @@ from gossip.rundir import LOCK_NAME, RunDir, run_files
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 SIM = [sys.executable, "-m", "simulations.run", "--algo", "fedavg", "--nodes", "4",
-       "--local-steps", "2", "--no-progress"]
+       "--sync-every", "2", "--no-progress"]
 TRAIN = [sys.executable, "-m", "launch.train", "--algo", "fedavg", "--sync-every", "5",
          "--eval-every", "5"]
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gossip.metrics import read_jsonl
-from simulations import compare, engine
+from simulations import compare
+from simulations import run as sim_run
 from simulations.config import SimConfig, build_parser, from_args
 from simulations.run import main
 
@@ -54,11 +55,11 @@ def test_cli_writes_the_run_directory(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_toml_config_and_flag_override(tmp_path: Path) -> None:
     path = tmp_path / "sim.toml"
-    path.write_text('algo = "noloco"\nnodes = 6\nlocal-steps = 7\nalpha = 0.3\n')
+    path.write_text('algo = "noloco"\nnodes = 6\nsync-every = 7\nnoloco-alpha = 0.3\n')
     cfg = from_args(["--config", str(path), "--nodes", "4"])
-    assert (cfg.algo, cfg.nodes, cfg.local_steps, cfg.alpha) == ("noloco", 4, 7, 0.3)
-    assert SimConfig.from_toml(path) == SimConfig(algo="noloco", nodes=6, local_steps=7,
-                                                  alpha=0.3)
+    assert (cfg.algo, cfg.nodes, cfg.sync_every, cfg.noloco_alpha) == ("noloco", 4, 7, 0.3)
+    assert SimConfig.from_toml(path) == SimConfig(algo="noloco", nodes=6, sync_every=7,
+                                                  noloco_alpha=0.3)
     path.write_text("nodez = 3\n")
     with pytest.raises(ValueError, match="unknown key 'nodez'"):
         from_args(["--config", str(path)])
@@ -78,7 +79,7 @@ def test_actors_go_to_the_ray_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(simulations, "ray_backend", fake, raising=False)
     cfg = SimConfig(nodes=8, actors=2)
-    assert engine.run(cfg) == {"ok": True} and seen == [cfg]
+    assert sim_run.run(cfg) == {"ok": True} and seen == [cfg]
 
 
 def test_compare_runs_every_algorithm(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -19,14 +19,14 @@ WORLD, ROUNDS, H = 4, 3, 4
 CONFIGS = {
     "fedavg": SimConfig(algo="fedavg", optimizer="sgd", lr=0.05),
     "diloco": SimConfig(algo="diloco", optimizer="adamw", lr=1e-3),
-    "noloco": SimConfig(algo="noloco", optimizer="adam", lr=1e-3, gamma=0.5),
+    "noloco": SimConfig(algo="noloco", optimizer="adam", lr=1e-3, noloco_gamma=0.5),
     "dpsgd": SimConfig(algo="dpsgd", optimizer="sgd", lr=0.05, momentum=0.9),
     "gossip-vc": SimConfig(algo="gossip-vc", optimizer="sgd", lr=0.05),
 }
 
 
 def _config(algo: str) -> SimConfig:
-    return dataclasses.replace(CONFIGS[algo], nodes=WORLD, rounds=ROUNDS, local_steps=H,
+    return dataclasses.replace(CONFIGS[algo], nodes=WORLD, rounds=ROUNDS, sync_every=H,
                                batch_size=8, partition="dirichlet:0.5", seed=5, eval_every=99)
 
 

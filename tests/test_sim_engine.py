@@ -11,7 +11,7 @@ import torch
 from gossip.algorithms.noloco import group_table
 from gossip.tasks import get_task
 from simulations.config import SimConfig
-from simulations.engine import Simulation, _row_tensors
+from simulations.engine import Simulation
 from simulations.training import steps_for_epochs
 from tests.distributed import run_ranks
 
@@ -25,7 +25,7 @@ def _sim(**kw) -> Simulation:
 
 
 def _snapshot(sim: Simulation, rows: torch.Tensor) -> list[torch.Tensor]:
-    tensors = sim.trainer.state_tensors() + _row_tensors(sim.algorithm, len(sim.nodes))
+    tensors = sim.trainer.state_tensors() + sim.algorithm.state_rows()
     return [t.detach()[rows].clone() for t in tensors]
 
 
@@ -58,10 +58,13 @@ def test_resolved_defaults() -> None:
     task = get_task("digits")
     assert SimConfig(algo="gossip-vc", nodes=16).resolved(task).topology == "random-regular:8"
     assert SimConfig(algo="dpsgd", nodes=8).resolved(task).topology == "ring"
+    # the run layer's one table: the lrs tuned for digits, as under torchrun
     r = SimConfig(algo="noloco").resolved(task)
-    assert (r.optimizer, r.lr, r.topology, r.crash_round) == ("adam", 1e-3, None, 25)
+    assert (r.optimizer, r.lr, r.topology, r.crash_round, r.sync_every) == \
+        ("adam", 3e-3, None, 25, 50)
     r = SimConfig(algo="fedavg").resolved(task)
-    assert (r.optimizer, r.lr, r.batch_size) == ("sgd", 0.05, 16)
+    assert (r.optimizer, r.lr, r.batch_size, r.sync_every) == ("sgd", 0.2, 16, 10)
+    assert SimConfig(algo="fedavg", local_epochs=2).resolved(task).sync_every is None
     assert SimConfig(algo="diloco").resolved(task).optimizer == "adamw"
 
 
@@ -69,7 +72,7 @@ def test_resolved_defaults() -> None:
 
 
 def test_local_epoch_rounds_mask_nodes_with_small_shards() -> None:
-    sim = _sim(algo="fedavg")
+    sim = _sim(algo="fedavg", local_epochs=1)
     expected = steps_for_epochs(sim.sizes, 8, 1)
     assert sim.steps_per_round == int(expected.max()) and bool((expected < expected.max()).any())
     rec = sim.run_round(0)
@@ -83,16 +86,16 @@ def test_local_epoch_rounds_mask_nodes_with_small_shards() -> None:
 
 
 def test_local_steps_fixed_and_client_sampling() -> None:
-    sim = _sim(algo="fedavg", local_steps=5, client_fraction=0.5)
+    sim = _sim(algo="fedavg", sync_every=5, client_fraction=0.5)
     rec = sim.run_round(0)
     assert rec["node_steps"] == 4 * 5
     assert int((sim.local_step > 0).sum()) == 4
 
 
 def test_straggler_policies() -> None:
-    wait = _sim(algo="fedavg", local_steps=4, straggler_fraction=0.25, straggler_slowdown=4.0)
-    plain = _sim(algo="fedavg", local_steps=4)
-    deadline = _sim(algo="fedavg", local_steps=4, straggler_fraction=0.25,
+    wait = _sim(algo="fedavg", sync_every=4, straggler_fraction=0.25, straggler_slowdown=4.0)
+    plain = _sim(algo="fedavg", sync_every=4)
+    deadline = _sim(algo="fedavg", sync_every=4, straggler_fraction=0.25,
                     straggler_slowdown=4.0, straggler_policy="deadline")
     rw, rp, rd = wait.run_round(0), plain.run_round(0), deadline.run_round(0)
     assert rw["node_steps"] == rp["node_steps"] == 32
@@ -106,7 +109,7 @@ def test_straggler_policies() -> None:
 
 @pytest.mark.parametrize("algo", ["noloco", "dpsgd", "gossip-vc"])
 def test_crashed_nodes_keep_params_and_state(algo: str) -> None:
-    sim = _sim(algo=algo, rounds=4, crash_fraction=0.25, crash_round=1, local_steps=3)
+    sim = _sim(algo=algo, rounds=4, crash_fraction=0.25, crash_round=1, sync_every=3)
     crashed = torch.from_numpy(sim.faults.crash_at <= 4)
     assert int(crashed.sum()) == 2
     sim.run_round(0)
@@ -122,7 +125,7 @@ def test_crashed_nodes_keep_params_and_state(algo: str) -> None:
 
 @pytest.mark.parametrize("algo", ["fedavg", "diloco"])
 def test_crashed_nodes_pull_the_global_model(algo: str) -> None:
-    sim = _sim(algo=algo, rounds=3, crash_fraction=0.25, crash_round=1, local_steps=3)
+    sim = _sim(algo=algo, rounds=3, crash_fraction=0.25, crash_round=1, sync_every=3)
     crashed = torch.from_numpy(sim.faults.crash_at <= 3)
     sim.run_round(0)
     for r in range(1, 3):
@@ -178,7 +181,7 @@ def test_fedavg_averages_the_clients_that_are_up() -> None:
 
 
 def test_noloco_node_whose_partner_is_down_keeps_its_own_model() -> None:
-    sim = _sim(algo="noloco", crash_fraction=0.25, crash_round=1, local_steps=3)
+    sim = _sim(algo="noloco", crash_fraction=0.25, crash_round=1, sync_every=3)
     sim.run_round(0)
     seen = _capture_sync(sim)
     sim.run_round(1)
@@ -203,8 +206,8 @@ def test_noloco_node_whose_partner_is_down_keeps_its_own_model() -> None:
 
 
 def test_gossip_merges_what_arrived_and_counts_lost_bytes() -> None:
-    lossy = _sim(algo="gossip-vc", drop_prob=0.4, local_steps=2)
-    clean = _sim(algo="gossip-vc", local_steps=2)
+    lossy = _sim(algo="gossip-vc", drop_prob=0.4, sync_every=2)
+    clean = _sim(algo="gossip-vc", sync_every=2)
     for r in range(2):
         a, b = lossy.run_round(r), clean.run_round(r)
     assert a["bytes_total"] == b["bytes_total"] > 0  # senders pay for lost messages too
@@ -212,7 +215,7 @@ def test_gossip_merges_what_arrived_and_counts_lost_bytes() -> None:
 
 
 def test_churned_node_comes_back() -> None:
-    sim = _sim(algo="gossip-vc", rounds=6, churn_fraction=0.25, churn_rounds=2, local_steps=2)
+    sim = _sim(algo="gossip-vc", rounds=6, churn_fraction=0.25, churn_rounds=2, sync_every=2)
     churned = np.flatnonzero(sim.faults.churn.start <= 6)
     assert len(churned) == 2
     for r in range(6):
@@ -225,7 +228,7 @@ def test_churned_node_comes_back() -> None:
 
 
 def test_runs_are_deterministic() -> None:
-    kw = {"algo": "gossip-vc", "local_steps": 2, "drop_prob": 0.2, "jitter": 0.3}
+    kw = {"algo": "gossip-vc", "sync_every": 2, "drop_prob": 0.2, "jitter": 0.3}
     a, b = _sim(**kw), _sim(**kw)
     ra = [a.run_round(r) for r in range(2)]
     rb = [b.run_round(r) for r in range(2)]
@@ -243,7 +246,7 @@ SHARDED = {
 
 
 def _sharded_config(algo: str) -> SimConfig:
-    return SimConfig(**{**SMALL, "local_steps": 3, "algo": algo, **SHARDED[algo]})
+    return SimConfig(**{**SMALL, "sync_every": 3, "algo": algo, **SHARDED[algo]})
 
 
 def _shard_rank(comm) -> dict[str, tuple[np.ndarray, list[dict]]]:
@@ -293,7 +296,7 @@ def test_info_and_label_counts() -> None:
 
 
 def test_sampled_partition_allows_more_nodes_than_samples() -> None:
-    from simulations.engine import sampled_partition
+    from gossip.data import sampled_partition
 
     y = get_task("digits").data.y_train
     a = sampled_partition("dirichlet:0.1", y, 3000, 16, num_samples=len(y), seed=1)

@@ -55,7 +55,7 @@ def test_fedavg_round_with_a_server_takes_compute_plus_the_star() -> None:
     from simulations.config import SimConfig
     from simulations.engine import Simulation
 
-    cfg = SimConfig(algo="fedavg", nodes=6, rounds=1, local_steps=2, partition="iid",
+    cfg = SimConfig(algo="fedavg", nodes=6, rounds=1, sync_every=2, partition="iid",
                     allreduce="star", server_bandwidth=2e6, latency=0.01, compute_time=0.5)
     sim = Simulation(cfg)
     rec = sim.run_round(0)

@@ -8,7 +8,7 @@ Every algorithm takes a frozen config, the local model rows (:class:`gossip.flat
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
 
@@ -41,7 +41,32 @@ __all__ = [
 
 
 class Algorithm(Protocol):
-    def step(self, step: int, active: Tensor | None = None) -> SyncStats | None: ...
+    """What an executor (a real rank's loop, the simulator) may use of an algorithm object.
+
+    Attributes:
+        global_model: one model shared by all nodes (FedAvg, DiLoCo): a node that was down
+            pulls it at the next sync; else every node keeps its own model and state.
+        same_init: the nodes start from one model (else from independent inits).
+        needs_topology: the constructor takes a :class:`gossip.topology.Topology`.
+    """
+
+    global_model: ClassVar[bool]
+    same_init: ClassVar[bool]
+    needs_topology: ClassVar[bool]
+
+    def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
+        """Call after inner step ``step`` (1-based); ``active`` [L] masks rows out."""
+        ...
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """The N nodes that take part in sync ``round_index`` (0-based), None = all."""
+        ...
+
+    def state_rows(self) -> list[Tensor]:
+        """Every per-node state tensor [L, ...] besides the model rows (phi, momentum, ...):
+        what must stay untouched on a node that is down. May grow after a sync (lazy state)."""
+        ...
+
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -75,7 +100,8 @@ def make_config(algo: str, /, **fields: Any) -> Any:
 
 
 def needs_topology(algo: str) -> bool:
-    return _entry(algo)[0] is Gossip
+    """Whether ``algo`` runs over a topology (the gossip family)."""
+    return bool(_entry(algo)[0].needs_topology)
 
 
 def same_init(algo: str) -> bool:

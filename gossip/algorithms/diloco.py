@@ -59,6 +59,7 @@ class DiLoCo:
     same_init: ClassVar[bool] = True
     #: one global model: a node that is down pulls it when it returns
     global_model: ClassVar[bool] = True
+    needs_topology: ClassVar[bool] = False
 
     def __init__(self, config: DiLoCoConfig, params: FlatParams, comm: Communicator) -> None:
         self.config = config
@@ -91,6 +92,15 @@ class DiLoCo:
             for phi, theta in zip(self.phi, self.params.buffers(), strict=True):
                 theta.copy_(phi.detach())
         return stats
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """Every node takes part in every round."""
+        return None
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: phi and the outer momentum (equal on every node)."""
+        momentum = [self.outer.state[p].get("momentum_buffer") for p in self.phi]
+        return [*self.phi, *(m for m in momentum if m is not None)]
 
     def state_dict(self) -> dict[str, Any]:
         # the optimizer's state_dict holds references to its live momentum buffers: copy them, so

@@ -60,6 +60,7 @@ class FedAvg:
     same_init: ClassVar[bool] = True
     #: one global model: a node that is down pulls it when it returns
     global_model: ClassVar[bool] = True
+    needs_topology: ClassVar[bool] = False
 
     def __init__(self, config: FedAvgConfig, params: FlatParams, comm: Communicator,
                  *, weight: Tensor | None = None) -> None:
@@ -74,7 +75,7 @@ class FedAvg:
         self.weight = weight.to(torch.float64)
         self.rounds = 0
 
-    def sampled(self, round_index: int) -> Tensor:
+    def sampled(self, round_index: int) -> Tensor | None:
         """Which of the N nodes take part in round ``round_index`` (same on every rank)."""
         n = self.comm.world_size
         if self.config.client_fraction >= 1.0:
@@ -99,6 +100,10 @@ class FedAvg:
         stats.extra["participants"] = float(w.gt(0).sum())
         self.rounds += 1
         return stats
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: none (the model rows are all FedAvg keeps)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {"rounds": self.rounds}

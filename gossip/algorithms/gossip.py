@@ -75,6 +75,7 @@ class Gossip:
     same_init: ClassVar[bool] = False
     #: every node keeps its own model: a node that is down keeps its state
     global_model: ClassVar[bool] = False
+    needs_topology: ClassVar[bool] = True
 
     def __init__(self, config: GossipConfig, params: FlatParams, comm: Communicator,
                  topology: Topology) -> None:
@@ -135,6 +136,14 @@ class Gossip:
                         x.copy_(merged)
         self.merges += 1
         return stats
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """Every node takes part in every round."""
+        return None
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: none (the model rows are all gossip keeps)."""
+        return []
 
     def state_dict(self) -> dict[str, Any]:
         return {"merges": self.merges}

@@ -108,6 +108,7 @@ class NoLoCo:
     same_init: ClassVar[bool] = True
     #: every node keeps its own model: a node that is down keeps its state
     global_model: ClassVar[bool] = False
+    needs_topology: ClassVar[bool] = False
 
     def __init__(self, config: NoLoCoConfig, params: FlatParams, comm: Communicator) -> None:
         n, g = comm.world_size, config.group_size
@@ -205,6 +206,14 @@ class NoLoCo:
         if kept is None or kept.shape != recv.shape or kept.device != recv.device:
             kept = self._theta_recv[i] = torch.empty_like(recv)
         return kept.copy_(recv)
+
+    def sampled(self, round_index: int) -> Tensor | None:
+        """Every node takes part in every round."""
+        return None
+
+    def state_rows(self) -> list[Tensor]:
+        """Per-node state tensors [L, ...]: phi and the outer momentum delta."""
+        return [*self.phi, *self.delta]
 
     def state_dict(self) -> dict[str, Any]:
         return {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta]}

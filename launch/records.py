@@ -1,0 +1,250 @@
+"""How a real run's records reach its run directory: one object, chosen once per run.
+
+- :class:`Collective` (the default): every flush gathers the ranks' pending records on rank 0,
+  which appends them to ``metrics.jsonl``; the consensus distance is one all-reduce; a
+  checkpoint's ``latest`` marker moves after a barrier; rank 0 gets the final records.
+- :class:`PerRankFiles` (``--survive-failures``): no collective after the start, since one could
+  wait on a dead peer. Each rank appends its own ``ranks/rank_<r>.jsonl`` and leaves its final
+  record in ``ranks/rank_<r>.final.json``; the lowest live rank merges them (bounded wait) and
+  writes ``metrics.jsonl`` and gets the final records and the dead; checkpoints are counted in the
+  store, so the marker moves only when every rank wrote its file.
+
+Both give ``metrics.jsonl`` in one order (:func:`sorted_records`); the rank that gets the final
+records writes ``summary.json`` (through its :class:`gossip.rundir.RunDir`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+from gossip.comm import TorchCommunicator
+from gossip.comm.monitor import PeerMonitor
+from gossip.flat import FlatParams
+from gossip.metrics import RunWriter, append_jsonl, atomic_write_text, read_jsonl, to_jsonable
+from launch.rank import consensus
+
+__all__ = ["Collective", "PerRankFiles", "death_summary", "gatherer", "sorted_records",
+           "summarize", "table", "truncate_metrics"]
+
+_RECORD_ORDER = {"sync": 0, "death": 1, "eval": 2, "consensus": 3}
+
+
+def sorted_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records in metrics.jsonl order: by step, then kind, then rank."""
+    return sorted(records, key=lambda r: (r["step"], _RECORD_ORDER.get(r["kind"], 9),
+                                          r.get("rank", -1)))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (written after the checkpoint by a run that then died)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+def death_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per dead rank: when it was first noticed, and by whom."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r.get("kind") != "death":
+            continue
+        entry = out.setdefault(r["rank"], {"rank": r["rank"], "step": r["detected_at_step"],
+                                           "unix_time": r["unix_time"], "detected_by": []})
+        entry["step"] = min(entry["step"], r["detected_at_step"])
+        entry["unix_time"] = min(entry["unix_time"], r["unix_time"])
+        entry["detected_by"] = sorted({*entry["detected_by"], r["detected_by"]})
+    return [out[k] for k in sorted(out)]
+
+
+class Collective:
+    """Records through collectives to rank 0 (see the module docstring)."""
+
+    def __init__(self, out: Path, comm: TorchCommunicator, config: dict[str, Any], *,
+                 resumed_from: int, timeout: float, tensorboard: bool = False) -> None:
+        self.out, self.comm, self.rank, self.n = out, comm, comm.rank, comm.world_size
+        if self.rank == 0 and resumed_from:
+            truncate_metrics(out / "metrics.jsonl", resumed_from)
+        self.writer = RunWriter(out, config if self.rank == 0 else {},
+                                append=bool(resumed_from), enabled=self.rank == 0,
+                                tensorboard=tensorboard)
+
+    def flush(self, records: list[dict[str, Any]]) -> None:
+        gathered: list[Any] | None = [None] * self.n if self.rank == 0 else None
+        dist.gather_object(records, gathered, dst=0)
+        if gathered is not None:
+            for r in sorted_records(r for part in gathered for r in part):
+                self.writer.log(r)
+
+    def consensus(self, params: FlatParams) -> tuple[float | None, Tensor | None]:
+        return consensus(params, self.comm)
+
+    def checkpoint_complete(self, step: int) -> bool:
+        self.comm.barrier()  # every rank's file is on disk before the marker moves
+        return True
+
+    def finish(self, mine: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        per_rank: list[Any] | None = [None] * self.n if self.rank == 0 else None
+        dist.gather_object(mine, per_rank, dst=0)
+        return None if per_rank is None else (per_rank, {})
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class PerRankFiles(Collective):
+    """Records through per-rank files, no collective (see the module docstring)."""
+
+    def __init__(self, out: Path, comm: TorchCommunicator, config: dict[str, Any], *,
+                 resumed_from: int, timeout: float, tensorboard: bool = False) -> None:
+        super().__init__(out, comm, config, resumed_from=resumed_from, timeout=timeout,
+                         tensorboard=tensorboard)
+        assert comm.monitor is not None
+        self.monitor = comm.monitor
+        self.timeout = timeout
+        self.ranks_dir = out / "ranks"
+        self.ranks_dir.mkdir(parents=True, exist_ok=True)
+        # a previous attempt's final record must not pass for this one's
+        (self.ranks_dir / f"rank_{self.rank}.final.json").unlink(missing_ok=True)
+        if resumed_from:
+            truncate_metrics(self.ranks_dir / f"rank_{self.rank}.jsonl", resumed_from)
+
+    def _dead(self) -> set[int]:
+        return set(self.monitor.dead()) | set(self.comm.deaths)
+
+    def flush(self, records: list[dict[str, Any]]) -> None:
+        append_jsonl(self.ranks_dir / f"rank_{self.rank}.jsonl", records)
+
+    def consensus(self, params: FlatParams) -> tuple[float | None, Tensor | None]:
+        return None, None  # an all-reduce would wait on dead ranks
+
+    def checkpoint_complete(self, step: int) -> bool:
+        """Count this rank's checkpoint in the store; True once all ranks have (bounded wait).
+        After a death a checkpoint can never be complete, so ``latest`` stays at the last one
+        every rank wrote."""
+        store = PeerMonitor.default_store()
+        key = f"gossip/checkpoint/{step}"
+        store.add(key, 1)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if store.add(key, 0) >= self.n:
+                return True
+            if self._dead():
+                return False
+            time.sleep(0.01)
+        return False
+
+    def finish(self, mine: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+        """Leave this rank's final record; the lowest live rank waits (bounded) for the live
+        ranks' files, merges everything into metrics.jsonl and returns the per-rank records."""
+        atomic_write_text(self.ranks_dir / f"rank_{self.rank}.final.json",
+                          json.dumps(to_jsonable(mine)) + "\n")
+        live = set(range(self.n)) - self._dead() - {self.rank}
+        if min(live | {self.rank}) != self.rank:
+            return None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            done = {r for r in range(self.n)
+                    if (self.ranks_dir / f"rank_{r}.final.json").exists()}
+            if set(range(self.n)) <= done | self._dead() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        per_rank = [json.loads((self.ranks_dir / f"rank_{r}.final.json").read_text())
+                    for r in sorted(done)]
+        records: list[dict[str, Any]] = []
+        for r in range(self.n):
+            path = self.ranks_dir / f"rank_{r}.jsonl"
+            if path.exists():
+                records += read_jsonl(path)
+        records = sorted_records(records)
+        if self.writer.enabled:
+            for rec in records:
+                self.writer.log(rec)
+        else:  # rank 0 died: this rank writes metrics.jsonl
+            atomic_write_text(self.out / "metrics.jsonl",
+                              "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+        return per_rank, {"deaths": death_summary(records),
+                          "survivors": [r["rank"] for r in per_rank]}
+
+
+
+def gatherer(out: Path, comm: TorchCommunicator, config: dict[str, Any], *, resumed_from: int,
+             timeout: float, tensorboard: bool = False) -> Collective:
+    """:class:`PerRankFiles` when the run survives failures (a peer monitor), else
+    :class:`Collective`."""
+    cls = PerRankFiles if comm.monitor is not None else Collective
+    return cls(out, comm, config, resumed_from=resumed_from, timeout=timeout,
+               tensorboard=tensorboard)
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def summarize(cfg: Any, task_name: str, n: int, per_rank: list[dict[str, Any]],
+              final: dict[str, Any], wall: float, *, resumed_from: int | None,
+              task_source: str) -> dict[str, Any]:
+    """summary.json of a real run from the ranks' final records."""
+    avg = final.get("avg_model", {})
+    return {
+        "algo": cfg.algo,
+        "task": task_name,
+        "task_source": task_source,
+        "world_size": n,
+        "steps": cfg.steps,
+        "sync_every": cfg.sync_every,
+        "topology": cfg.topology,
+        "partition": cfg.partition,
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "schedule": cfg.schedule,
+        "final_loss_mean": _mean([r["final_loss"] for r in per_rank]),
+        "final_accuracy_mean": _mean([r["final_accuracy"] for r in per_rank]),
+        "final_train_loss_mean": _mean([r["final_train_loss"] for r in per_rank]),
+        "final_consensus_distance": final.get("consensus_distance"),
+        "avg_model_loss": avg.get("loss"),
+        "avg_model_accuracy": avg.get("accuracy"),
+        "bytes_sent_total": sum(r["bytes_sent"] for r in per_rank),
+        "sync_seconds_mean": _mean([r["sync_seconds"] for r in per_rank]),
+        "wall_seconds": wall,
+        "resumed_from_step": resumed_from,
+        "per_rank": per_rank,
+    }
+
+
+def table(s: dict[str, Any]) -> str:
+    """The per-rank table a real run prints at its end."""
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"{s['algo']} on {s['task']}: {s['world_size']} ranks, {s['steps']} steps, "
+             f"{s['wall_seconds']:.1f} s",
+             f"{'rank':>4} {'samples':>7} {'test loss':>9} {'test acc':>8} {'MB sent':>8} "
+             f"{'sync s':>7}"]
+    for r in s["per_rank"]:
+        lines.append(f"{r['rank']:>4} {r['samples']:>7} {f(r['final_loss'], '.4f'):>9} "
+                     f"{f(r['final_accuracy'], '.4f'):>8} {r['bytes_sent'] / 1e6:>8.2f} "
+                     f"{r['sync_seconds']:>7.2f}")
+    lines.append(f"{'mean':>4} {'':>7} {f(s['final_loss_mean'], '.4f'):>9} "
+                 f"{f(s['final_accuracy_mean'], '.4f'):>8} "
+                 f"{s['bytes_sent_total'] / 1e6 / len(s['per_rank']):>8.2f} "
+                 f"{s['sync_seconds_mean']:>7.2f}")
+    lines.append(f"averaged model: test loss {f(s['avg_model_loss'], '.4f')}, test acc "
+                 f"{f(s['avg_model_accuracy'], '.4f')}; consensus distance "
+                 f"{f(s['final_consensus_distance'], '.3g')}")
+    return "\n".join(lines)
