@@ -3,12 +3,19 @@
 Layout under a run directory::
 
     checkpoints/step_<s>/rank_<r>.pt    one per rank (torch.save, loaded with weights_only=True)
-    checkpoints/latest                  JSON {"step", "world_size", "algo", "task", ...}
+    checkpoints/latest                  JSON {"step", "world_size", "algo", "task", "config",
+                                        "files": {"step_<s>/rank_<r>.pt": SHA-256, ...}}
 
 Every file is written to a temporary file in the same directory, fsynced and renamed over its
 final name, so a reader sees either the old file or the complete new one. The ``latest`` marker
 is written (by rank 0) only after every rank has written its file, so a crash in the middle of a
-checkpoint never leaves a half checkpoint marked latest.
+checkpoint never leaves a half checkpoint marked latest. The marker is also the checkpoint's
+manifest: the SHA-256 of every rank file, written in the same atomic rename, and checked by
+:func:`load_rank_state` before it unpickles anything, so a file whose bytes changed after it was
+written (a flipped bit, a copy gone wrong) is refused naming it.
+
+:func:`check_resume` compares the configuration a checkpoint was written with and the one
+resuming it: a change of anything that alters the trajectory is refused unless overridden.
 
 A rank file holds everything needed to continue bit for bit: the model's flat buffers, the inner
 optimizer's and the algorithm's ``state_dict``, the step, the data position, the torch RNG states
@@ -18,11 +25,12 @@ that :func:`load_rank_state` checks against the run that is resuming.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +42,13 @@ from gossip.metrics import atomic_write, atomic_write_text
 
 __all__ = [
     "FORMAT_VERSION",
+    "NEUTRAL_FIELDS",
     "atomic_torch_save",
     "capture_rng",
+    "check_resume",
     "checkpoint_dir",
+    "expected_sha256",
+    "file_sha256",
     "load_rank_state",
     "params_state",
     "rank_file",
@@ -64,11 +76,28 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def write_latest(root: str | os.PathLike[str], step: int, meta: Mapping[str, Any]) -> None:
-    """Mark ``step`` as the latest complete checkpoint (call once every rank has written)."""
-    record = {"step": int(step), **meta}
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_latest(root: str | os.PathLike[str], step: int, meta: Mapping[str, Any], *,
+                 ranks: int) -> None:
+    """Mark ``step`` as the latest complete checkpoint (call once all ``ranks`` have written).
+
+    The marker holds the SHA-256 of every rank file of the step (the manifest)."""
+    base = checkpoint_dir(root)
+    files = {}
+    for r in range(ranks):
+        path = rank_file(root, step, r)
+        files[path.relative_to(base).as_posix()] = file_sha256(path)
+    record = {**meta, "step": int(step), "files": files}
     text = json.dumps(record, sort_keys=True) + "\n"
-    atomic_write_text(checkpoint_dir(root) / "latest", text)
+    atomic_write_text(base / "latest", text)
 
 
 def read_latest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -79,9 +108,61 @@ def read_latest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_text())
         int(record["step"])
+        files = record["files"]
+        if not isinstance(files, dict):
+            raise TypeError(f"files is {type(files).__name__}, expected a mapping")
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint marker {path} is corrupted: {e}") from None
+        raise ValueError(f"checkpoint marker {path} is corrupted or has no manifest: "
+                         f"{type(e).__name__}: {e}") from None
     return record
+
+
+def expected_sha256(root: str | os.PathLike[str], latest: Mapping[str, Any],
+                    path: str | os.PathLike[str]) -> str:
+    """The SHA-256 the manifest of ``latest`` records for ``path`` (ValueError if none)."""
+    key = Path(path).relative_to(checkpoint_dir(root)).as_posix()
+    digest = latest["files"].get(key)
+    if digest is None:
+        raise ValueError(f"checkpoint file {path} is not in the manifest "
+                         f"{checkpoint_dir(root) / 'latest'}")
+    return str(digest)
+
+
+#: Fields of a run's configuration that do not change its trajectory (how long it runs, where it
+#: writes, how it talks and waits); every other field does, and so does the world size.
+NEUTRAL_FIELDS = frozenset({
+    "out", "resume", "resume_override", "overwrite", "steps", "timeout", "eval_every",
+    "checkpoint_every", "survive_failures", "dead_after", "backend", "device", "config",
+    "tensorboard"})
+
+
+def check_resume(old: Mapping[str, Any], new: Mapping[str, Any],
+                 overrides: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Compare the config a checkpoint was written with (``old``) and the resuming one (``new``).
+
+    Both are flat dicts of resolved fields (``world_size`` included). A field outside
+    :data:`NEUTRAL_FIELDS` whose value differs changes the trajectory: unless it is named in
+    ``overrides`` this raises ValueError listing every such field with its old and new value.
+    Returns the accepted changes, ``[{"field", "old", "new"}]`` in field order. An override
+    that names no field of ``new`` is a ValueError.
+    """
+    unknown = sorted(set(overrides) - set(new) - set(old))
+    if unknown:
+        raise ValueError(f"resume_override={sorted(overrides)!r} is invalid: {unknown} "
+                         f"name no config field")
+    changes, refused = [], []
+    for name in sorted(set(old) | set(new)):
+        if name in NEUTRAL_FIELDS or old.get(name) == new.get(name):
+            continue
+        change = {"field": name, "old": old.get(name), "new": new.get(name)}
+        (changes if name in overrides else refused).append(change)
+    if refused:
+        listed = ", ".join(f"{c['field']}: {c['old']!r} -> {c['new']!r}" for c in refused)
+        names = ",".join(c["field"] for c in refused)
+        raise ValueError(f"--resume would change the run's trajectory ({listed}); resume with "
+                         f"the checkpoint's values, or pass --resume-override {names} to "
+                         "accept the change")
+    return changes
 
 
 def params_state(params: FlatParams) -> list[Tensor]:
@@ -117,16 +198,22 @@ def restore_rng(state: Mapping[str, Tensor], device: torch.device | None = None)
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def load_rank_state(path: str | os.PathLike[str], *,
+def load_rank_state(path: str | os.PathLike[str], *, sha256: str | None = None,
                     expect: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Load one rank file with ``torch.load(weights_only=True)`` and check it.
 
-    Raises ValueError naming the file when it is missing, truncated or corrupted, and naming
-    both values when its metadata differs from ``expect`` (e.g. another world size or algo).
+    Raises ValueError naming the file when it is missing, its bytes do not hash to ``sha256``
+    (the manifest's, see :func:`expected_sha256`), it is truncated or corrupted, and naming both
+    values when its metadata differs from ``expect`` (e.g. another world size or algo).
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint file {path} does not exist")
+    if sha256 is not None:
+        actual = file_sha256(path)
+        if actual != sha256:
+            raise ValueError(f"checkpoint file {path} is corrupted: its SHA-256 is {actual}, "
+                             f"the manifest recorded {sha256}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -43,10 +43,13 @@ def to_jsonable(value: Any) -> Any:
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over
-    ``path`` and fsync the directory: a crash leaves the old file or the new one, never half."""
+    ``path`` and fsync the directory: a crash leaves the old file or the new one, never half.
+    The file gets mode 0666 less the umask, like every file of a run directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # mode 0666 less the umask, as open() gives metrics.jsonl (mkstemp would give 0600)
+    tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -96,7 +99,7 @@ def append_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, An
     data = "".join(json.dumps(to_jsonable(r)) + "\n" for r in records).encode()
     if not data:
         return
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         view = memoryview(data)
         while view:

@@ -54,11 +54,14 @@ class TrainConfig(RunSpec):
         "resume from the latest checkpoint in --out (start fresh if there is none)"))
     survive_failures: bool = field(default=False, metadata=help_text(
         "keep going when ranks die: noloco and the gossip family leave dead peers out; fedavg "
-        "and diloco fail fast naming the dead rank. Needs a store that outlives workers "
-        "(torchrun's agent store, or TORCHELASTIC_USE_AGENT_STORE=True with an external one). "
+        "and diloco fail fast naming the dead rank. Needs a store that outlives workers: launch "
+        "with python -m launch.spawn or launch.ray_launch. "
         "Gloo only (auto picks Gloo, also on GPUs)"))
     dead_after: float = field(default=5.0, metadata=help_text(
         "with --survive-failures: seconds without a heartbeat before a rank counts as dead"))
+    resume_override: str | None = field(default=None, metadata=help_text(
+        "with --resume: FIELD[,FIELD...] whose change from the checkpoint's config is accepted "
+        "(seed, lr, ...); the change is recorded in config.json with its step"))
 
     def __post_init__(self) -> None:
         super().__post_init__()

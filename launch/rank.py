@@ -7,10 +7,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -24,7 +26,7 @@ from gossip.tasks import Task, TaskData
 from launch.config import TrainConfig
 
 __all__ = ["RunError", "ShardStream", "agree", "consensus", "derived_seed", "evaluate",
-           "free_port", "join_process_group", "pick_device", "test_set"]
+           "free_port", "interrupt", "join_process_group", "leave", "pick_device", "test_set"]
 
 
 class RunError(ValueError):
@@ -176,3 +178,20 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def interrupt(signum: int, _frame: object) -> None:
+    """A signal handler that ends the run like Ctrl-C (for SIGTERM)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def leave(status: int, *, at_once: bool) -> NoReturn:
+    """Exit the process with ``status``; ``at_once`` skips the interpreter's teardown, which can
+    hang on a dead peer's connections (measured: a NoLoCo survivor that had written everything
+    never exited)."""
+    if at_once:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

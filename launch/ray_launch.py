@@ -12,7 +12,8 @@ driver node holds no actor, ``--out`` must be on a filesystem the nodes share. T
 in this directory (when it exists on their node), so a relative ``--out`` means the same place.
 Rank 0's output (the progress log and the summary table) appears here, prefixed ``(rank0 ...)``.
 
-The exit status is 0 when every rank returns 0. A rank that raises, dies or outlives
+The driver hosts the rendezvous store (a TCPStore on a free port of this machine), so it outlives
+every rank. The exit status is 0 when every rank returns 0. A rank that raises, dies or outlives
 ``--run-timeout-s`` stops all of them and the error names the rank.
 """
 
@@ -21,11 +22,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gossip.comm.torch_comm import STORE_PREFIX_ENV
+from launch.store import host_store
 from raytools.workers import WorkerGroup, WorkerGroupConfig, WorkerGroupError
 
 __all__ = ["DEFAULT_ENTRY", "build_parser", "launch", "main", "parse"]
@@ -76,10 +81,25 @@ def launch(train_argv: Sequence[str], config: WorkerGroupConfig | None = None, *
         return _run(group, entry, train_argv)
 
 
+def _set_env(env: dict[str, str]) -> None:
+    os.environ.update(env)
+
+
 def _run(group: WorkerGroup, entry: str, train_argv: Sequence[str]) -> list[int]:
-    codes = group.run_each(_run_entry, [(entry, list(train_argv))] * group.world_size,
-                           what=entry)
-    time.sleep(_LOG_FLUSH_S)  # Ray forwards the actors' last lines before they may be killed
+    # The driver hosts the rendezvous store: it outlives every rank, rank 0 included (with
+    # --survive-failures the others carry on); each launch uses its own key prefix.
+    import ray
+
+    server = host_store("0.0.0.0", 0)
+    group.run(_set_env, {"MASTER_ADDR": ray.util.get_node_ip_address(),
+                         "MASTER_PORT": str(server.port),
+                         STORE_PREFIX_ENV: f"ray-{uuid.uuid4().hex[:12]}"})
+    try:
+        codes = group.run_each(_run_entry, [(entry, list(train_argv))] * group.world_size,
+                               what=entry)
+        time.sleep(_LOG_FLUSH_S)  # Ray forwards the actors' last lines before they may be killed
+    finally:
+        del server
     return codes
 
 

@@ -2,14 +2,15 @@
 
 - :class:`Collective` (the default): every flush gathers the ranks' pending records on rank 0,
   which appends them to ``metrics.jsonl``; the consensus distance is one all-reduce; a
-  checkpoint's ``latest`` marker moves after a barrier; rank 0 writes ``summary.json``.
+  checkpoint's ``latest`` marker moves after a barrier; rank 0 gets the final records.
 - :class:`PerRankFiles` (``--survive-failures``): no collective after the start, since one could
   wait on a dead peer. Each rank appends its own ``ranks/rank_<r>.jsonl`` and leaves its final
   record in ``ranks/rank_<r>.final.json``; the lowest live rank merges them (bounded wait) and
-  writes ``metrics.jsonl`` and ``summary.json`` naming the dead; checkpoints are counted in the
+  writes ``metrics.jsonl`` and gets the final records and the dead; checkpoints are counted in the
   store, so the marker moves only when every rank wrote its file.
 
-Both give ``metrics.jsonl`` in one order (:func:`sorted_records`) and one summary.
+Both give ``metrics.jsonl`` in one order (:func:`sorted_records`); the rank that gets the final
+records writes ``summary.json`` (through its :class:`gossip.rundir.RunDir`).
 """
 
 from __future__ import annotations
@@ -101,9 +102,6 @@ class Collective:
         dist.gather_object(mine, per_rank, dst=0)
         return None if per_rank is None else (per_rank, {})
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        self.writer.summary(summary)
-
     def close(self) -> None:
         self.writer.close()
 
@@ -182,12 +180,6 @@ class PerRankFiles(Collective):
         return per_rank, {"deaths": death_summary(records),
                           "survivors": [r["rank"] for r in per_rank]}
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        if self.writer.enabled:
-            self.writer.summary(summary)
-        else:  # rank 0 died and this rank took over
-            atomic_write_text(self.out / "summary.json",
-                              json.dumps(to_jsonable(summary), indent=2, sort_keys=True) + "\n")
 
 
 def gatherer(out: Path, comm: TorchCommunicator, config: dict[str, Any], *, resumed_from: int,

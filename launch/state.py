@@ -4,6 +4,7 @@ test metrics of the ranks' averaged model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from gossip.flat import FlatParams
 from launch.config import TrainConfig
 from launch.rank import ShardStream, evaluate
 
-__all__ = ["Counters", "eval_mean_model", "load", "save"]
+__all__ = ["Counters", "eval_mean_model", "load", "resume", "resume_changes", "save"]
 
 
 @dataclasses.dataclass
@@ -39,7 +40,9 @@ class Counters:
 
 
 def load(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any]) -> dict[str, Any] | None:
-    """This rank's state from the latest checkpoint in ``out`` (None = start fresh)."""
+    """This rank's state from the latest checkpoint in ``out`` (None = start fresh), checked
+    against the marker's manifest (SHA-256) and config (:func:`gossip.checkpoint.check_resume`);
+    ``"changes"`` lists the accepted trajectory changes."""
     latest = ckpt.read_latest(out)
     if not cfg.resume:
         if latest is not None:
@@ -58,9 +61,41 @@ def load(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any]) -> dict[s
     step = int(latest["step"])
     if step > cfg.steps:
         raise ValueError(f"checkpoint {marker} is at step {step}, beyond steps={cfg.steps}")
+    # trajectory changes are refused unless overridden (--resume-override); kept with their step
+    overrides = [f for f in (cfg.resume_override or "").split(",") if f]
+    changes = ckpt.check_resume({**latest.get("config", {}), "world_size": latest.get(
+        "world_size")}, {**cfg.to_dict(), "world_size": meta["world_size"]}, overrides)
     path = ckpt.rank_file(out, step, rank)
-    state = ckpt.load_rank_state(path, expect={**meta, "rank": rank})
-    return {**state, "path": str(path)}
+    state = ckpt.load_rank_state(path, sha256=ckpt.expected_sha256(out, latest, path),
+                                 expect={**meta, "rank": rank})
+    return {**state, "path": str(path), "changes": [{**c, "step": step} for c in changes]}
+
+
+def resume(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any], params: FlatParams,
+           opt: torch.optim.Optimizer, algo: Any, stream: ShardStream, device: torch.device
+           ) -> tuple[int, Counters, list[dict[str, Any]]]:
+    """Restore this rank from the latest checkpoint (:func:`load`): the step to go on from, the
+    counters and the accepted trajectory changes (0, fresh counters, [] = start fresh)."""
+    state = load(cfg, out, rank, meta)
+    if state is None:
+        return 0, Counters(), []
+    try:
+        ckpt.restore_params(params, state["params"], source=state["path"])
+        opt.load_state_dict(state["optimizer"])
+        algo.load_state_dict(state["algorithm"])
+        stream.load_state(state["data"])
+        ckpt.restore_rng(state["rng"], device)
+        return int(state["step"]), Counters(**state["launcher"]), state["changes"]
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise ValueError(f"checkpoint file {state['path']} does not fit this run: {e}") from e
+
+
+def resume_changes(out: Path, start: int, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The changes every resume of this run accepted: earlier ones (from config.json) + ``new``."""
+    path = out / "config.json"
+    if not start or not path.exists():
+        return new
+    return [*json.loads(path.read_text()).get("resume_changes", []), *new]
 
 
 def save(out: Path, step: int, rank: int, meta: dict[str, Any], params: FlatParams,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from gossip.flat import FlatParams, scope_from_spec
 from gossip.metrics import read_jsonl
 from gossip.plots import plot_metrics
 from gossip.run import build
+from gossip.rundir import RunDir
 from launch.config import TrainConfig, build_parser, check_out, default_out, from_args
 from launch.rank import (
     RunError,
@@ -43,12 +44,15 @@ from launch.rank import (
     derived_seed,
     evaluate,
     free_port,
+    interrupt,
     join_process_group,
+    leave,
     pick_device,
     test_set,
 )
 from launch.records import gatherer, summarize, table
-from launch.state import Counters, eval_mean_model, load, save
+from launch.spawn import torchrun_store_warning
+from launch.state import eval_mean_model, resume, resume_changes, save
 
 __all__ = ["main", "train"]
 
@@ -61,12 +65,30 @@ FAULT_ENV = "GOSSIP_FAULT_EXIT_AT_STEP"
 
 def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
     """Run ``cfg`` on this rank of an initialised process group; the rank that writes the
-    summary returns it. Without ``--out`` the ranks agree on rank 0's new runs/<UTC time>."""
+    summary returns it. Without ``--out`` the ranks agree on rank 0's new runs/<UTC time>.
+
+    Rank 0 owns the run directory (:class:`gossip.rundir.RunDir`) for the run's life; a refusal
+    stops every rank. Ctrl-C or SIGTERM leaves ``summary.json`` saying ``interrupted``."""
     if cfg.out is None:
         names = [default_out() if comm.rank == 0 else None]
         dist.broadcast_object_list(names, src=0)
         cfg = dataclasses.replace(cfg, out=names[0])
-    rank, n, out = comm.rank, comm.world_size, Path(str(cfg.out))
+    run_dir = RunDir(str(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
+    agree(lambda: run_dir.acquire() if comm.rank == 0 else None)
+    progress = [0]  # the last step done
+    try:
+        return _train(cfg, comm, run_dir, progress)
+    except KeyboardInterrupt:
+        if comm.rank == 0:
+            run_dir.write_interrupted(progress[0], algo=cfg.algo, steps=cfg.steps)
+        raise
+    finally:
+        run_dir.release()
+
+
+def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress: list[int]
+           ) -> dict[str, Any] | None:
+    rank, n, out = comm.rank, comm.world_size, run_dir.path
     device = pick_device(cfg, comm.backend)
 
     # ---- build: the run layer, the same calls the simulator makes
@@ -87,21 +109,9 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
     meta = {"format": ckpt.FORMAT_VERSION, "algo": cfg.algo, "task": cfg.task, "world_size": n}
 
     # ---- resume (an error on any rank is every rank's)
-    def resume() -> tuple[int, Counters]:
-        state = load(cfg, out, rank, meta)
-        if state is None:
-            return 0, Counters()
-        try:
-            ckpt.restore_params(params, state["params"], source=state["path"])
-            opt.load_state_dict(state["optimizer"])
-            algo.load_state_dict(state["algorithm"])
-            stream.load_state(state["data"])
-            ckpt.restore_rng(state["rng"], device)
-            return int(state["step"]), Counters(**state["launcher"])
-        except (KeyError, RuntimeError, TypeError) as e:
-            raise ValueError(f"checkpoint file {state['path']} does not fit this run: {e}") from e
-
-    start, c = agree(resume)
+    start, c, changes = agree(lambda: resume(cfg, out, rank, meta, params, opt, algo, stream,
+                                             device))
+    progress[0] = start
     if start:
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(out), start)
     elif cfg.resume:
@@ -111,7 +121,7 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
         "task": {"name": task.name, "source": build.task_source(cfg.task)},
         "world_size": n, "backend": comm.backend, "device": str(device),
         "shard_sizes": [len(s) for s in shards], "model_parameters": params.numel,
-        "torch": torch.__version__}
+        "torch": torch.__version__, "resume_changes": resume_changes(out, start, changes)}
     records = gatherer(out, comm, config_record, resumed_from=start, timeout=cfg.timeout,
                        tensorboard=cfg.tensorboard)
     pending: list[dict[str, Any]] = []  # this rank's records not yet flushed
@@ -159,7 +169,8 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
                             "without it", rank, dead, at)
                 pending.append({"kind": "death", "step": stats.step, "rank": dead,
                                 "detected_by": rank, "detected_at_step": at,
-                                "unix_time": time.time()})
+                                "unix_time": time.time(), "reason": comm.failures.get(
+                                    dead, "no heartbeat, or a peer reported it")})
 
     def flush() -> None:
         records.flush(pending)
@@ -204,8 +215,9 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
                 flush()
             if saving:
                 save(out, step, rank, meta, params, opt, algo, stream, device, c)
-                if records.checkpoint_complete(step) and rank == 0:
-                    ckpt.write_latest(out, step, meta)
+                if records.checkpoint_complete(step) and rank == 0:  # config: check_resume's
+                    ckpt.write_latest(out, step, {**meta, "config": cfg.to_dict()}, ranks=n)
+            progress[0] = step
             if step == fault_step:
                 log.warning("%s=%d: exiting on purpose", FAULT_ENV, step)
                 os._exit(17)
@@ -225,7 +237,7 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
         summary = {**summarize(cfg, task.name, n, per_rank, final, c.wall_seconds,
                                resumed_from=start or None,
                                task_source=build.task_source(cfg.task)), **extra}
-        records.write_summary(summary)
+        run_dir.write_summary(summary)  # also by a survivor when rank 0 died
     finally:
         records.close()
     try:
@@ -253,8 +265,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if comm.rank == 0 else logging.WARNING, stream=sys.stderr,
         format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    warning = torchrun_store_warning(os.environ, cfg.survive_failures)
+    if warning and comm.rank == 0:
+        log.warning("%s", warning)
+    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends the run like Ctrl-C
     try:
         train(cfg, comm)
+    except KeyboardInterrupt:
+        log.warning("rank %d: interrupted", comm.rank)
+        return 130
     except RunError as e:
         if comm.rank == 0:
             log.error("%s", e)
@@ -267,8 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             comm.monitor.close()
         if dist.is_initialized() and not comm.deaths:
             dist.destroy_process_group()  # with dead peers it could wait on them: just exit
+        _DEAD_PEERS.update(comm.deaths)
     return 0
 
 
+#: Peers this process saw die (its exit then skips the interpreter's teardown, see
+#: :func:`launch.rank.leave`).
+_DEAD_PEERS: set[int] = set()
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main(), at_once=bool(_DEAD_PEERS))

@@ -51,6 +51,7 @@ from gossip.metrics import RunWriter
 from gossip.run import build
 from gossip.run.schedule import lr_factors
 from gossip.run.spec import optimizer_kwargs
+from gossip.rundir import RunDir
 from gossip.tasks import Task
 from gossip.topology import Topology, spectral_gap
 from simulations.config import SimConfig
@@ -401,12 +402,15 @@ class RunRecorder:
         self.out = None if out is None else Path(out)
         self.plots = plots
         self.records: list[dict[str, Any]] = []
-        self.label_counts = label_counts
+        # the run owns --out until finish() or interrupted(); refused before any write
+        self.run_dir = None if self.out is None else RunDir(
+            self.out, overwrite=cfg.overwrite).acquire()
         config = cfg.to_dict()
         if info is not None and "task" in info:  # the Task's own name and where it came from
             config["task_name"], config["task_source"] = info["task"], info["task_source"]
         self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
                                 tensorboard=cfg.tensorboard)
+        self.label_counts = label_counts  # plotted at a successful end, with the rest
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
@@ -415,16 +419,29 @@ class RunRecorder:
     def finish(self, *, wall_seconds: float, info: dict[str, Any] | None = None
                ) -> dict[str, Any]:
         summary = summarize(self.cfg, self.records, wall_seconds=wall_seconds, info=info)
-        self.writer.summary(summary)
         self.writer.close()
-        if self.out is not None and self.plots:  # after the summary: a plot cannot lose it
-            from gossip.plots import plot_label_distribution, plot_run
+        if self.run_dir is not None:
+            try:
+                self.run_dir.write_summary(summary)
+                if self.plots:  # after the summary: a failing plot cannot lose the results
+                    from gossip.plots import plot_label_distribution, plot_run
 
-            if self.label_counts is not None:
-                plot_label_distribution(self.label_counts, self.out / "label_distribution.png")
-            plot_run(self.records, self.out, title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
-                                                   f"{self.cfg.partition}")
+                    if self.label_counts is not None:
+                        plot_label_distribution(self.label_counts,
+                                                self.run_dir.path / "label_distribution.png")
+                    plot_run(self.records, self.run_dir.path, title=f"{self.cfg.algo}, "
+                             f"{self.cfg.nodes} nodes, {self.cfg.partition}")
+            finally:
+                self.run_dir.release()
         return summary
+
+    def interrupted(self) -> None:
+        """Ctrl-C: summary.json says so, with the last round recorded; the directory is freed."""
+        self.writer.close()
+        if self.run_dir is not None:
+            self.run_dir.write_interrupted(len(self.records), algo=self.cfg.algo,
+                                           rounds=self.cfg.rounds)
+            self.run_dir.release()
 
 
 def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | None = None,
@@ -459,6 +476,12 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
                 if record.get("accuracy_mean") is not None:
                     bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}",
                                     sim_s=f"{record['sim_seconds']:.1f}")
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt):
+            recorder.interrupted()
+        elif recorder.run_dir is not None:
+            recorder.run_dir.release()
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from gossip import checkpoint as ckpt
 from gossip.flat import FlatParams
+from gossip.rundir import LOCK_NAME
 from tests.distributed import run_ranks
 
 
@@ -38,7 +40,7 @@ def _files(root: Path) -> dict[str, tuple[str, int]]:
     """Every file under root: content hash and mtime (to prove nothing was touched)."""
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(),
                                        p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK_NAME}
 
 
 # ----------------------------------------------------------------------------- unit
@@ -111,15 +113,75 @@ def test_restore_params_checks_shapes() -> None:
         ckpt.restore_params(params, [torch.zeros(1, 8), torch.zeros(1, 8)])
 
 
-def test_latest_marker(tmp_path: Path) -> None:
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_latest_marker_is_the_manifest(tmp_path: Path) -> None:
     assert ckpt.read_latest(tmp_path) is None
-    ckpt.write_latest(tmp_path, 10, {"algo": "fedavg", "world_size": 2})
+    for r in range(2):
+        ckpt.atomic_torch_save(_state(2, rank=r), ckpt.rank_file(tmp_path, 10, r))
+    ckpt.write_latest(tmp_path, 10, {"algo": "fedavg", "world_size": 2}, ranks=2)
     # a later checkpoint that only some ranks wrote is not marked
     ckpt.atomic_torch_save(_state(), ckpt.rank_file(tmp_path, 20, 0))
-    assert ckpt.read_latest(tmp_path) == {"step": 10, "algo": "fedavg", "world_size": 2}
+    files = {f"step_10/rank_{r}.pt": _sha(ckpt.rank_file(tmp_path, 10, r)) for r in range(2)}
+    assert ckpt.read_latest(tmp_path) == {"step": 10, "algo": "fedavg", "world_size": 2,
+                                          "files": files}
     (tmp_path / "checkpoints" / "latest").write_text("{half")
     with pytest.raises(ValueError, match="latest"):
         ckpt.read_latest(tmp_path)
+    (tmp_path / "checkpoints" / "latest").write_text('{"step": 10}')  # no manifest
+    with pytest.raises(ValueError, match="no manifest"):
+        ckpt.read_latest(tmp_path)
+
+
+def test_one_flipped_payload_byte_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = ckpt.rank_file(tmp_path, 10, 0)
+    ckpt.atomic_torch_save(_state(1), path)
+    ckpt.write_latest(tmp_path, 10, {"world_size": 1}, ranks=1)
+    latest = ckpt.read_latest(tmp_path)
+    assert latest is not None
+    digest = ckpt.expected_sha256(tmp_path, latest, path)
+    ckpt.load_rank_state(path, sha256=digest)  # intact: loads
+    data = bytearray(path.read_bytes())
+    i = data.index(b"data/0") + 200  # inside the first tensor's storage, size unchanged
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+    torch.load(path, weights_only=True)  # the bug: torch itself loads it without a word
+    with pytest.raises(ValueError, match="SHA-256") as info:
+        ckpt.load_rank_state(path, sha256=digest)
+    assert str(path) in str(info.value) and digest in str(info.value)
+    with pytest.raises(ValueError, match="not in the manifest"):
+        ckpt.expected_sha256(tmp_path, latest, ckpt.rank_file(tmp_path, 10, 1))
+
+
+_OLD = {"seed": 0, "lr": 0.001, "partition": "iid", "algo": "noloco", "beta": 0.7,
+        "batch_size": 32, "world_size": 4, "steps": 100, "out": "runs/a", "timeout": 300.0}
+
+
+def test_check_resume_refuses_trajectory_changes_listing_old_and_new() -> None:
+    new = {**_OLD, "seed": 1, "lr": 0.01, "world_size": 2, "beta": 0.9}
+    with pytest.raises(ValueError) as info:
+        ckpt.check_resume(_OLD, new)
+    msg = str(info.value)
+    for part in ("seed: 0 -> 1", "lr: 0.001 -> 0.01", "world_size: 4 -> 2", "beta: 0.7 -> 0.9",
+                 "--resume-override"):
+        assert part in msg, msg
+    # only the overridden ones pass; the others are still refused
+    with pytest.raises(ValueError) as info:
+        ckpt.check_resume(_OLD, new, ["lr"])
+    assert "lr:" not in str(info.value) and "seed: 0 -> 1" in str(info.value)
+
+
+def test_check_resume_accepts_neutral_and_overridden_changes() -> None:
+    longer = {**_OLD, "steps": 400, "out": "runs/b", "timeout": 60.0}
+    assert ckpt.check_resume(_OLD, longer) == []
+    changes = ckpt.check_resume(_OLD, {**longer, "lr": 0.01, "partition": "dirichlet:0.5"},
+                                ["lr", "partition"])
+    assert changes == [{"field": "lr", "old": 0.001, "new": 0.01},
+                       {"field": "partition", "old": "iid", "new": "dirichlet:0.5"}]
+    with pytest.raises(ValueError, match=r"resume_override.*'sed'"):
+        ckpt.check_resume(_OLD, _OLD, ["sed"])
 
 
 # ----------------------------------------------------------------------------- real ranks
@@ -157,5 +219,33 @@ def test_failed_resumes_name_the_problem_and_touch_nothing(tmp_path: Path) -> No
     path.write_bytes(path.read_bytes()[:100])
     before = _files(tmp_path)
     msg = _failure(1, {**base, "steps": 6, "resume": True})
-    assert str(path) in msg and "truncated or corrupted" in msg
+    assert str(path) in msg and "corrupted" in msg  # the manifest catches it first
     assert _files(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_resume_checks_bytes_and_trajectory_and_records_overrides(tmp_path: Path) -> None:
+    base = {"algo": "fedavg", "task": "digits", "steps": 4, "sync_every": 2, "eval_every": 2,
+            "checkpoint_every": 2, "out": str(tmp_path)}
+    run_ranks(_train, 1, base, timeout=180)
+    path = ckpt.rank_file(tmp_path, 4, 0)
+    intact = path.read_bytes()
+    data = bytearray(intact)
+    data[data.index(b"data/0") + 200] ^= 0x01  # one payload byte, size unchanged
+    path.write_bytes(bytes(data))
+    before = _files(tmp_path)
+    msg = _failure(1, {**base, "steps": 6, "resume": True})
+    assert str(path) in msg and "SHA-256" in msg
+    assert _files(tmp_path) == before
+    path.write_bytes(intact)
+
+    before = _files(tmp_path)
+    msg = _failure(1, {**base, "steps": 6, "resume": True, "seed": 3, "lr": 0.5})
+    assert "seed: 0 -> 3" in msg and "lr:" in msg and "--resume-override" in msg
+    assert _files(tmp_path) == before
+
+    run_ranks(_train, 1, {**base, "steps": 6, "resume": True, "seed": 3,
+                          "resume_override": "seed"}, timeout=180)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["resume_changes"] == [{"field": "seed", "old": 0, "new": 3, "step": 4}]
+    assert config["train"]["seed"] == 3

@@ -58,7 +58,10 @@ class CountingStore(dist.Store):
 
 
 def _monitors(store: dist.Store, n: int) -> list[PeerMonitor]:
-    return [PeerMonitor(store, r, n, interval=INTERVAL, dead_after=DEAD_AFTER) for r in range(n)]
+    mons = [PeerMonitor(store, r, n, interval=INTERVAL, dead_after=DEAD_AFTER) for r in range(n)]
+    for m in mons:
+        m.arm()  # set up: judged by their heartbeats from now on
+    return mons
 
 
 def _wait_until(cond, timeout: float = 10.0) -> float:
@@ -96,12 +99,54 @@ def test_silent_rank_is_found_dead_and_reports_spread():
 @pytest.mark.parametrize("n", [4, 16])
 def test_a_scan_costs_two_store_requests_whatever_the_world_size(n):
     store = CountingStore()
-    for r in range(1, n):  # every peer has beaten once
+    for r in range(1, n):  # every peer has beaten once and is armed
         store.add(f"{_PREFIX}/hb/{r}", 1)
+        store.set(f"{_PREFIX}/armed/{r}", "1")
     mon = PeerMonitor(store, 0, n, interval=INTERVAL, dead_after=DEAD_AFTER)
     mon.close()  # no background scans: count this rank's own
-    mon._scan()  # the first scan checks that every peer has started
+    mon._scan()  # the first scan checks that every peer has started and armed
     before = store.calls.copy()
     mon._scan()
     assert store.calls - before == Counter({"multi_get": 1, "add": 1})
     assert mon.dead() == frozenset()
+
+
+def test_a_rank_never_counts_itself_dead():
+    """Peers that gave up on rank 1 report it; rank 1 keeps itself alive, never writes itself
+    into the agreed set, and so the set a live writer agrees on is never every rank."""
+    store = CountingStore()
+    mons = _monitors(store, 3)
+    try:
+        mons[0].report_dead(1, step=4)
+        mons[2].report_dead(1, step=4)
+        mons[1].report_dead(1, step=4)  # itself: ignored
+        _wait_until(lambda: 1 in mons[2].dead())
+        time.sleep(3 * INTERVAL)
+        assert 1 not in mons[1].dead()
+        # rank 1 writes first: the agreed set leaves rank 1 in (rank 1 is running it)
+        assert mons[1].agreed_dead(step=10) == frozenset()
+        # rank 0 writes first: rank 1 reads the agreed set with itself in it (to plan as its
+        # peers do), yet never records itself as dead
+        assert mons[0].agreed_dead(step=20) == frozenset({1})
+        assert mons[1].agreed_dead(step=20) == frozenset({1})
+        assert 1 not in mons[1].dead()
+    finally:
+        for m in mons:
+            m.close()
+
+
+def test_a_rank_still_setting_up_is_not_judged_by_its_heartbeat():
+    """Before arm() (imports, data, models: a heartbeat thread can starve for seconds on a
+    loaded machine) silence is no verdict; after it, silence for dead_after is."""
+    store = CountingStore()
+    mons = [PeerMonitor(store, r, 2, interval=INTERVAL, dead_after=DEAD_AFTER) for r in range(2)]
+    try:
+        mons[1].close()  # silent from the start, not armed
+        time.sleep(DEAD_AFTER + 5 * INTERVAL)
+        assert mons[0].dead() == frozenset()
+        mons[1].arm()
+        armed = time.monotonic()
+        _wait_until(lambda: 1 in mons[0].dead(), timeout=DEAD_AFTER + 10.0)
+        assert time.monotonic() - armed >= DEAD_AFTER - 2 * INTERVAL
+    finally:
+        mons[0].close()

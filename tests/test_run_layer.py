@@ -49,7 +49,7 @@ def test_both_clis_share_every_run_flag_with_the_same_defaults() -> None:
     # the flags that are not shared are the executor's own
     assert set(train) - shared == {
         "steps", "out", "backend", "device", "timeout", "eval_every", "checkpoint_every",
-        "resume", "survive_failures", "dead_after"}
+        "resume", "resume_override", "survive_failures", "dead_after"}
     # two algorithms' betas (and gammas) have distinct flags
     assert {"noloco_beta", "gossip_beta"} <= shared and "beta" not in shared
     assert {"noloco_gamma", "choco_gamma"} <= shared and "gamma" not in shared

@@ -11,7 +11,9 @@ with the reference code's **plus** sign on beta (the paper's Eq. 2 prints a minu
 ``gamma == beta`` this is ``delta = alpha delta + beta (mean_G(theta) - phi)`` and only the fast
 weights theta are exchanged (one buffer); otherwise phi travels too. ``phi`` and ``delta`` are
 fp32. A node whose partner's model does not arrive averages over the group members it heard from
-(alone: its own model).
+(alone: its own model). When phi travels too, theta and phi are averaged over the same members:
+those whose theta AND phi arrived (a member heard from only once is left out of both means, so a
+lost theta can never push a node away from a partner whose phi came).
 """
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ class NoLoCo:
         self._theta_mean = [torch.empty_like(p) for p in self.phi]
         self._phi_mean = ([] if config.gamma == config.beta
                           else [torch.empty_like(p) for p in self.phi])
+        # with phi travelling: theta's received models, kept while phi's exchange (which may
+        # reuse the communicator's receive buffer) decides who arrived twice
+        self._theta_recv: list[Tensor | None] = [None] * len(self.phi)
         # one compressor for theta's exchange, one for phi's (each its own residual)
         self._comp = make_compressors(config.compress, config.error_feedback, self.phi,
                                       seed=config.seed, copies=2)
@@ -197,9 +202,12 @@ class NoLoCo:
                     zip(self.params.buffers(), self.phi, self.delta, strict=True)):
                 me = me.to(theta.device)
                 recv, arrived = self._exchange(theta, others, i, 0, active)
-                if not tied:  # phi travels too; its exchange may reuse theta's receive buffer
-                    self._group_mean(theta, recv, arrived, me, self._theta_mean[i])
+                if not tied:  # phi travels too: both means over the members whose both came
+                    theta_recv = self._kept(i, recv)
+                    theta_arrived = arrived.clone()
                     recv, arrived = self._exchange(phi, others, i, 1, active)
+                    arrived = arrived & theta_arrived
+                    self._group_mean(theta, theta_recv, arrived, me, self._theta_mean[i])
                 for cols in _column_blocks(theta):
                     if tied:
                         theta_mean = self._group_mean(theta[:, cols], recv[..., cols], arrived,
@@ -215,6 +223,13 @@ class NoLoCo:
                                        alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
                         block[0].copy_(block[1])
         return stats
+
+    def _kept(self, i: int, recv: Tensor) -> Tensor:
+        """A copy of ``recv`` in buffer ``i``'s persistent slot (allocated on first use)."""
+        kept = self._theta_recv[i]
+        if kept is None or kept.shape != recv.shape or kept.device != recv.device:
+            kept = self._theta_recv[i] = torch.empty_like(recv)
+        return kept.copy_(recv)
 
     def sampled(self, round_index: int) -> Tensor | None:
         """Every node takes part in every round."""

@@ -11,8 +11,14 @@ For algorithms that re-plan around dead peers (NoLoCo pairings, gossip neighbour
 a collective: the first rank to reach the step writes its view with the store's atomic
 ``compare_set``, and everyone reads that one value back.
 
-The store must outlive any worker: under torchrun it is the agent's (it survives a worker's
-death); with plain env:// initialisation rank 0 hosts it, so rank 0's death ends the run.
+The store must outlive any worker: ``launch.spawn`` hosts it in its own process (or joins a
+standalone ``launch.store``), ``launch.ray_launch`` in the driver; under torchrun it is the agent's
+(it survives a worker's death, not the loss of rank 0's agent); with plain env:// initialisation
+rank 0 hosts it, so rank 0's death ends the run.
+
+A rank never counts itself dead (it ignores reports about itself), so the membership it plans
+with always holds it and is never empty. A live rank's heartbeat needs its thread to run: on an
+overloaded machine keep ``dead_after`` well above the longest stall (seconds).
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ class PeerMonitor:
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (counter, when it last moved)
         self._dead: dict[int, float] = {}  # rank -> monotonic time we learned it
         self._all_started = False
+        self._armed: set[int] = set()  # peers that called arm(): judged by their heartbeat
         self._reports: set[int] = set()
         self._reports_read = 0
         self._stop = threading.Event()
@@ -62,6 +69,12 @@ class PeerMonitor:
 
     def _key(self, kind: str, rank: int | str) -> str:
         return f"{_PREFIX}/{kind}/{rank}"
+
+    @staticmethod
+    def heartbeat_key(rank: int) -> str:
+        """The key of ``rank``'s heartbeat counter in the process group's store (a launcher that
+        hosts the store reads it to tell a frozen rank from a working one)."""
+        return f"{_PREFIX}/hb/{rank}"
 
     def _beat(self) -> None:
         self.store.add(self._key("hb", self.rank), 1)
@@ -100,18 +113,33 @@ class PeerMonitor:
             return
         counters = self._counters(peers)
         reported = self._reported()
+        for r in peers:
+            if r not in self._armed and self.store.check([self._key("armed", r)]):
+                self._armed.add(r)
+                self._seen.pop(r, None)  # its silence counts from now
         with self._lock:
             for r, counter in zip(peers, counters, strict=True):
                 last = self._seen.get(r)
                 if last is None or counter != last[0]:
                     self._seen[r] = (counter, now)
-                elif now - last[1] > self.dead_after:
+                elif now - last[1] > self.dead_after and r in self._armed:
                     self._dead[r] = now
                 if r in reported:
                     self._dead.setdefault(r, now)
 
+    def arm(self) -> None:
+        """Say that this rank is set up and about to communicate: from now on its peers judge it
+        by its heartbeat. Start-up (imports, data, models) can starve a heartbeat thread for
+        seconds on a loaded machine; a rank that dies then is still caught by the timeout or a
+        closed connection."""
+        self.store.set(self._key("armed", self.rank), "1")
+
     def report_dead(self, rank: int, step: int) -> None:
-        """Tell every rank that ``rank`` failed (e.g. its connection closed) at ``step``."""
+        """Tell every rank that ``rank`` failed (e.g. its connection closed) at ``step``.
+
+        A rank never reports itself: it is running this call."""
+        if rank == self.rank:
+            return
         with self._lock:
             self._dead.setdefault(rank, time.monotonic())
         self.store.append(self._key("dead", "all"), f"{rank}:{step},")
@@ -134,14 +162,18 @@ class PeerMonitor:
         return frozenset()
 
     def agreed_dead(self, step: int) -> frozenset[int]:
-        """The dead set every rank uses at outer step ``step`` (first writer wins)."""
-        mine = ",".join(str(r) for r in sorted(self.dead()))
+        """The dead set every rank uses at outer step ``step`` (first writer wins).
+
+        The writer leaves itself out, so the agreed set never holds every rank. It may hold this
+        rank (peers that gave up on it): the set is used as agreed, so that every rank plans the
+        same groups, but this rank never records itself as dead."""
+        mine = ",".join(str(r) for r in sorted(self.dead() - {self.rank}))
         value = self.store.compare_set(self._key("members", step), "", mine or "-")
         text = value.decode() if isinstance(value, bytes) else str(value)
         agreed = frozenset(int(r) for r in text.split(",") if r and r != "-")
         with self._lock:
             now = time.monotonic()
-            for r in agreed:
+            for r in agreed - {self.rank}:
                 self._dead.setdefault(r, now)
         return agreed
 

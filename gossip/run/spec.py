@@ -201,6 +201,9 @@ class RunSpec(AlgorithmOptions, FileConfig):
         "warmup, warmup-cosine: steps of linear warm-up from 0 to lr"))
     tensorboard: bool = field(default=False, metadata=help_text(
         "also write the metrics as TensorBoard scalars under OUT/tensorboard (extra 'track')"))
+    overwrite: bool = field(default=False, metadata=help_text(
+        "start fresh in an --out that holds another run: its files (only those) are removed "
+        "first"))
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -1,0 +1,152 @@
+"""One run owns its run directory: a lock for the run's life, no silent mixing of two runs.
+
+Used by the real launcher (rank 0) and the simulator alike::
+
+    with RunDir(out, resume=cfg.resume, overwrite=cfg.overwrite) as run_dir:
+        ...                                   # write config.json, metrics.jsonl, checkpoints
+        run_dir.write_summary(summary)         # only at a successful end ("status": "finished")
+    # on Ctrl-C / SIGTERM instead: run_dir.write_interrupted(last_step)
+
+- :meth:`RunDir.acquire` takes an advisory ``fcntl`` lock on ``<out>/.lock`` (held until
+  :meth:`release` or the process dies) and writes the holder's PID in it: a second run into the
+  same directory is refused naming that PID.
+- A fresh run into a directory that holds another run (its config, metrics, summary,
+  checkpoints or per-rank records) is refused unless ``overwrite``, which removes those files
+  first (and nothing else). ``resume`` continues the run there; with nothing to resume from
+  (no checkpoint) and another run's files there, it is refused too.
+- Every file is written with the same mode: 0666 less the umask (see
+  :func:`gossip.metrics.atomic_write`).
+
+Every refusal is a ValueError naming the directory, raised before anything is written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gossip.metrics import atomic_write_text, to_jsonable
+
+__all__ = ["LOCK_NAME", "RUN_FILES", "RunDir", "run_files"]
+
+LOCK_NAME = ".lock"
+#: What a run writes in its directory (plots are ``*.png``); ``--overwrite`` removes these only.
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "ranks")
+
+
+def run_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files and folders of a run in ``path`` (sorted; empty when it holds none)."""
+    root = Path(path)
+    if not root.is_dir():
+        return []
+    found = [root / name for name in RUN_FILES if (root / name).exists()]
+    return sorted(found + list(root.glob("*.png")))
+
+
+class RunDir:
+    """The run directory ``path`` of one run (see the module doc).
+
+    Args:
+        path: the directory (created if missing).
+        resume: the run continues the one in ``path`` (from its checkpoints).
+        overwrite: the run replaces the one in ``path`` (its files are removed at acquire).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, resume: bool = False,
+                 overwrite: bool = False) -> None:
+        if resume and overwrite:
+            raise ValueError("resume=True and overwrite=True exclude each other: continue the "
+                             f"run in {path} or replace it, not both")
+        self.path = Path(path)
+        self.resume = resume
+        self.overwrite = overwrite
+        self._fd: int | None = None
+
+    # ------------------------------------------------------------------ ownership
+
+    def acquire(self) -> RunDir:
+        """Lock the directory and check what it holds; ValueError (nothing written) if refused."""
+        if self._fd is not None:
+            return self
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"out={str(self.path)!r} is invalid: it is a file, expected a "
+                             "directory")
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / LOCK_NAME
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(f"out={str(self.path)!r} is in use by another run (PID {holder}): "
+                             "wait for it to end or choose another --out") from None
+        try:
+            self._check()
+        except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        if self.overwrite:
+            for item in run_files(self.path):
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+        return self
+
+    def _check(self) -> None:
+        found = run_files(self.path)
+        if not found or self.overwrite:
+            return
+        names = ", ".join(p.name for p in found)
+        if not self.resume:
+            what = "a finished run" if (self.path / "summary.json").exists() else "another run"
+            raise ValueError(f"out={str(self.path)!r} holds {what} ({names}): pass --resume to "
+                             "continue it, --overwrite to replace it, or choose another --out")
+        if not (self.path / "checkpoints" / "latest").exists():
+            raise ValueError(f"out={str(self.path)!r} holds a run without a checkpoint to "
+                             f"resume from ({names}): pass --overwrite to replace it, or choose "
+                             "another --out")
+
+    def release(self) -> None:
+        """Give the directory up (the lock file stays, empty)."""
+        if self._fd is None:
+            return
+        os.ftruncate(self._fd, 0)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunDir:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # ------------------------------------------------------------------ the end of a run
+
+    def _write_json(self, name: str, value: Mapping[str, Any]) -> None:
+        atomic_write_text(self.path / name,
+                          json.dumps(to_jsonable(value), indent=2, sort_keys=True) + "\n")
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """summary.json of a run that ended well (``"status": "finished"``)."""
+        self._write_json("summary.json", {**summary, "status": "finished"})
+
+    def write_interrupted(self, last_step: int, **extra: Any) -> None:
+        """summary.json of a run stopped by Ctrl-C or SIGTERM after ``last_step``."""
+        self._write_json("summary.json", {**extra, "status": "interrupted",
+                                          "last_step": int(last_step)})
