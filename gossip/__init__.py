@@ -13,6 +13,8 @@ picks the algorithm::
 """
 
 from gossip.algorithms import (
+    Choco,
+    ChocoConfig,
     DiLoCo,
     DiLoCoConfig,
     FedAvg,
@@ -32,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AlgorithmConfig",
     "Attached",
+    "Choco",
+    "ChocoConfig",
     "Communicator",
     "DiLoCo",
     "DiLoCoConfig",

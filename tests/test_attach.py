@@ -444,5 +444,5 @@ def test_load_state_dict_refuses_another_algorithm():
 def test_the_public_api_is_exported():
     for name in ["attach", "Attached", "init_from_env", "FedAvg", "FedAvgConfig", "DiLoCo",
                  "DiLoCoConfig", "NoLoCo", "NoLoCoConfig", "Gossip", "GossipConfig",
-                 "SyncStats", "Topology", "make_topology"]:
+                 "Choco", "ChocoConfig", "SyncStats", "Topology", "make_topology"]:
         assert name in gossip.__all__ and hasattr(gossip, name), name
