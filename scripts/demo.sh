@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv (scripts/setup.sh) and run the main demonstration: FedAvg, DiLoCo, NoLoCo, D-PSGD
-# and gossip-VC simulated on digits with non-IID data; prints a table, writes plots to runs/compare.
+# and gossip-VC simulated on digits with non-IID data; prints a table, writes plots to runs/compare
+# (replacing the previous demo's runs there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-.venv/bin/python -m simulations.compare "$@"
+.venv/bin/python -m simulations.compare --overwrite "$@"

@@ -108,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the runs a previous comparison left in --out")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -115,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             [a.strip() for a in args.algos.split(",") if a.strip()], out=args.out,
             task=args.task, nodes=args.nodes, rounds=args.rounds, partition=args.partition,
             topology=args.topology, local_epochs=args.local_epochs, seed=args.seed,
-            eval_every=args.eval_every, threads=args.threads)
+            eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -93,3 +93,15 @@ def test_compare_runs_every_algorithm(tmp_path: Path, capsys: pytest.CaptureFixt
     table = json.loads((tmp_path / "comparison.json").read_text())
     assert set(table) == set(compare.DEFAULT_ALGOS)
     assert table["noloco"]["bytes_per_node"] < table["dpsgd"]["bytes_per_node"]
+
+
+def test_compare_again_into_the_same_out_needs_overwrite(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    args = ["--algos", "fedavg", "--nodes", "4", "--rounds", "1", "--out", str(tmp_path)]
+    assert compare.main(args) == 0
+    first = (tmp_path / "fedavg" / "metrics.jsonl").read_text()
+    assert compare.main(args) == 2  # a finished run is never replaced silently
+    assert "holds a finished run" in capsys.readouterr().err
+    assert (tmp_path / "fedavg" / "metrics.jsonl").read_text() == first
+    assert compare.main([*args, "--overwrite"]) == 0  # what scripts/demo.sh passes
+    assert json.loads((tmp_path / "fedavg" / "summary.json").read_text())["status"] == "finished"
