@@ -52,6 +52,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gossip.algorithms import build_algorithm, make_config
+from gossip.allocator import reuse_freed_memory
 from gossip.comm import TorchCommunicator
 from gossip.flat import FlatParams
 from gossip.topology import make_topology, random_matching
@@ -281,6 +282,7 @@ def time_once(fn: Callable[[int], Any], step: int) -> float:
 
 def worker(rank: int, n: int, store_path: str, opts: dict[str, Any], out: Any) -> None:
     faulthandler.enable()  # a C++ abort in a rank prints its Python stack
+    reuse_freed_memory()  # as launch.train's ranks do (GOSSIP_REUSE_MEMORY=0: glibc's default)
     torch.set_num_threads(1)
     store = dist.FileStore(store_path, n)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=n,

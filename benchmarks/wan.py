@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.netns import ShapedLan, cleanup_stale, netem_available, unavailable
 from benchmarks.sync_overhead import raw_exchange, time_once
 from gossip.algorithms import build_algorithm, make_config, needs_topology
+from gossip.allocator import reuse_freed_memory
 from gossip.comm import StackedCommunicator, TorchCommunicator
 from gossip.comm.stacked import CommEvent
 from gossip.flat import FlatParams
@@ -149,6 +150,7 @@ def one_way(send: torch.Tensor, recv: torch.Tensor, peer: int, rank: int) -> Non
 
 def worker(opts: dict[str, Any]) -> None:
     rank, n = opts["rank"], opts["world_size"]
+    reuse_freed_memory()  # as launch.train's ranks do (GOSSIP_REUSE_MEMORY=0: glibc's default)
     torch.set_num_threads(1)
     store = dist.TCPStore(opts["master"], PORT, n, is_master=rank == 0,
                           timeout=timedelta(seconds=opts["timeout"]))

@@ -25,6 +25,7 @@ from gossip.algorithms import (
     NoLoCoConfig,
     SyncStats,
 )
+from gossip.allocator import reuse_freed_memory
 from gossip.attach import AlgorithmConfig, Attached, attach
 from gossip.comm import Communicator, TorchCommunicator, init_from_env
 from gossip.topology import Topology, make_topology
@@ -52,4 +53,5 @@ __all__ = [
     "attach",
     "init_from_env",
     "make_topology",
+    "reuse_freed_memory",
 ]

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gossip import checkpoint as ckpt
+from gossip.allocator import reuse_freed_memory
 from gossip.comm import CommError, TorchCommunicator
 from gossip.flat import FlatParams, scope_from_spec
 from gossip.metrics import read_jsonl
@@ -250,6 +251,7 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    reuse_freed_memory()  # model-sized temporaries without page faults (gossip.allocator)
     parser = build_parser()
     try:
         cfg = from_args(argv)

@@ -38,6 +38,8 @@ from ray.util.placement_group import (
 )
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from gossip.allocator import reuse_freed_memory
+
 __all__ = [
     "WorkerGroup",
     "WorkerGroupConfig",
@@ -177,6 +179,7 @@ class _Worker:
 
     def __init__(self, rank: int, working_dir: str | None) -> None:
         self.rank = rank
+        reuse_freed_memory()  # as launch.train does (gossip.allocator)
         if working_dir is not None and os.path.isdir(working_dir):
             os.chdir(working_dir)
         os.environ["RANK"] = str(rank)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.algorithms import needs_topology
+from gossip.allocator import reuse_freed_memory
 from gossip.metrics import atomic_write_text, to_jsonable
 from gossip.plots import plot_comparison
 from simulations.config import SimConfig
@@ -93,6 +94,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    reuse_freed_memory()  # model-sized temporaries without page faults (gossip.allocator)
     parser = argparse.ArgumentParser(prog="python -m simulations.compare",
                                      description=__doc__.split("\n", 1)[0])
     parser.add_argument("--algos", default=",".join(DEFAULT_ALGOS),

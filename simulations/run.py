@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from gossip.allocator import reuse_freed_memory
 from gossip.tasks import Task
 from simulations.config import SimConfig, from_args
 from simulations.engine import Simulation, drive, set_threads
@@ -71,6 +72,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run, print a summary; returns the exit code."""
+    reuse_freed_memory()  # model-sized temporaries without page faults (gossip.allocator)
     try:
         cfg = from_args(argv)
         summary = run(cfg)
