@@ -101,20 +101,22 @@ def dirichlet(
     alpha = _check_alpha(alpha)
     _check_enough(len(y), num_nodes)
     rng = np.random.default_rng(seed)
-    buckets: list[list[np.ndarray]] = [[] for _ in range(num_nodes)]
+    samples, owners = [], []  # every class's samples and the node each goes to, class by class
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         sizes = _sizes_from_proportions(len(idx), _dirichlet_sample(rng, alpha, num_nodes))
-        for node, chunk in enumerate(np.split(idx, np.cumsum(sizes)[:-1])):
-            buckets[node].append(chunk)
-    parts = [
-        rng.permutation(np.concatenate(b)) if b else np.empty(0, dtype=np.int64) for b in buckets
-    ]
-    for node in range(num_nodes):
-        if len(parts[node]) == 0:
-            donor = int(np.argmax([len(p) for p in parts]))
-            parts[node] = parts[donor][-1:]
-            parts[donor] = parts[donor][:-1]
+        samples.append(idx)
+        owners.append(np.repeat(np.arange(num_nodes), sizes))
+    flat = np.concatenate(samples)
+    order = np.argsort(np.concatenate(owners), kind="stable")  # by node, classes in order
+    lengths = np.bincount(np.concatenate(owners), minlength=num_nodes)
+    per_node = np.split(flat[order], np.cumsum(lengths)[:-1])
+    parts = [rng.permutation(b) if len(b) else np.empty(0, dtype=np.int64) for b in per_node]
+    for node in np.flatnonzero(lengths == 0).tolist():  # in node order, as the repair was
+        donor = int(np.argmax(lengths))
+        parts[node] = parts[donor][-1:]
+        parts[donor] = parts[donor][:-1]
+        lengths[node], lengths[donor] = 1, lengths[donor] - 1
     return _finish(parts)
 
 
