@@ -9,7 +9,7 @@ Every run uses the same data split, batches, rounds and network model (the simul
 ``simulations.compare`` (CHOCO: SGD with momentum, like D-PSGD). CHOCO's consensus step size
 gamma is 1 with lossless or 16-bit sends, 0.8 with 8-bit and 0.1 with 1 % sparsification (not
 tuned further); CHOCO has no error-feedback rows (its public copies are its error memory). Prints
-one JSON line per run, then a Markdown table: final mean test accuracy, MiB sent per node,
+one JSON line per run, then a Markdown table: final mean test accuracy and loss, MiB sent per node,
 simulated seconds to 90 % mean accuracy (- if never reached).
 """
 
@@ -55,12 +55,13 @@ def cases(algos: Sequence[str], compressors: Sequence[str]) -> list[dict[str, An
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| algorithm | compress | error feedback | final accuracy | MiB/node | "
-             "sim s to 90% |", "|---|---|---|---|---|---|"]
+    lines = ["| algorithm | compress | error feedback | final accuracy | final loss | MiB/node | "
+             "sim s to 90% |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         t90 = "-" if r["sim_seconds_to_90"] is None else f"{r['sim_seconds_to_90']:.1f}"
         lines.append(f"| {r['algo']} | {r['compress']} | {'yes' if r['error_feedback'] else 'no'}"
-                     f" | {r['final_accuracy']:.4f} | {r['mib_per_node']:.3f} | {t90} |")
+                     f" | {r['final_accuracy']:.4f} | {r['final_loss']:.4f} | {r['mib_per_node']:.3f}"
+                     f" | {t90} |")
     return "\n".join(lines)
 
 
@@ -94,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         s = run(cfg)
         row = {"algo": fields["algo"], "compress": fields["compress"],
                "error_feedback": fields["error_feedback"],
-               "final_accuracy": s["final_accuracy_mean"],
+               "final_accuracy": s["final_accuracy_mean"], "final_loss": s["final_loss_mean"],
                "mib_per_node": s["bytes_per_node"] / 2**20,
                "sim_seconds_to_90": s["sim_seconds_to_90"],
                "simulated_seconds": s["simulated_seconds"], "rounds": rounds,
