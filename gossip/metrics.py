@@ -26,6 +26,13 @@ def to_jsonable(value: Any) -> Any:
     """Plain JSON types: tensors/arrays to lists, NaN/inf to None, dataclasses to dicts."""
     import dataclasses
 
+    kind = type(value)  # plain types first: every record goes through here
+    if kind is dict:
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind in (int, str, bool) or value is None:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value))
     if isinstance(value, Mapping):

@@ -6,30 +6,24 @@ rank's steps on a real run; rounds times steps per round in the simulator). A **
 on a real run and a virtual node id in the simulator. Figures in a node's record are that node's;
 figures in a ``round`` record are over all nodes.
 
-=============  ==============================================================================
-kind           fields (besides ``kind`` and ``step``)
-=============  ==============================================================================
-``eval``       one row per node per evaluation: ``node``, test ``loss``, test ``accuracy``
-               (classification only), ``bytes_total`` (the node's bytes sent so far); real
-               runs add ``train_loss`` (mean since the last evaluation) and
-               ``sync_seconds_total``; the simulator adds ``round``. The simulator writes the
-               rows of its evaluated sample only (``eval_nodes``), and where the algorithm has
-               one global model (FedAvg, DiLoCo) one row with ``node`` null: that model, which
-               every node holds.
-``sync``       real runs, one per rank per synchronisation: ``node``, ``train_loss`` (mean
-               since the last sync), ``bytes_sent``, ``sync_seconds``, ``bytes_total``, and
-               the algorithm's own figures.
-``consensus``  real runs, one per evaluation (not with ``--survive-failures``):
-               ``consensus_distance``, ``(1/n) sum_i ||x_i - mean||^2``.
-``death``      real runs with ``--survive-failures``: ``node`` (the dead rank),
-               ``detected_by``, ``detected_at_step``, ``unix_time``, ``reason``.
-``round``      the simulator, one per round, after its eval rows: ``round``, ``alive``,
-               ``node_steps``, ``train_loss``, ``bytes_total``, ``bytes_per_node``,
-               ``bytes_per_node_max``, ``sim_seconds``, ``round_sim_seconds``,
-               ``wall_seconds``; an evaluated round adds ``consensus_distance``,
-               ``eval_nodes`` and ``loss_``/``accuracy_`` ``mean``/``min``/``max`` (over the
-               eval rows).
-=============  ==============================================================================
+- ``eval``, one row per node per evaluation: ``node``, test ``loss``, test ``accuracy``
+  (classification only), ``bytes_total`` (the node's bytes sent so far); real runs add
+  ``train_loss`` (mean since the last evaluation) and ``sync_seconds_total``; the simulator
+  adds ``round``. The simulator writes the rows of its evaluated sample only (``eval_nodes``),
+  and where the algorithm has one global model (FedAvg, DiLoCo) one row with ``node`` null:
+  that model, which every node holds.
+- ``sync``, real runs, one per rank per synchronisation: ``node``, ``train_loss`` (mean since
+  the last sync), ``bytes_sent``, ``sync_seconds``, ``bytes_total``, and the algorithm's own
+  figures.
+- ``consensus``, real runs, one per evaluation (not with ``--survive-failures``):
+  ``consensus_distance``, ``(1/n) sum_i ||x_i - mean||^2``.
+- ``death``, real runs with ``--survive-failures``: ``node`` (the dead rank), ``detected_by``,
+  ``detected_at_step``, ``unix_time``, ``reason``.
+- ``round``, the simulator, one per round, after its eval rows: ``round``, ``alive``,
+  ``node_steps``, ``train_loss``, ``bytes_total``, ``bytes_per_node``, ``bytes_per_node_max``,
+  ``sim_seconds``, ``round_sim_seconds``, ``wall_seconds``; an evaluated round adds
+  ``consensus_distance``, ``eval_nodes`` and ``loss_``/``accuracy_`` ``mean``/``min``/``max``
+  (over the eval rows).
 
 :func:`summarize` turns any such stream into the figures of ``summary.json`` that both
 executors share; :func:`table` prints a summary, :func:`runs_table` several side by side.
@@ -67,9 +61,9 @@ def eval_rows(step: int, nodes: Sequence[int | None], loss: Sequence[float],
     if accuracy is not None:
         cols["accuracy"] = list(accuracy)
     cols.update(columns)
-    names = list(cols)
-    return [{"kind": "eval", "step": step, "node": node,
-             **{k: cols[k][i] for k in names}} for i, node in enumerate(nodes)]
+    keys = ("kind", "step", "node", *cols)
+    return [dict(zip(keys, ("eval", step, *values), strict=True))
+            for values in zip(nodes, *cols.values(), strict=True)]
 
 
 def _mean(values: list[float]) -> float | None:

@@ -83,8 +83,7 @@ class Collective:
         gathered: list[Any] | None = [None] * self.n if self.rank == 0 else None
         dist.gather_object(records, gathered, dst=0)
         if gathered is not None:
-            for r in sorted_records(r for part in gathered for r in part):
-                self.writer.log(r)
+            self.writer.log_many(sorted_records(r for part in gathered for r in part))
 
     def consensus(self, params: FlatParams) -> tuple[float | None, Tensor | None]:
         return consensus(params, self.comm)
@@ -168,8 +167,7 @@ class PerRankFiles(Collective):
                 records += read_jsonl(path)
         records = sorted_records(records)
         if self.writer.enabled:
-            for rec in records:
-                self.writer.log(rec)
+            self.writer.log_many(records)
         else:  # rank 0 died: this rank writes metrics.jsonl
             atomic_write_text(self.out / "metrics.jsonl",
                               "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))

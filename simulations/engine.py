@@ -320,10 +320,10 @@ class Simulation:
         out: dict[str, Any] = {
             "consensus_distance": 0.0 if global_model else self.consensus_distance(up)}
         out["eval_nodes"] = int(self._sum(torch.tensor([float(len(rows))], dtype=torch.float64)))
-        for key in ("accuracy", "loss"):
-            if key not in ev:
-                continue
-            v = ev[key]
+        # the same keys on every shard, one with no row included (the reductions must match)
+        keys = ["loss"] + (["accuracy"] if self.task.data.kind != "regression" else [])
+        for key in keys:
+            v = ev.get(key, torch.zeros(0, dtype=torch.float64))
             stats = self._sum(torch.tensor([float(v.sum()), float(v.numel())],
                                            dtype=torch.float64))
             lo = self._reduce(torch.tensor([float(v.min()) if v.numel() else math.inf],
@@ -334,7 +334,6 @@ class Simulation:
                 out[f"{key}_mean"] = float(stats[0] / stats[1])
                 out[f"{key}_min"] = float(lo[0])
                 out[f"{key}_max"] = float(hi[0])
-        keys = [k for k in ("loss", "accuracy") if k in ev]
         per_node = self.comm.bytes_per_node
         if global_model:  # one model, which every node holds: one row
             if "loss_mean" in out:
