@@ -158,7 +158,7 @@ def table(s: Mapping[str, Any]) -> str:
     lines += [
         f"  test accuracy  mean {_f(s['final_accuracy_mean'], '.4f')}  min "
         f"{_f(s['final_accuracy_min'], '.4f')}  max {_f(s['final_accuracy_max'], '.4f')}   "
-        f"test loss mean {_f(s['final_loss_mean'], '.4f')}  (step {s['final_step']}, "
+        f"test loss {_f(s['final_loss_mean'], '.4f')} (mean; step {s['final_step']}, "
         f"{s['final_eval_nodes']} evaluated)",
         f"  steps to 90%   {_f(s['steps_to_90'], 'd')}"
         + (f" (round {_f(s.get('rounds_to_90'), 'd')})" if not real else "")
