@@ -59,9 +59,9 @@ def table(rows: list[dict[str, Any]]) -> str:
              "sim s to 90% |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         t90 = "-" if r["sim_seconds_to_90"] is None else f"{r['sim_seconds_to_90']:.1f}"
-        lines.append(f"| {r['algo']} | {r['compress']} | {'yes' if r['error_feedback'] else 'no'}"
-                     f" | {r['final_accuracy']:.4f} | {r['final_loss']:.4f} | {r['mib_per_node']:.3f}"
-                     f" | {t90} |")
+        ef = "yes" if r["error_feedback"] else "no"
+        lines.append(f"| {r['algo']} | {r['compress']} | {ef} | {r['final_accuracy']:.4f} | "
+                     f"{r['final_loss']:.4f} | {r['mib_per_node']:.3f} | {t90} |")
     return "\n".join(lines)
 
 

@@ -79,7 +79,7 @@ def run_case(algo: str, *, mode: str = "kill", world: int = 4, victim: int = 2,
                               "exit_codes": survivors, "status": exit_status(codes),
                               "seconds_to_return": round(t_end - t_signal, 2)}
     deaths = [r for path in (run_dir / "ranks").glob("rank_*.jsonl") for r in read_jsonl(path)
-              if r["kind"] == "death" and r["rank"] == victim]
+              if r["kind"] == "death" and r["node"] == victim]
     if deaths:
         result["seconds_to_detect"] = round(min(r["unix_time"] for r in deaths) - t_signal, 2)
     summary_path = run_dir / "summary.json"

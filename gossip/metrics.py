@@ -3,7 +3,7 @@
 Layout of a run directory::
 
     config.json     the resolved configuration
-    metrics.jsonl   one JSON object per line (per step/round, per rank or across nodes)
+    metrics.jsonl   one JSON object per line, the schema of :mod:`gossip.records`
     summary.json    final figures
     *.png           plots
 """
@@ -14,18 +14,25 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["RunWriter", "append_jsonl", "atomic_write", "atomic_write_text", "load_runs",
-           "read_jsonl", "to_jsonable"]
+__all__ = ["LOAD_COLUMNS", "RunWriter", "append_jsonl", "atomic_write", "atomic_write_text",
+           "iter_jsonl", "load_runs", "read_jsonl", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
     """Plain JSON types: tensors/arrays to lists, NaN/inf to None, dataclasses to dicts."""
     import dataclasses
 
+    kind = type(value)  # plain types first: every record goes through here
+    if kind is dict:
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind in (int, str, bool) or value is None:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return to_jsonable(dataclasses.asdict(value))
     if isinstance(value, Mapping):
@@ -87,10 +94,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     being written (by a live process) or cut short (by a killed one): it is skipped. A broken
     line anywhere else is corruption and raises.
     """
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """:func:`read_jsonl` one record at a time (a run's records need not fit in memory)."""
     with open(path) as f:
-        text = f.read()
-    lines = text.split("\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]
+        for line in f:
+            if not line.endswith("\n"):
+                return
+            if line.strip():
+                yield json.loads(line)
 
 
 def append_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, Any]]) -> None:
@@ -112,7 +126,7 @@ class RunWriter:
     """Writes one run directory. With ``enabled=False`` (non-zero ranks) it writes nothing.
 
     ``tensorboard=True`` also writes every number of every record as a TensorBoard scalar
-    under ``tensorboard/`` (tag ``kind/key``, plus ``/rank<r>`` for a rank's records; x = the
+    under ``tensorboard/`` (tag ``kind/key``, plus ``/node<i>`` for a node's records; x = the
     record's ``step``); it needs the ``track`` extra.
     """
 
@@ -135,16 +149,25 @@ class RunWriter:
         self._file = open(self.out_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
 
     def log(self, record: Mapping[str, Any]) -> None:
-        if self._file is not None:
-            self._file.write(json.dumps(to_jsonable(record)) + "\n")
+        self.log_many([record])
+
+    def log_many(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Append ``records`` with one write and one flush."""
+        records = list(records)
+        if self._file is not None and records:
+            self._file.write("".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
             self._file.flush()
         if self._tb is not None:
-            prefix = str(record.get("kind", "round"))
-            suffix = f"/rank{record['rank']}" if "rank" in record else ""
-            for key, value in record.items():
-                if key not in ("step", "rank", "kind", "round") and isinstance(
-                        value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{prefix}/{key}{suffix}", value, record.get("step", 0))
+            for record in records:
+                self._scalars(record)
+
+    def _scalars(self, record: Mapping[str, Any]) -> None:
+        prefix = str(record.get("kind", "round"))
+        suffix = "" if record.get("node") is None else f"/node{record['node']}"
+        for key, value in record.items():
+            if key not in ("step", "node", "kind", "round") and isinstance(
+                    value, (int, float)) and not isinstance(value, bool):
+                self._tb.add_scalar(f"{prefix}/{key}{suffix}", value, record.get("step", 0))
 
     def summary(self, summary: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -166,48 +189,38 @@ class RunWriter:
         self.close()
 
 
+#: The columns of :func:`load_runs`.
+LOAD_COLUMNS = ("run", "executor", "algo", "task", "step", "node", "loss", "accuracy",
+                "train_loss", "bytes_total", "consensus_distance")
+
+
 def load_runs(paths: Iterable[str | os.PathLike[str]]) -> Any:
     """Read run directories, real (``launch.train``) and simulated (``simulations.run``) alike,
-    into one ``pandas.DataFrame`` (needs the ``track`` extra), one row per evaluation:
-
-    ``run`` (the directory), ``executor`` (``real`` | ``sim``), ``algo``, ``task``, ``node``
-    (the rank on a real run; None for a simulated round, whose figures are over all nodes),
-    ``step``, ``test_loss``, ``test_accuracy``, ``consensus_distance``, ``bytes_total`` and
-    ``train_loss``. A real run's consensus distance is joined to its ranks' rows by step; a
-    simulated round gives the mean over its nodes (``loss_mean``, ``accuracy_mean``).
+    into one ``pandas.DataFrame`` (needs the ``track`` extra): one row per ``eval`` record of
+    :mod:`gossip.records` (one node at one evaluation; on a real run the node is the rank), with
+    the columns :data:`LOAD_COLUMNS`: ``run`` (the directory), ``executor`` (``real`` |
+    ``sim``), ``algo``, ``task``, then the row's own fields (None where a run has none, e.g. a
+    simulated row's ``train_loss``) and the ``consensus_distance`` recorded at its step.
     """
     import pandas as pd
 
-    rows: list[dict[str, Any]] = []
+    rows: list[tuple[Any, ...]] = []
     for path in paths:
         run = Path(path)
         config = json.loads((run / "config.json").read_text())
-        records = read_jsonl(run / "metrics.jsonl")
-        if "train" in config:  # a real run: one eval record per rank
-            algo, task = config["train"]["algo"], config.get("task", {}).get(
-                "name", config["train"]["task"])
-            distance = {r["step"]: r["consensus_distance"] for r in records
-                        if r.get("kind") == "consensus"}
-            for r in records:
-                if r.get("kind") == "eval":
-                    rows.append({"run": str(run), "executor": "real", "algo": algo,
-                                 "task": task, "node": r["rank"], "step": r["step"],
-                                 "test_loss": r.get("test_loss"),
-                                 "test_accuracy": r.get("test_accuracy"),
-                                 "consensus_distance": distance.get(r["step"]),
-                                 "bytes_total": r.get("bytes_total"),
-                                 "train_loss": r.get("train_loss")})
-        else:  # a simulated run: one record per round, evaluated rounds carry loss_mean
-            task = config.get("task_name", config["task"])
-            for r in records:
-                if "loss_mean" in r:
-                    rows.append({"run": str(run), "executor": "sim", "algo": config["algo"],
-                                 "task": task, "node": None, "step": r["step"],
-                                 "test_loss": r["loss_mean"],
-                                 "test_accuracy": r.get("accuracy_mean"),
-                                 "consensus_distance": r.get("consensus_distance"),
-                                 "bytes_total": r.get("bytes_total"),
-                                 "train_loss": r.get("train_loss")})
-    columns = ["run", "executor", "algo", "task", "node", "step", "test_loss", "test_accuracy",
-               "consensus_distance", "bytes_total", "train_loss"]
-    return pd.DataFrame(rows, columns=columns)
+        if "train" in config:  # launch.train's config.json
+            executor, algo = "real", config["train"]["algo"]
+            task = config.get("task", {}).get("name", config["train"]["task"])
+        else:
+            executor, algo, task = "sim", config["algo"], config.get("task_name", config["task"])
+        evals: list[dict[str, Any]] = []
+        distance: dict[int, Any] = {}
+        for r in iter_jsonl(run / "metrics.jsonl"):
+            if r.get("kind") == "eval":
+                evals.append(r)
+            elif r.get("consensus_distance") is not None:
+                distance[r["step"]] = r["consensus_distance"]
+        head = (str(run), executor, algo, task)
+        rows += [head + tuple(r.get(k) for k in LOAD_COLUMNS[4:-1])
+                 + (distance.get(r["step"]),) for r in evals]
+    return pd.DataFrame(rows, columns=list(LOAD_COLUMNS))

@@ -1,21 +1,17 @@
 """The one plot module of both executors: PNG plots of run directories (matplotlib's Agg
 canvas; no pyplot global state).
 
-- :func:`plot_metrics`: a real run (``launch.train``): every rank a thin line, the mean a thick one;
-- :func:`plot_run`, :func:`plot_comparison`: simulated runs (one record per round, figures over
-  all nodes) and comparisons of them;
+- :func:`plot_run`: one run, real (``launch.train``) or simulated, from its records in the one
+  schema of :mod:`gossip.records`: test accuracy, loss and consensus distance against steps
+  (and simulated seconds, for a simulated run);
+- :func:`plot_comparison`: simulated runs side by side (their ``round`` records);
 - :func:`plot_label_distribution`: the nodes' label mix of a non-IID partition (bars, or
   :func:`plot_label_heatmap` for many nodes).
 
-A real run's records (``metrics.jsonl``) each have a ``kind``:
-
-- ``"sync"``: one per rank per synchronisation, with the mean train ``loss`` since the last one;
-- ``"eval"``: one per rank per evaluation, with ``test_loss`` and (where defined)
-  ``test_accuracy``;
-- ``"consensus"``: one per evaluation, with ``consensus_distance`` (mean squared distance of the
-  ranks' models to their average).
-
-:func:`plot_metrics` draws every rank as a thin line and the mean over ranks as a thick one.
+Test figures come from the ``eval`` rows (one per node per evaluation): the mean over the rows
+of a step is a thick line; up to :data:`MAX_PLOTTED_RANKS` nodes each get a thin line, more get
+a min-max band. Train loss comes from ``sync`` records (per rank, averaged) or ``round`` records,
+the consensus distance from any record that carries one.
 """
 
 from __future__ import annotations
@@ -32,9 +28,9 @@ import numpy as np
 from gossip.data import class_entropy
 
 __all__ = ["BARS_UP_TO", "MAX_PLOTTED_NODES", "MAX_PLOTTED_RANKS", "plot_comparison",
-           "plot_label_distribution", "plot_label_heatmap", "plot_metrics", "plot_run"]
+           "plot_label_distribution", "plot_label_heatmap", "plot_run"]
 
-#: Per-rank lines drawn at most (the mean always covers all ranks).
+#: Runs with at most this many evaluated nodes draw each node's line; more draw a min-max band.
 MAX_PLOTTED_RANKS = 32
 #: Nodes shown in a label-distribution plot at most.
 MAX_PLOTTED_NODES = 200
@@ -42,113 +38,65 @@ MAX_PLOTTED_NODES = 200
 BARS_UP_TO = 64
 
 
-def _series(records: Iterable[Mapping[str, Any]], kind: str, key: str, x: str, who: str
-            ) -> dict[int, tuple[list[float], list[float]]]:
-    out: dict[int, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    for r in records:
-        value = r.get(key)
-        if r.get("kind") != kind or value is None or r.get(x) is None:
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
-        xs, ys = out[int(r.get(who, 0))]
-        xs.append(float(r[x]))
-        ys.append(float(value))
-    return dict(out)
+def _ok(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and not math.isfinite(value))
 
 
-def _mean(series: dict[int, tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
-    by_x: dict[float, list[float]] = defaultdict(list)
-    for xs, ys in series.values():
-        for a, b in zip(xs, ys, strict=True):
-            by_x[a].append(b)
-    xs = sorted(by_x)
-    return xs, [sum(by_x[a]) / len(by_x[a]) for a in xs]
+class _Curves:
+    """What :func:`plot_run` draws, gathered in one pass over the records (memory: one entry
+    per step, plus the lines of at most :data:`MAX_PLOTTED_RANKS` nodes)."""
 
+    def __init__(self, records: Iterable[Mapping[str, Any]]) -> None:
+        # key -> step -> [sum, count, min, max] over the eval rows
+        self.stats: dict[str, dict[int, list[float]]] = {"loss": {}, "accuracy": {}}
+        self.nodes: dict[Any, dict[str, tuple[list[float], list[float]]]] = {}
+        self.many = False  # more nodes than MAX_PLOTTED_RANKS
+        self.train: dict[int, list[float]] = defaultdict(list)
+        self.consensus: dict[int, float] = {}
+        self.sim_seconds: dict[int, float] = {}
+        for r in records:
+            step, kind = r["step"], r.get("kind")
+            if kind == "eval":
+                self._eval(r, step)
+                continue
+            if _ok(r.get("train_loss")):
+                self.train[step].append(float(r["train_loss"]))
+            if _ok(r.get("consensus_distance")):
+                self.consensus[step] = float(r["consensus_distance"])
+            if _ok(r.get("sim_seconds")):
+                self.sim_seconds[step] = float(r["sim_seconds"])
 
-def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    def _eval(self, r: Mapping[str, Any], step: int) -> None:
+        node = r.get("node")
+        lines = None
+        if not self.many:
+            if node not in self.nodes and len(self.nodes) == MAX_PLOTTED_RANKS:
+                self.many, self.nodes = True, {}
+            else:
+                lines = self.nodes.setdefault(node, {})
+        for key, stats in self.stats.items():
+            v = r.get(key)
+            if not _ok(v):
+                continue
+            v = float(v)
+            s = stats.get(step)
+            if s is None:
+                stats[step] = [v, 1.0, v, v]
+            else:
+                s[0] += v
+                s[1] += 1.0
+                s[2], s[3] = min(s[2], v), max(s[3], v)
+            if lines is not None:
+                xs, ys = lines.setdefault(key, ([], []))
+                xs.append(float(step))
+                ys.append(v)
 
-    fig = Figure(figsize=(7.0, 4.2))
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _draw(ax: Any, series: dict[int, tuple[list[float], list[float]]], label: str,
-          color: str, *, linestyle: str = "-") -> None:
-    for i, who in enumerate(sorted(series)[:MAX_PLOTTED_RANKS]):
-        xs, ys = series[who]
-        ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8, linestyle=linestyle,
-                label=f"{label} (per rank)" if i == 0 and len(series) > 1 else None)
-    xs, ys = _mean(series)
-    ax.plot(xs, ys, color=color, linewidth=2.0, linestyle=linestyle,
-            label=f"{label} (mean of {len(series)})" if len(series) > 1 else label)
-
-
-def _save(fig: Any, ax: Any, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", dpi=100)
-    return path
-
-
-def plot_metrics(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike[str], *,
-                 title: str = "", x: str = "step", who: str = "rank") -> list[Path]:
-    """Write ``loss.png``, ``accuracy.png`` and ``consensus.png`` (those with data) to ``out_dir``.
-
-    ``x`` is the horizontal axis key (e.g. ``"step"`` or ``"sim_seconds"``), ``who`` the key that
-    names a node (``"rank"`` for real runs). Returns the paths written.
-    """
-    records = list(records)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    prefix = f"{title}: " if title else ""
-    written: list[Path] = []
-
-    train = _series(records, "sync", "loss", x, who)
-    test = _series(records, "eval", "test_loss", x, who)
-    if train or test:
-        fig, ax = _figure()
-        if train:
-            _draw(ax, train, "train loss", "tab:blue")
-        if test:
-            _draw(ax, test, "test loss", "tab:orange", linestyle="--")
-        positive = all(v > 0 for s in (train, test) for _, ys in s.values() for v in ys)
-        if positive:
-            ax.set_yscale("log")
-        written.append(_save(fig, ax, out / "loss.png", f"{prefix}loss", x, "loss"))
-
-    acc = _series(records, "eval", "test_accuracy", x, who)
-    if acc:
-        fig, ax = _figure()
-        _draw(ax, acc, "test accuracy", "tab:green")
-        ax.set_ylim(0.0, 1.0)
-        written.append(_save(fig, ax, out / "accuracy.png", f"{prefix}test accuracy", x,
-                             "accuracy"))
-
-    cons = _series(records, "consensus", "consensus_distance", x, who)
-    if cons:
-        fig, ax = _figure()
-        _draw(ax, cons, "consensus distance", "tab:red")
-        if all(v > 0 for _, ys in cons.values() for v in ys):
-            ax.set_yscale("log")
-        written.append(_save(fig, ax, out / "consensus.png", f"{prefix}consensus distance", x,
-                             "mean ||x_i - mean x||^2"))
-    return written
-
-
-# ----------------------------------------------------------------------------- simulated runs
-
-
-def _margins(fig: Any, *, left: float, wspace: float = 0.2) -> None:
-    """Fixed margins for the simulator's per-run figures: ``tight_layout`` draws each figure once
-    more just to measure its text (about 0.25 s a figure, the bulk of writing the plots)."""
-    fig.subplots_adjust(left=left, right=0.97, bottom=0.12, top=0.9, wspace=wspace)
+    def mean(self, key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+        """Steps, and the mean, min and max of ``key`` over each step's eval rows."""
+        steps = sorted(self.stats[key])
+        st = self.stats[key]
+        return ([float(x) for x in steps], [st[x][0] / st[x][1] for x in steps],
+                [st[x][2] for x in steps], [st[x][3] for x in steps])
 
 
 def _sized_figure(width: float, height: float) -> Any:
@@ -160,73 +108,110 @@ def _sized_figure(width: float, height: float) -> Any:
     return fig
 
 
-def _round_series(records: Sequence[Mapping[str, Any]], key: str, x: str = "round"
-            ) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for rec in records:
-        v = rec.get(key)
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            xs.append(rec[x])
-            ys.append(v)
-    return xs, ys
+def _margins(fig: Any, *, left: float, wspace: float = 0.2) -> None:
+    """Fixed margins: ``tight_layout`` draws each figure once more just to measure its text
+    (about 0.25 s a figure, the bulk of writing the plots)."""
+    fig.subplots_adjust(left=left, right=0.97, bottom=0.12, top=0.9, wspace=wspace)
 
 
-def plot_run(records: Sequence[Mapping[str, Any]], out_dir: str | Path, *, title: str = ""
-             ) -> list[Path]:
-    """Write the run's plots into ``out_dir``; returns the paths written."""
+def _draw_eval(ax: Any, curves: _Curves, key: str, label: str, color: str, *,
+               x: dict[int, float] | None = None, linestyle: str = "-") -> None:
+    """The mean of ``key`` over each step's eval rows, with each node's line (few nodes) or the
+    min-max band (many); ``x`` maps steps to another axis (simulated seconds)."""
+    def at(steps: list[float]) -> list[float]:
+        return steps if x is None else [x.get(int(s), math.nan) for s in steps]
+
+    steps, mean, lo, hi = curves.mean(key)
+    lines = [v[key] for v in curves.nodes.values() if key in v]
+    several = curves.many or len(lines) > 1
+    if not curves.many:
+        for i, (xs, ys) in enumerate(lines if len(lines) > 1 else []):
+            ax.plot(at(xs), ys, color=color, alpha=0.25, linewidth=0.8, linestyle=linestyle,
+                    label=f"{label}, each node" if i == 0 else None)
+    elif any(a != b for a, b in zip(lo, hi, strict=True)):
+        ax.fill_between(at(steps), lo, hi, color=color, alpha=0.2, label=f"{label}, min-max")
+    ax.plot(at(steps), mean, color=color, linewidth=2.0 if several else 1.5,
+            linestyle=linestyle, label=f"{label}, mean over nodes" if several else label)
+
+
+def _finish(fig: Any, ax: Any, path: Path, *, title: str, xlabel: str, ylabel: str,
+            left: float = 0.12) -> Path:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _margins(fig, left=left)
+    fig.savefig(os.fspath(path), format="png", dpi=100)
+    return path
+
+
+def plot_run(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike[str], *,
+             title: str = "") -> list[Path]:
+    """Write ``accuracy.png`` (against steps, and simulated seconds where the records have
+    them), ``loss.png`` and ``consensus.png`` (those with data; no consensus plot when every
+    distance is 0, one global model) into ``out_dir`` from ``records`` (read once, in
+    ``metrics.jsonl`` order); returns the paths written."""
+    curves = _Curves(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    prefix = f"{title}: " if title else ""
     written: list[Path] = []
-    has_acc = any(rec.get("accuracy_mean") is not None for rec in records)
-    if has_acc:
-        fig = _sized_figure(11, 4)
-        for i, x in enumerate(("round", "sim_seconds")):
-            ax = fig.add_subplot(1, 2, i + 1)
-            xs, mean = _round_series(records, "accuracy_mean", x)
-            _, lo = _round_series(records, "accuracy_min", x)
-            _, hi = _round_series(records, "accuracy_max", x)
-            ax.plot(xs, mean, label="mean over nodes")
-            if len(lo) == len(xs) and len(hi) == len(xs):
-                ax.fill_between(xs, lo, hi, alpha=0.25, label="min-max")
-            ax.set_xlabel("round" if x == "round" else "simulated seconds")
+
+    if curves.stats["accuracy"]:
+        axes = [("step", None)] + ([("simulated seconds", curves.sim_seconds)]
+                                   if curves.sim_seconds else [])
+        fig = _sized_figure(5.5 * len(axes), 4)
+        for i, (xlabel, x) in enumerate(axes):
+            ax = fig.add_subplot(1, len(axes), i + 1)
+            _draw_eval(ax, curves, "accuracy", "test accuracy", "tab:green", x=x)
+            ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)
             ax.legend(loc="lower right", fontsize="small")
-        fig.suptitle(title)
-        _margins(fig, left=0.08, wspace=0.22)
+        fig.suptitle(f"{prefix}test accuracy")
+        _margins(fig, left=0.08 if len(axes) > 1 else 0.12, wspace=0.22)
         written.append(out / "accuracy.png")
-        fig.savefig(written[-1], dpi=100)
+        fig.savefig(os.fspath(written[-1]), format="png", dpi=100)
 
-    fig = _sized_figure(6, 4)
-    ax = fig.add_subplot(1, 1, 1)
-    for key, label in (("train_loss", "train (local steps)"), ("loss_mean", "test, mean")):
-        xs, ys = _round_series(records, key)
-        if ys:
-            ax.plot(xs, ys, label=label)
-    ax.set_xlabel("round")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    ax.set_title(title)
-    _margins(fig, left=0.13)
-    written.append(out / "loss.png")
-    fig.savefig(written[-1], dpi=100)
+    if curves.train or curves.stats["loss"]:
+        fig = _sized_figure(6, 4)
+        ax = fig.add_subplot(1, 1, 1)
+        steps = sorted(curves.train)
+        if steps:
+            ax.plot(steps, [sum(curves.train[s]) / len(curves.train[s]) for s in steps],
+                    color="tab:blue", label="train loss")
+        if curves.stats["loss"]:
+            _draw_eval(ax, curves, "loss", "test loss", "tab:orange", linestyle="--")
+        values = [v for vs in curves.train.values() for v in vs] + \
+            [s[2] for s in curves.stats["loss"].values()]
+        if all(v > 0 for v in values):
+            ax.set_yscale("log")
+        written.append(_finish(fig, ax, out / "loss.png", title=f"{prefix}loss", xlabel="step",
+                               ylabel="loss", left=0.13))
 
-    xs, ys = _round_series(records, "consensus_distance")
+    steps = sorted(curves.consensus)
+    ys = [curves.consensus[s] for s in steps]
     if any(y > 0 for y in ys):  # all zero: one global model (FedAvg, DiLoCo), nothing to draw
         fig = _sized_figure(6, 4)
         ax = fig.add_subplot(1, 1, 1)
-        ax.plot(xs, [max(y, 1e-30) for y in ys])
+        ax.plot(steps, [max(y, 1e-30) for y in ys], color="tab:red", label="consensus distance")
         ax.set_yscale("log")
-        ax.set_xlabel("round")
-        ax.set_ylabel("consensus distance (1/n) Σ‖x_i − x̄‖²")
-        ax.grid(alpha=0.3)
-        ax.set_title(title)
-        _margins(fig, left=0.15)
-        written.append(out / "consensus.png")
-        fig.savefig(written[-1], dpi=100)
+        written.append(_finish(fig, ax, out / "consensus.png",
+                               title=f"{prefix}consensus distance", xlabel="step",
+                               ylabel="(1/n) Σ‖x_i − x̄‖²", left=0.15))
     return written
+
+
+def _round_series(records: Sequence[Mapping[str, Any]], key: str, x: str = "round"
+                  ) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for rec in records:
+        v = rec.get(key)
+        if rec.get(x) is not None and _ok(v):
+            xs.append(rec[x])
+            ys.append(v)
+    return xs, ys
 
 
 def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *,

@@ -9,15 +9,17 @@
   writes ``metrics.jsonl`` and gets the final records and the dead; checkpoints are counted in the
   store, so the marker moves only when every rank wrote its file.
 
-Both give ``metrics.jsonl`` in one order (:func:`sorted_records`); the rank that gets the final
-records writes ``summary.json`` (through its :class:`gossip.rundir.RunDir`).
+Both give ``metrics.jsonl`` in one order (:func:`gossip.records.sorted_records`), in the one
+record schema of :mod:`gossip.records`; the rank that gets the final records writes
+``summary.json`` (:func:`gossip.records.summarize` of the records after :func:`describe`,
+through its :class:`gossip.rundir.RunDir`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +30,11 @@ from gossip.comm import TorchCommunicator
 from gossip.comm.monitor import PeerMonitor
 from gossip.flat import FlatParams
 from gossip.metrics import RunWriter, append_jsonl, atomic_write_text, read_jsonl, to_jsonable
+from gossip.records import sorted_records
 from launch.rank import consensus
 
-__all__ = ["Collective", "PerRankFiles", "death_summary", "gatherer", "sorted_records",
-           "summarize", "table", "truncate_metrics"]
-
-_RECORD_ORDER = {"sync": 0, "death": 1, "eval": 2, "consensus": 3}
-
-
-def sorted_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records in metrics.jsonl order: by step, then kind, then rank."""
-    return sorted(records, key=lambda r: (r["step"], _RECORD_ORDER.get(r["kind"], 9),
-                                          r.get("rank", -1)))
+__all__ = ["Collective", "PerRankFiles", "death_summary", "describe", "gatherer",
+           "truncate_metrics"]
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -57,13 +52,14 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def death_summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per dead rank: when it was first noticed, and by whom."""
+def death_summary(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per dead rank (``death`` records' ``node``): when it was first noticed, and by
+    whom."""
     out: dict[int, dict[str, Any]] = {}
     for r in records:
         if r.get("kind") != "death":
             continue
-        entry = out.setdefault(r["rank"], {"rank": r["rank"], "step": r["detected_at_step"],
+        entry = out.setdefault(r["node"], {"rank": r["node"], "step": r["detected_at_step"],
                                            "unix_time": r["unix_time"], "detected_by": []})
         entry["step"] = min(entry["step"], r["detected_at_step"])
         entry["unix_time"] = min(entry["unix_time"], r["unix_time"])
@@ -87,8 +83,7 @@ class Collective:
         gathered: list[Any] | None = [None] * self.n if self.rank == 0 else None
         dist.gather_object(records, gathered, dst=0)
         if gathered is not None:
-            for r in sorted_records(r for part in gathered for r in part):
-                self.writer.log(r)
+            self.writer.log_many(sorted_records(r for part in gathered for r in part))
 
     def consensus(self, params: FlatParams) -> tuple[float | None, Tensor | None]:
         return consensus(params, self.comm)
@@ -172,8 +167,7 @@ class PerRankFiles(Collective):
                 records += read_jsonl(path)
         records = sorted_records(records)
         if self.writer.enabled:
-            for rec in records:
-                self.writer.log(rec)
+            self.writer.log_many(records)
         else:  # rank 0 died: this rank writes metrics.jsonl
             atomic_write_text(self.out / "metrics.jsonl",
                               "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
@@ -196,16 +190,19 @@ def _mean(values: list[Any]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def summarize(cfg: Any, task_name: str, n: int, per_rank: list[dict[str, Any]],
-              final: dict[str, Any], wall: float, *, resumed_from: int | None,
-              task_source: str) -> dict[str, Any]:
-    """summary.json of a real run from the ranks' final records."""
+def describe(cfg: Any, task_name: str, n: int, per_rank: list[dict[str, Any]],
+             final: dict[str, Any], wall: float, *, resumed_from: int | None,
+             task_source: str) -> dict[str, Any]:
+    """What a real run's summary.json says besides the figures of its records
+    (:func:`gossip.records.summarize`): the run's settings and the ranks' final records."""
     avg = final.get("avg_model", {})
+    bytes_sent = sum(r["bytes_sent"] for r in per_rank)
     return {
         "algo": cfg.algo,
         "task": task_name,
         "task_source": task_source,
         "world_size": n,
+        "nodes": n,
         "steps": cfg.steps,
         "sync_every": cfg.sync_every,
         "topology": cfg.topology,
@@ -213,38 +210,12 @@ def summarize(cfg: Any, task_name: str, n: int, per_rank: list[dict[str, Any]],
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
         "schedule": cfg.schedule,
-        "final_loss_mean": _mean([r["final_loss"] for r in per_rank]),
-        "final_accuracy_mean": _mean([r["final_accuracy"] for r in per_rank]),
-        "final_train_loss_mean": _mean([r["final_train_loss"] for r in per_rank]),
-        "final_consensus_distance": final.get("consensus_distance"),
         "avg_model_loss": avg.get("loss"),
         "avg_model_accuracy": avg.get("accuracy"),
-        "bytes_sent_total": sum(r["bytes_sent"] for r in per_rank),
+        "bytes_sent_total": bytes_sent,
+        "bytes_per_node": bytes_sent / len(per_rank),
         "sync_seconds_mean": _mean([r["sync_seconds"] for r in per_rank]),
         "wall_seconds": wall,
         "resumed_from_step": resumed_from,
         "per_rank": per_rank,
     }
-
-
-def table(s: dict[str, Any]) -> str:
-    """The per-rank table a real run prints at its end."""
-    def f(v: Any, fmt: str) -> str:
-        return "-" if v is None else format(v, fmt)
-
-    lines = [f"{s['algo']} on {s['task']}: {s['world_size']} ranks, {s['steps']} steps, "
-             f"{s['wall_seconds']:.1f} s",
-             f"{'rank':>4} {'samples':>7} {'test loss':>9} {'test acc':>8} {'MB sent':>8} "
-             f"{'sync s':>7}"]
-    for r in s["per_rank"]:
-        lines.append(f"{r['rank']:>4} {r['samples']:>7} {f(r['final_loss'], '.4f'):>9} "
-                     f"{f(r['final_accuracy'], '.4f'):>8} {r['bytes_sent'] / 1e6:>8.2f} "
-                     f"{r['sync_seconds']:>7.2f}")
-    lines.append(f"{'mean':>4} {'':>7} {f(s['final_loss_mean'], '.4f'):>9} "
-                 f"{f(s['final_accuracy_mean'], '.4f'):>8} "
-                 f"{s['bytes_sent_total'] / 1e6 / len(s['per_rank']):>8.2f} "
-                 f"{s['sync_seconds_mean']:>7.2f}")
-    lines.append(f"averaged model: test loss {f(s['avg_model_loss'], '.4f')}, test acc "
-                 f"{f(s['avg_model_accuracy'], '.4f')}; consensus distance "
-                 f"{f(s['final_consensus_distance'], '.3g')}")
-    return "\n".join(lines)

@@ -33,8 +33,9 @@ from gossip import checkpoint as ckpt
 from gossip.allocator import reuse_freed_memory
 from gossip.comm import CommError, TorchCommunicator
 from gossip.flat import FlatParams, scope_from_spec
-from gossip.metrics import read_jsonl
-from gossip.plots import plot_metrics
+from gossip.metrics import iter_jsonl
+from gossip.plots import plot_run
+from gossip.records import summarize, table
 from gossip.run import build
 from gossip.rundir import RunDir
 from launch.config import TrainConfig, build_parser, check_out, default_out, from_args
@@ -51,7 +52,7 @@ from launch.rank import (
     pick_device,
     test_set,
 )
-from launch.records import gatherer, summarize, table
+from launch.records import describe, gatherer
 from launch.spawn import torchrun_store_warning
 from launch.state import eval_mean_model, resume, resume_changes, save
 
@@ -134,18 +135,18 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
         train_loss = c.eval_loss_sum / c.eval_loss_count if c.eval_loss_count else None
         c.eval_loss_sum, c.eval_loss_count = 0.0, 0
         distance, mean = records.consensus(params)
-        rec = {"kind": "eval", "step": step, "rank": rank, "test_loss": metrics["loss"],
+        rec = {"kind": "eval", "step": step, "node": rank, "loss": metrics["loss"],
                "train_loss": train_loss, "bytes_total": c.bytes_sent,
                "sync_seconds_total": c.sync_seconds}
         if "accuracy" in metrics:
-            rec["test_accuracy"] = metrics["accuracy"]
+            rec["accuracy"] = metrics["accuracy"]
         if record:
             pending.append(rec)
             if rank == 0 and distance is not None:
                 pending.append({"kind": "consensus", "step": step,
                                 "consensus_distance": distance})
         if last:
-            final.update(eval=rec, consensus_distance=distance)
+            final.update(eval=rec)
             if rank == 0 and mean is not None:
                 final["avg_model"] = eval_mean_model(task, mean, device, x_test, y_test)
         if rank == 0 and record:
@@ -160,7 +161,7 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
         c.syncs += 1
         loss = c.sync_loss_sum / max(c.sync_loss_count, 1)
         c.sync_loss_sum, c.sync_loss_count = 0.0, 0
-        pending.append({"kind": "sync", "step": stats.step, "rank": rank, "loss": loss,
+        pending.append({"kind": "sync", "step": stats.step, "node": rank, "train_loss": loss,
                         "bytes_sent": stats.bytes_sent, "sync_seconds": stats.seconds,
                         "bytes_total": c.bytes_sent, **stats.extra})
         for dead, at in comm.deaths.items():
@@ -168,7 +169,7 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
                 deaths_seen.add(dead)
                 log.warning("rank %d: peer rank %d is dead (noticed at step %d); going on "
                             "without it", rank, dead, at)
-                pending.append({"kind": "death", "step": stats.step, "rank": dead,
+                pending.append({"kind": "death", "step": stats.step, "node": dead,
                                 "detected_by": rank, "detected_at_step": at,
                                 "unix_time": time.time(), "reason": comm.failures.get(
                                     dead, "no heartbeat, or a peer reported it")})
@@ -227,23 +228,23 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
         c.wall_seconds = wall0 + time.perf_counter() - t0
 
         # ---- the end: every rank's final record, one summary
-        mine = {"rank": rank, "samples": len(shard), "final_loss": final["eval"]["test_loss"],
-                "final_accuracy": final["eval"].get("test_accuracy"),
+        mine = {"rank": rank, "samples": len(shard), "final_loss": final["eval"]["loss"],
+                "final_accuracy": final["eval"].get("accuracy"),
                 "final_train_loss": final["eval"]["train_loss"], "bytes_sent": c.bytes_sent,
                 "sync_seconds": c.sync_seconds, "syncs": c.syncs}
         gathered = records.finish(mine)
         if gathered is None:
             return None
         per_rank, extra = gathered
-        summary = {**summarize(cfg, task.name, n, per_rank, final, c.wall_seconds,
-                               resumed_from=start or None,
-                               task_source=build.task_source(cfg.task)), **extra}
+        summary = summarize(iter_jsonl(out / "metrics.jsonl"), **describe(
+            cfg, task.name, n, per_rank, final, c.wall_seconds, resumed_from=start or None,
+            task_source=build.task_source(cfg.task)), **extra)
         run_dir.write_summary(summary)  # also by a survivor when rank 0 died
     finally:
         records.close()
     try:
-        plot_metrics(read_jsonl(out / "metrics.jsonl"), out,
-                     title=f"{cfg.algo} on {task.name}, {n} ranks")
+        plot_run(iter_jsonl(out / "metrics.jsonl"), out,
+                 title=f"{cfg.algo} on {task.name}, {n} ranks")
     except Exception:
         log.exception("plotting failed")
     print(table(summary), flush=True)

@@ -26,6 +26,7 @@ from gossip.algorithms import needs_topology
 from gossip.allocator import reuse_freed_memory
 from gossip.metrics import atomic_write_text, to_jsonable
 from gossip.plots import plot_comparison
+from gossip.records import runs_table
 from simulations.config import SimConfig
 from simulations.run import run
 
@@ -74,23 +75,9 @@ def compare(algos: Sequence[str] = DEFAULT_ALGOS, *, out: str | Path | None = "r
     return results
 
 
-def _f(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def format_table(results: dict[str, dict[str, Any]]) -> str:
-    """The comparison as a fixed-width text table."""
-    head = (f"{'algorithm':<10} {'optimizer':<14} {'acc mean':>8} {'acc min':>8} "
-            f"{'rounds→90%':>10} {'MiB/node':>9} {'sim s':>8} {'sim s→90%':>9} {'wall s':>7}")
-    lines = [head, "-" * len(head)]
-    for algo, s in results.items():
-        opt = f"{s['optimizer']} {s['lr']:g}"
-        lines.append(
-            f"{algo:<10} {opt:<14} {_f(s['final_accuracy_mean'], '.3f'):>8} "
-            f"{_f(s['final_accuracy_min'], '.3f'):>8} {_f(s['rounds_to_90'], 'd'):>10} "
-            f"{s['bytes_per_node'] / 2**20:>9.2f} {s['simulated_seconds']:>8.1f} "
-            f"{_f(s['sim_seconds_to_90'], '.1f'):>9} {s['wall_seconds_total']:>7.1f}")
-    return "\n".join(lines)
+    """The comparison as a fixed-width text table (:func:`gossip.records.runs_table`)."""
+    return runs_table(results)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

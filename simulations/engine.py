@@ -16,6 +16,8 @@ rank runs (``gossip.algorithms.build_algorithm``). A round is one synchronisatio
    a seeded sample of nodes in one vectorized forward), consensus distance, bytes, simulated
    and wall seconds.
 
+Records follow the one schema of :mod:`gossip.records`: a round gives the ``eval`` rows of its
+evaluated nodes (if evaluated) and one ``round`` record of figures over all nodes.
 Everything random derives from ``(seed, global node id)`` or ``(seed, round)``, so results do
 not depend on how the nodes are sharded. A shard's :meth:`Simulation.run_round` reduces its
 metrics over the process group, so every shard returns the same global record.
@@ -47,7 +49,8 @@ from gossip.batching import StackedBatches
 from gossip.comm.stacked import StackedCommunicator
 from gossip.data import label_distribution
 from gossip.flat import scope_from_spec
-from gossip.metrics import RunWriter
+from gossip.metrics import RunWriter, iter_jsonl
+from gossip.records import Summarizer, eval_rows
 from gossip.run import build
 from gossip.run.schedule import lr_factors
 from gossip.run.spec import optimizer_kwargs
@@ -62,7 +65,7 @@ from simulations.network import NetworkModel, SimClock
 from simulations.threads import auto_threads
 from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
 
-__all__ = ["RunRecorder", "Runner", "Simulation", "drive", "set_threads", "summarize"]
+__all__ = ["RunRecorder", "Runner", "Simulation", "describe", "drive", "set_threads"]
 
 #: Rows per chunk when reducing over the stacked parameters (bounds float64 temporaries).
 _ROW_CHUNK = 256
@@ -188,7 +191,9 @@ class Simulation:
     # --------------------------------------------------------------------- one round
 
     def run_round(self, r: int) -> dict[str, Any]:
-        """Run round ``r`` (0-based): local steps, one sync, time and metrics (global)."""
+        """Run round ``r`` (0-based): local steps, one sync, time and metrics (global): the
+        ``round`` record, holding an evaluated round's ``eval`` rows under ``"eval_rows"``
+        (:class:`RunRecorder` writes them before the round record)."""
         cfg = self.cfg
         alive = self.faults.alive(r)
         slow = self.faults.slowdown(r)
@@ -234,6 +239,7 @@ class Simulation:
         trained = self._sum(torch.stack([loss_sum.sum().cpu(),
                                          local_steps.sum().double()]))
         record: dict[str, Any] = {
+            "kind": "round",
             "round": r + 1,
             "step": (r + 1) * self.steps_per_round,
             "alive": int(alive.sum()),
@@ -309,14 +315,15 @@ class Simulation:
         rows = chosen[self.nodes].nonzero().flatten()
         ev = evaluate_rows(self.model, self.x_test, self.y_test, rows,
                            global_model=global_model)
+        step = (r + 1) * self.steps_per_round
         up = alive[self.nodes]
         out: dict[str, Any] = {
             "consensus_distance": 0.0 if global_model else self.consensus_distance(up)}
         out["eval_nodes"] = int(self._sum(torch.tensor([float(len(rows))], dtype=torch.float64)))
-        for key in ("accuracy", "loss"):
-            if key not in ev:
-                continue
-            v = ev[key]
+        # the same keys on every shard, one with no row included (the reductions must match)
+        keys = ["loss"] + (["accuracy"] if self.task.data.kind != "regression" else [])
+        for key in keys:
+            v = ev.get(key, torch.zeros(0, dtype=torch.float64))
             stats = self._sum(torch.tensor([float(v.sum()), float(v.numel())],
                                            dtype=torch.float64))
             lo = self._reduce(torch.tensor([float(v.min()) if v.numel() else math.inf],
@@ -327,6 +334,22 @@ class Simulation:
                 out[f"{key}_mean"] = float(stats[0] / stats[1])
                 out[f"{key}_min"] = float(lo[0])
                 out[f"{key}_max"] = float(hi[0])
+        per_node = self.comm.bytes_per_node
+        if global_model:  # one model, which every node holds: one row
+            if "loss_mean" in out:
+                out["eval_rows"] = eval_rows(
+                    step, [None], [out["loss_mean"]], [out["accuracy_mean"]]
+                    if "accuracy_mean" in out else None, round=[r + 1],
+                    bytes_total=[float(per_node.mean())])
+            return out
+        ids = chosen.nonzero().flatten()  # the sample's global ids, ascending
+        values = torch.zeros(len(keys), len(ids), dtype=torch.float64)
+        if len(rows):
+            at = torch.searchsorted(ids, self.nodes[rows].cpu())
+            values[:, at] = torch.stack([ev[k].to(torch.float64) for k in keys])
+        values = self._sum(values).tolist()  # every shard's rows, on every shard
+        out["eval_rows"] = eval_rows(step, ids.tolist(), *values, round=[r + 1] * len(ids),
+                                     bytes_total=per_node[ids].tolist())
         return out
 
     def _sum(self, t: Tensor) -> Tensor:
@@ -355,13 +378,13 @@ class Runner(Protocol):
     def run_round(self, r: int) -> dict[str, Any]: ...
 
 
-def summarize(cfg: SimConfig, records: Sequence[dict[str, Any]], *, wall_seconds: float,
-              info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The summary.json of a run from its per-round records."""
+def describe(cfg: SimConfig, records: Sequence[dict[str, Any]], *, steps_to_90: int | None,
+             wall_seconds: float, info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a simulated run's summary.json says besides the figures of its records
+    (:class:`gossip.records.Summarizer`): the settings and the totals of its ``round`` records
+    ``records``; ``steps_to_90`` (the summarizer's) gives ``rounds_to_90``."""
     last = records[-1] if records else {}
-    evals = [rec for rec in records if "loss_mean" in rec]
-    final = evals[-1] if evals else {}
-    to_90 = next((rec for rec in evals if (rec.get("accuracy_mean") or 0.0) >= 0.9), None)
+    to_90 = next((rec for rec in records if rec["step"] == steps_to_90), None)
     node_steps = sum(int(rec.get("node_steps", 0)) for rec in records)
     return {
         "algo": cfg.algo,
@@ -372,11 +395,6 @@ def summarize(cfg: SimConfig, records: Sequence[dict[str, Any]], *, wall_seconds
         "topology": cfg.topology,
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
-        "final_accuracy_mean": final.get("accuracy_mean"),
-        "final_accuracy_min": final.get("accuracy_min"),
-        "final_accuracy_max": final.get("accuracy_max"),
-        "final_loss_mean": final.get("loss_mean"),
-        "final_consensus_distance": final.get("consensus_distance"),
         "rounds_to_90": None if to_90 is None else to_90["round"],
         "sim_seconds_to_90": None if to_90 is None else to_90["sim_seconds"],
         "bytes_per_node": last.get("bytes_per_node", 0.0),
@@ -392,7 +410,11 @@ def summarize(cfg: SimConfig, records: Sequence[dict[str, Any]], *, wall_seconds
 class RunRecorder:
     """Writes one simulated run's directory: config.json, metrics.jsonl, summary.json, plots.
 
-    With ``out=None`` nothing is written; the records and summary are still kept.
+    :meth:`log` takes a round's record as :meth:`Simulation.run_round` returns it and writes its
+    ``eval`` rows and the ``round`` record in one append. Only the round records are kept
+    (``records``); the summary's figures are accumulated as the rows go by, and the plots read
+    ``metrics.jsonl`` back. With ``out=None`` nothing is written; the round records and the
+    summary are still kept.
     """
 
     def __init__(self, cfg: SimConfig, out: str | Path | None, *,
@@ -402,6 +424,7 @@ class RunRecorder:
         self.out = None if out is None else Path(out)
         self.plots = plots
         self.records: list[dict[str, Any]] = []
+        self.summarizer = Summarizer()
         # the run owns --out until finish() or interrupted(); refused before any write
         self.run_dir = None if self.out is None else RunDir(
             self.out, overwrite=cfg.overwrite).acquire()
@@ -413,12 +436,17 @@ class RunRecorder:
         self.label_counts = label_counts  # plotted at a successful end, with the rest
 
     def log(self, record: dict[str, Any]) -> None:
+        rows = record.pop("eval_rows", [])
+        for rec in (*rows, record):
+            self.summarizer.add(rec)
         self.records.append(record)
-        self.writer.log(record)
+        self.writer.log_many([*rows, record])
 
     def finish(self, *, wall_seconds: float, info: dict[str, Any] | None = None
                ) -> dict[str, Any]:
-        summary = summarize(self.cfg, self.records, wall_seconds=wall_seconds, info=info)
+        figures = self.summarizer.result()
+        summary = {**figures, **describe(self.cfg, self.records, wall_seconds=wall_seconds,
+                                         steps_to_90=figures["steps_to_90"], info=info)}
         self.writer.close()
         if self.run_dir is not None:
             try:
@@ -429,8 +457,9 @@ class RunRecorder:
                     if self.label_counts is not None:
                         plot_label_distribution(self.label_counts,
                                                 self.run_dir.path / "label_distribution.png")
-                    plot_run(self.records, self.run_dir.path, title=f"{self.cfg.algo}, "
-                             f"{self.cfg.nodes} nodes, {self.cfg.partition}")
+                    plot_run(iter_jsonl(self.run_dir.path / "metrics.jsonl"), self.run_dir.path,
+                             title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
+                             f"{self.cfg.partition}")
             finally:
                 self.run_dir.release()
         return summary

@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from gossip.allocator import reuse_freed_memory
+from gossip.records import table
 from gossip.tasks import Task
 from simulations.config import SimConfig, from_args
 from simulations.engine import Simulation, drive, set_threads
 
-__all__ = ["format_summary", "main", "run"]
+__all__ = ["main", "run"]
 
 
 def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
-    """Run ``cfg`` to the end and return its summary (plus ``records``, the per-round metrics).
+    """Run ``cfg`` to the end and return its summary (plus ``records``, its ``round`` records).
 
     ``cfg.actors > 1`` shards the nodes over Ray actors (:mod:`simulations.ray_backend`).
     """
@@ -43,33 +44,6 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
         sim.save_models(cfg.out)
     return summary
 
-def _fmt(value: Any, spec: str = ".4f") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return format(value, spec)
-    return str(value)
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A few human-readable lines of a run's summary."""
-    lines = [
-        f"{summary['algo']} on {summary['task']}: {summary['nodes']} nodes, "
-        f"{summary['rounds']} rounds x {summary.get('steps_per_round', '?')} local steps, "
-        f"partition {summary['partition']}"
-        + (f", topology {summary['topology']}" if summary.get("topology") else ""),
-        f"  test accuracy  mean {_fmt(summary['final_accuracy_mean'])}  "
-        f"min {_fmt(summary['final_accuracy_min'])}  max {_fmt(summary['final_accuracy_max'])}"
-        f"   test loss {_fmt(summary['final_loss_mean'])}",
-        f"  rounds to 90%  {_fmt(summary['rounds_to_90'])}   consensus distance "
-        f"{_fmt(summary['final_consensus_distance'], '.3g')}",
-        f"  sent per node  {summary['bytes_per_node'] / 2**20:.2f} MiB   simulated time "
-        f"{summary['simulated_seconds']:.1f} s   wall time {summary['wall_seconds']:.2f} s "
-        f"({_fmt(summary.get('node_steps_per_second'), '.0f')} node-steps/s)",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run, print a summary; returns the exit code."""
     reuse_freed_memory()  # model-sized temporaries without page faults (gossip.allocator)
@@ -80,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     summary.pop("records", None)
-    print(format_summary(summary))
+    print(table(summary))
     if cfg.out:
         print(f"  run directory  {cfg.out}")
     return 0

@@ -311,58 +311,6 @@ def test_simulated_per_node_schedule_equals_a_torch_scheduler_per_model() -> Non
     assert not torch.allclose(constant.params["0.weight"], got.params["0.weight"])
 
 
-# ----------------------------------------------------------------------------- tracking
-
-
-@pytest.mark.slow
-def test_load_runs_reads_real_and_simulated_runs_into_one_table(tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
-    pd = pytest.importorskip("pandas")
-    pytest.importorskip("tensorboard")
-    from gossip.metrics import load_runs, read_jsonl
-    from simulations.run import main as sim_main
-
-    repo = Path(__file__).resolve().parents[1]
-    real = tmp_path / "real"
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.train", "--task", "tests.user_task:make_task",
-         "--algo", "diloco", "--steps", "20", "--sync-every", "5", "--eval-every", "10",
-         "--schedule", "warmup-cosine", "--warmup-steps", "4", "--tensorboard",
-         "--out", str(real)],
-        cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((real / "summary.json").read_text())
-    assert (summary["task"], summary["task_source"]) == ("blobs", "tests.user_task:make_task")
-    sim = tmp_path / "sim"
-    assert sim_main(["--task", "tests.user_task:make_task", "--algo", "diloco", "--nodes",
-                     "4", "--rounds", "2", "--sync-every", "5", "--tensorboard",
-                     "--out", str(sim)]) == 0
-
-    table = load_runs([real, sim])
-    assert isinstance(table, pd.DataFrame)
-    assert list(table.executor) == ["real", "real", "sim", "sim"]
-    assert set(table.task) == {"blobs"} and set(table.algo) == {"diloco"}
-    # every row is one record of metrics.jsonl, read back value for value
-    evals = [r for r in read_jsonl(real / "metrics.jsonl") if r["kind"] == "eval"]
-    assert list(table.step[:2]) == [r["step"] for r in evals]
-    assert list(table.test_loss[:2]) == pytest.approx([r["test_loss"] for r in evals])
-    rounds = [r for r in read_jsonl(sim / "metrics.jsonl") if "loss_mean" in r]
-    assert list(table.test_loss[2:]) == pytest.approx([r["loss_mean"] for r in rounds])
-
-    # TensorBoard holds the same scalars as metrics.jsonl
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    for run, tag, want in ((real, "eval/test_loss/rank0", [r["test_loss"] for r in evals]),
-                           (sim, "round/loss_mean", [r["loss_mean"] for r in rounds])):
-        acc = EventAccumulator(str(run / "tensorboard"))
-        acc.Reload()
-        assert [e.value for e in acc.Scalars(tag)] == pytest.approx(want, rel=1e-6)
-
-
 # ----------------------------------------------------------------------------- the protocol
 
 

@@ -67,10 +67,10 @@ def check_run_dir(out: Path, algo: str, task: str, steps: int, *, accuracy: bool
     kinds = {r["kind"] for r in recs}
     assert kinds == {"sync", "eval", "consensus"}
     for kind in ("sync", "eval"):
-        assert {r["rank"] for r in recs if r["kind"] == kind} == {0, 1}
+        assert {r["node"] for r in recs if r["kind"] == kind} == {0, 1}
     assert max(r["step"] for r in recs) == steps
     assert all(r["consensus_distance"] >= 0 for r in recs if r["kind"] == "consensus")
-    keys = [(r["kind"], r["step"], r.get("rank")) for r in recs]
+    keys = [(r["kind"], r["step"], r.get("node")) for r in recs]
     assert len(keys) == len(set(keys)), "duplicate records"
 
     assert (out / "loss.png").stat().st_size > 0
@@ -105,7 +105,7 @@ def assert_same_final(ref: Path, other: Path, step: int, ignore: frozenset[str] 
             assert a["launcher"][key] == b["launcher"][key]
     # the metrics agree too (bar timings), each record once
     def strip(recs: list[dict]) -> dict:
-        return {(r["kind"], r["step"], r.get("rank")): {k: v for k, v in r.items()
+        return {(r["kind"], r["step"], r.get("node")): {k: v for k, v in r.items()
                                                         if k not in TIMING_KEYS | ignore}
                 for r in recs}
     ra, rb = strip(records(ref)), strip(records(other))
