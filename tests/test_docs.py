@@ -36,7 +36,7 @@ def test_docs_build_strict_and_render_the_api(tmp_path: Path) -> None:
     for page in ["guide/own-loop", "guide/own-task-torchrun", "guide/own-task-simulator",
                  "guide/checkpoints", "guide/dead-peers", "guide/run-directory", "errors",
                  "api/attach", "api/algorithms", "api/comm", "api/topology", "api/tasks",
-                 "api/data", "api/metrics"]:
+                 "api/data", "api/metrics", "api/records"]:
         assert (site / page / "index.html").is_file(), page
     api = _text(site / "api" / "attach" / "index.html")
     # the signature and the Args section of attach, rendered as a parameter table
