@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 from benchmarks import reproduce_noloco as rn
+from gossip.algorithms import DiLoCo
 from gossip.batching import node_batch
+from gossip.comm import StackedCommunicator
 from gossip.run.build import make_shards, scheduled_lr
+from tests.test_algorithms import heavy_ball_ref, init_row, noise, stacked
 
 torch.set_num_threads(1)  # small kernels: threads only add overhead (and xdist runs 2)
 
@@ -31,6 +34,25 @@ def test_weight_std_is_eval_weight_variance() -> None:
     consensus = float(((x - x.mean(axis=0)) ** 2).sum(axis=1).mean())  # the engine's definition
     reference = math.sqrt(((x - x.mean(axis=0)) ** 2).sum() / (x.shape[1] * x.shape[0]))
     assert rn.weight_std(consensus, x.shape[1]) == pytest.approx(reference, rel=1e-12)
+
+
+def test_diloco_hb_arm_is_the_papers_heavy_ball_diloco() -> None:
+    """The arm's DiLoCo config (torch SGD lr 0.7, momentum 0.3, no Nesterov) takes the NoLoCo
+    code's DiLoCo step ``delta = 0.3 delta + 0.7 mean(theta - phi); phi += delta``."""
+    args = rn.parse_args([])
+    cfg = rn.sim_config("diloco-hb", 0, args).algorithm_config()
+    assert cfg.sync_every == 100
+    n, p = 4, 30
+    params = stacked(init_row(p).expand(n, p))
+    alg = DiLoCo(cfg, params, StackedCommunicator(n))
+    buf = params.groups[0].buffer
+    phi, delta = init_row(p), torch.zeros(p)
+    for outer in range(1, 4):
+        theta = torch.stack([phi + noise(i, outer, p) for i in range(n)])
+        buf.copy_(theta)
+        alg.step(100 * outer)
+        phi, delta = heavy_ball_ref(phi, delta, theta, 0.3, 0.7)
+        torch.testing.assert_close(buf, phi.expand(n, p), rtol=0, atol=1e-6)
 
 
 def test_eq4() -> None:
