@@ -67,6 +67,7 @@ from benchmarks import noloco_latency
 from benchmarks.figures import band, figure, mean_std, parse_seeds, save
 from gossip.batching import node_batch
 from gossip.run.build import make_shards, scheduled_lr
+from gossip.run.schedule import lr_factor
 from gossip.tasks import Task, get_task
 from simulations.config import SimConfig
 from simulations.run import run
@@ -128,7 +129,7 @@ def run_sim(arm: str, task: Task, seed: int, args: argparse.Namespace) -> list[d
 
 def run_allreduce(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """The DDP reference (module docstring): one model, Adam on the replicas' mean gradient."""
-    spec = sim_config("diloco-hb", seed, args).resolved(task)
+    spec = sim_config("diloco-hb", seed, args).resolved(task)  # the same shards and schedule
     shards = make_shards(spec, task, args.replicas)
     model = task.make_model(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -184,9 +185,9 @@ def final_table(runs: dict[tuple[str, int], list[dict[str, Any]]], arms: Sequenc
 
 
 def lr_at(args: argparse.Namespace, steps: Sequence[int]) -> list[float]:
-    spec = SimConfig(task="charlm", optimizer="adam", lr=args.lr, schedule="warmup-cosine",
-                     warmup_steps=args.warmup_steps)
-    return [scheduled_lr(spec, s - 1, args.steps) for s in steps]
+    """The inner lr of the last step before each of ``steps`` (1-based step counts)."""
+    return [args.lr * lr_factor("warmup-cosine", s - 1, args.steps, args.warmup_steps)
+            for s in steps]
 
 
 # ----------------------------------------------------------------------------- plots
