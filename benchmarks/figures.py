@@ -8,18 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gossip.configs import parse_seeds
+
 __all__ = ["band", "figure", "mean_std", "parse_seeds", "save"]
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` -> ``[0, 1, 2]`` (distinct integers >= 0)."""
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"seeds={text!r} is invalid: expected integers like 0,1,2") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds={text!r} is invalid: expected distinct integers >= 0")
-    return seeds
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float | None, float | None, int]:

@@ -15,7 +15,8 @@ the run's initial model when the nodes share one (NoLoCo), else against the unif
 Runs: ``--rounds`` rounds of ``--local-steps`` inner steps each, every algorithm at its
 simulator defaults (gossip-VC and D-PSGD: SGD lr 0.05 on a random 8-regular graph; NoLoCo:
 Adam lr 1e-3, pairs), ``--init`` default. Prints one JSON line per run and a markdown table;
-writes ``soups.json`` to ``--out``.
+writes ``soups.json`` and ``soups.png/.svg`` (test accuracy per algorithm and node count: the mean
+node, the best node and each merge, mean over seeds with +-1 std error bars) to ``--out``.
 
     python benchmarks/soups.py                       # 3 algorithms x {16, 64} nodes, seed 0
     python benchmarks/soups.py --seeds 0,1,2
@@ -36,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.figures import mean_std, parse_seeds
+from benchmarks.figures import figure, mean_std, parse_seeds, save
 from gossip.merge import MergeOptions, load_models, merge, to_model
 from simulations.config import SimConfig
 from simulations.run import run
@@ -86,6 +87,28 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: Sequence[dict[str, Any]], out: Path, title: str) -> list[Path]:
+    """Grouped bars: one group per (algorithm, nodes), one bar per single-node figure and
+    merge; height the mean over seeds, error bar +-1 std."""
+    cols = ("mean_node", "best_node", *METHODS)
+    keys = list(dict.fromkeys((r["algo"], r["nodes"]) for r in rows))
+    fig = figure(max(6.0, 1.6 * len(keys) + 2.0), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(cols)
+    for j, c in enumerate(cols):
+        stats = [mean_std([r[c] for r in rows if (r["algo"], r["nodes"]) == k]) for k in keys]
+        ax.bar([i + (j - (len(cols) - 1) / 2) * width for i in range(len(keys))],
+               [m for m, _, _ in stats], width, yerr=[sd for _, sd, _ in stats], capsize=2,
+               label=c.replace("_", " "), color="grey" if c == "mean_node" else None)
+    ax.set_xticks(range(len(keys)), [f"{a}\n{n} nodes" for a, n in keys])
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", ncol=len(cols), loc="lower center")
+    ax.set_title(title, fontsize="small")
+    return save(fig, out, "soups")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--algos", default=",".join(ALGOS))
@@ -116,9 +139,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "soups.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-    print(f"\ntest accuracy, digits, {args.partition}, {args.rounds} rounds x "
-          f"{args.local_steps} local steps, seeds {args.seeds} (best node: by test accuracy)")
+    title = (f"test accuracy, digits, {args.partition}, {args.rounds} rounds x "
+             f"{args.local_steps} local steps, seeds {args.seeds}")
+    print(f"\n{title} (best node: by test accuracy)")
     print(table(rows))
+    print(f"plots: {', '.join(str(x) for x in plot(rows, out, title))}")
     return 0
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "from_args",
     "help_text",
     "load_toml",
+    "parse_seeds",
 ]
 
 T = TypeVar("T")
@@ -99,6 +100,17 @@ def check_positive(name: str, value: float | None) -> None:
     """None passes; anything else must be > 0."""
     if value is not None and not value > 0:
         bad(name, value, "a number > 0")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]`` (distinct integers >= 0), for ``--seeds`` flags."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"seeds={text!r} is invalid: expected integers like 0,1,2") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds={text!r} is invalid: expected distinct integers >= 0")
+    return seeds
 
 
 def field_flag(name: str) -> str:

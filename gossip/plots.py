@@ -28,7 +28,7 @@ import numpy as np
 from gossip.data import class_entropy
 
 __all__ = ["BARS_UP_TO", "MAX_PLOTTED_NODES", "MAX_PLOTTED_RANKS", "plot_comparison",
-           "plot_label_distribution", "plot_label_heatmap", "plot_run"]
+           "plot_comparison_seeds", "plot_label_distribution", "plot_label_heatmap", "plot_run"]
 
 #: Runs with at most this many evaluated nodes draw each node's line; more draw a min-max band.
 MAX_PLOTTED_RANKS = 32
@@ -215,14 +215,34 @@ def _round_series(records: Sequence[Mapping[str, Any]], key: str, x: str = "roun
 
 
 def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, *,
-                    title: str = "") -> Path:
-    """All runs on one figure: mean accuracy vs round and vs simulated seconds."""
+                    title: str = "", formats: Sequence[str] = ("png",)) -> Path:
+    """All runs on one figure: mean accuracy vs round and vs simulated seconds. Written once per
+    format in ``formats`` (``path`` with that suffix: png, svg, pdf); returns the first."""
+    return plot_comparison_seeds({label: [records] for label, records in runs.items()}, path,
+                                 title=title, formats=formats)
+
+
+def plot_comparison_seeds(runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]]]],
+                          path: str | Path, *, title: str = "",
+                          formats: Sequence[str] = ("png",)) -> Path:
+    """:func:`plot_comparison` of several seeds per label: the mean over the seeds as a line,
+    +-1 std (sample std) shaded; the x of a point is the seeds' mean (simulated seconds differ
+    between seeds)."""
     fig = _sized_figure(12, 4.5)
     axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
-    for label, records in runs.items():
+    for label, seeds in runs.items():
         for ax, x in zip(axes, ("round", "sim_seconds"), strict=True):
-            xs, ys = _round_series(records, "accuracy_mean", x)
-            ax.plot(xs, ys, label=label)
+            series = [_round_series(records, "accuracy_mean", x) for records in seeds]
+            n = min(len(xs) for xs, _ in series)
+            xs = np.mean([s[0][:n] for s in series], axis=0)
+            ys = np.array([s[1][:n] for s in series], dtype=np.float64)
+            mean = ys.mean(axis=0)
+            line = ax.plot(xs, mean, label=label if len(seeds) == 1
+                           else f"{label} ({len(seeds)} seeds)")
+            if len(seeds) > 1:
+                sd = ys.std(axis=0, ddof=1)
+                ax.fill_between(xs, mean - sd, mean + sd, color=line[0].get_color(),
+                                alpha=0.2, lw=0)
     for ax, x in zip(axes, ("round", "simulated seconds"), strict=True):
         ax.set_xlabel(x)
         ax.set_ylabel("mean test accuracy")
@@ -234,8 +254,9 @@ def plot_comparison(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str |
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    for fmt in formats:
+        fig.savefig(path.with_suffix(f".{fmt}"), format=fmt, dpi=100)
+    return path.with_suffix(f".{formats[0]}")
 
 
 # ----------------------------------------------------------------------------- partitions

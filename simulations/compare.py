@@ -9,13 +9,20 @@ method reaches good accuracy on digits (inner Adam/AdamW at 3e-3..5e-3 for DiLoC
 their papers' outer settings; SGD with momentum 0.9 and lr 0.05 for the others). Prints a table
 (final accuracy, rounds to 90 %, bytes sent per node, simulated seconds) and writes one run
 directory per algorithm plus ``comparison.png`` (all algorithms: accuracy vs round and vs
-simulated seconds) and ``comparison.json`` under ``--out``.
+simulated seconds; PNG and SVG) and ``comparison.json`` under ``--out``.
+
+``--seeds 0,1,2`` runs the whole comparison once per seed (data split, partition, init,
+batches, graph: everything seeded) into ``--out/seed_S``, prints each algorithm's figures as
+mean +- std over the seeds (sample std; rounds to 90 % over the seeds that reached it) and writes
+``comparison.png/.svg`` (mean over seeds, +-1 std shaded) and ``comparison_seeds.json`` to
+``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -24,13 +31,15 @@ from typing import Any
 
 from gossip.algorithms import needs_topology
 from gossip.allocator import reuse_freed_memory
+from gossip.configs import parse_seeds
 from gossip.metrics import atomic_write_text, to_jsonable
-from gossip.plots import plot_comparison
+from gossip.plots import plot_comparison, plot_comparison_seeds
 from gossip.records import runs_table
 from simulations.config import SimConfig
 from simulations.run import run
 
-__all__ = ["ALGO_SETTINGS", "compare", "format_table", "main"]
+__all__ = ["ALGO_SETTINGS", "SEED_KEYS", "compare", "compare_seeds", "format_seed_table",
+           "format_table", "main", "seed_stats"]
 
 #: Per-algorithm settings (fields of SimConfig). Outer settings left out take the papers'
 #: defaults: DiLoCo outer SGD lr 0.7, momentum 0.9, Nesterov; NoLoCo alpha 0.5,
@@ -68,11 +77,80 @@ def compare(algos: Sequence[str] = DEFAULT_ALGOS, *, out: str | Path | None = "r
         title = (f"{first['task']}, {first['nodes']} nodes, {first['partition']}, "
                  f"{first['rounds']} rounds")
         plot_comparison({a: s["records"] for a, s in results.items()},
-                        Path(out) / "comparison.png", title=title)
+                        Path(out) / "comparison.png", title=title, formats=("png", "svg"))
         table = {a: {k: v for k, v in s.items() if k != "records"} for a, s in results.items()}
         atomic_write_text(Path(out) / "comparison.json",
                           json.dumps(to_jsonable(table), indent=2, sort_keys=True) + "\n")
     return results
+
+
+#: Summary figures aggregated over seeds by :func:`seed_stats`.
+SEED_KEYS = ("final_accuracy_mean", "final_accuracy_min", "rounds_to_90", "bytes_per_node",
+             "simulated_seconds", "sim_seconds_to_90", "wall_seconds_total")
+
+
+def compare_seeds(algos: Sequence[str], seeds: Sequence[int], *,
+                  out: str | Path | None = "runs/compare", progress: bool | None = None,
+                  **fields: Any) -> dict[str, list[dict[str, Any]]]:
+    """:func:`compare` once per seed (into ``out/seed_S``); returns ``{algo: [summary per
+    seed]}`` and, with ``out``, writes the band plot and ``comparison_seeds.json`` there."""
+    per_algo: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:
+        sub = None if out is None else Path(out) / f"seed_{seed}"
+        for algo, summary in compare(algos, out=sub, progress=progress, seed=seed,
+                                     **fields).items():
+            per_algo.setdefault(algo, []).append(summary)
+    if out is not None:
+        first = next(iter(per_algo.values()))[0]
+        title = (f"{first['task']}, {first['nodes']} nodes, {first['partition']}, "
+                 f"{first['rounds']} rounds, seeds {', '.join(map(str, seeds))}")
+        plot_comparison_seeds({a: [s["records"] for s in runs] for a, runs in per_algo.items()},
+                              Path(out) / "comparison.png", title=title,
+                              formats=("png", "svg"))
+        atomic_write_text(Path(out) / "comparison_seeds.json", json.dumps(to_jsonable(
+            {"seeds": list(seeds), "stats": seed_stats(per_algo)}), indent=2,
+            sort_keys=True) + "\n")
+    return per_algo
+
+
+def seed_stats(per_algo: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """``{algo: {key: {"mean", "std", "n"}}}`` over the seeds' summaries for :data:`SEED_KEYS`:
+    mean and sample std (0 for one value) of the seeds where the figure exists (``rounds_to_90``
+    is None where a seed never reached 90 %), ``n`` how many they are."""
+    stats: dict[str, dict[str, Any]] = {}
+    for algo, runs in per_algo.items():
+        row: dict[str, Any] = {"optimizer": runs[0]["optimizer"], "lr": runs[0]["lr"],
+                               "seeds": len(runs)}
+        for key in SEED_KEYS:
+            got = [float(s[key]) for s in runs if s.get(key) is not None]
+            row[key] = {"mean": statistics.fmean(got) if got else None,
+                        "std": (statistics.stdev(got) if len(got) > 1 else 0.0) if got else None,
+                        "n": len(got)}
+        stats[algo] = row
+    return stats
+
+
+def format_seed_table(stats: dict[str, dict[str, Any]]) -> str:
+    """:func:`seed_stats` as a fixed-width text table (mean +- std over the seeds)."""
+    def pm(cell: dict[str, Any], spec: str, scale: float = 1.0) -> str:
+        if cell["mean"] is None:
+            return "-"
+        return f"{format(cell['mean'] / scale, spec)} +- {format(cell['std'] / scale, spec)}"
+
+    head = (f"{'algorithm':<10} {'optimizer':<14} {'acc mean':>15} {'acc min':>15} "
+            f"{'rounds→90% [seeds]':>20} {'MiB/node':>9} {'sim s':>15} {'wall s':>7}")
+    lines = [head, "-" * len(head)]
+    for algo, row in stats.items():
+        r90 = row["rounds_to_90"]
+        reached = f"{pm(r90, '.1f')} [{r90['n']}/{row['seeds']}]"
+        lines.append(
+            f"{algo:<10} {row['optimizer'] + ' ' + format(row['lr'], 'g'):<14} "
+            f"{pm(row['final_accuracy_mean'], '.3f'):>15} "
+            f"{pm(row['final_accuracy_min'], '.3f'):>15} {reached:>20} "
+            f"{row['bytes_per_node']['mean'] / 2**20:>9.2f} "
+            f"{pm(row['simulated_seconds'], '.1f'):>15} "
+            f"{row['wall_seconds_total']['mean']:>7.1f}")
+    return "\n".join(lines)
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
@@ -94,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="gossip family (default: random-regular:8, ring below 9 nodes)")
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds, e.g. 0,1,2: mean +- std over them "
+                             "(replaces --seed)")
     parser.add_argument("--eval-every", type=int, default=1)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--out", default="runs/compare")
@@ -101,15 +182,29 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="replace the runs a previous comparison left in --out")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    algos = [a.strip() for a in args.algos.split(",") if a.strip()]
+    shared = dict(task=args.task, nodes=args.nodes, rounds=args.rounds, partition=args.partition,
+                  topology=args.topology, local_epochs=args.local_epochs,
+                  eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite)
     try:
-        results = compare(
-            [a.strip() for a in args.algos.split(",") if a.strip()], out=args.out,
-            task=args.task, nodes=args.nodes, rounds=args.rounds, partition=args.partition,
-            topology=args.topology, local_epochs=args.local_epochs, seed=args.seed,
-            eval_every=args.eval_every, threads=args.threads, overwrite=args.overwrite)
+        if args.seeds is not None:
+            seeds = parse_seeds(args.seeds)
+            per_algo = compare_seeds(algos, seeds, out=args.out, **shared)
+        else:
+            results = compare(algos, out=args.out, seed=args.seed, **shared)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.seeds is not None:
+        first = next(iter(per_algo.values()))[0]
+        print(f"{first['task']}: {first['nodes']} nodes, partition {first['partition']}, "
+              f"{first['rounds']} rounds of {first['steps_per_round']} local steps, "
+              f"seeds {', '.join(map(str, seeds))}: mean +- std over the seeds (rounds to 90 %: "
+              "over the seeds that reached it)")
+        print(format_seed_table(seed_stats(per_algo)))
+        print(f"total wall time {time.perf_counter() - t0:.1f} s; per-seed comparisons in "
+              f"{args.out}/seed_S; comparison.png/.svg and comparison_seeds.json in {args.out}")
+        return 0
     first = next(iter(results.values()))
     print(f"{first['task']}: {first['nodes']} nodes, partition {first['partition']}, "
           f"{first['rounds']} rounds of {first['steps_per_round']} local steps "

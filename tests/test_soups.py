@@ -20,3 +20,5 @@ def test_soups_quick_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixt
         assert r["mean_node"] <= r["best_node"]
         assert all(0.0 <= r[m] <= 1.0 for m in soups.METHODS)
         assert (tmp_path / f"{r['algo']}_n8_s0" / "models.json").exists()
+    for suffix in ("png", "svg"):
+        assert (tmp_path / f"soups.{suffix}").stat().st_size > 0
