@@ -382,10 +382,12 @@ class NoLoCo:
 
     def state_rows(self) -> list[Tensor]:
         """Per-node state tensors [L, ...]: phi, the outer momentum delta, the error-feedback
-        residuals, if any, and with overlap s_t and the group means of the exchanges in
-        flight."""
-        return [*self.phi, *self.delta, *compressor_rows(self._comp), *self._start,
-                *self._in_flight()]
+        residuals, if any, and with overlap s_t and the group means of the exchanges in flight
+        (always the same tensors: a node that is down keeps all of them through a sync)."""
+        flying = [*self._theta_mean, *self._phi_mean] if self.config.overlap else []
+        if flying:
+            self._in_flight()  # resolved
+        return [*self.phi, *self.delta, *compressor_rows(self._comp), *self._start, *flying]
 
     def _in_flight(self) -> list[Tensor]:
         """The group means of the exchanges in flight, waited for (fragment by fragment)."""
