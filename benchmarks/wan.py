@@ -42,6 +42,7 @@ min/max, the model's seconds, measured/model, bytes per node. Needs root and ``i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -75,6 +76,7 @@ CODECS = ("bf16", "fp16", "int8", "fp8", "topk:0.01", "randk:0.01")
 DEFAULT_CASES = (*RAW, "fedavg", "diloco", "noloco", "dpsgd", *(f"diloco:{c}" for c in CODECS),
                  "noloco:int8", "choco:int8")
 PORT = 29517
+INNER_STEPS, INNER_SIZE = 10, 768  # overlap cases: H stand-in inner steps, matmul size
 
 
 SEGMENT_MODES = ("steps", "overlap")
@@ -128,9 +130,6 @@ def predict(case: str, n: int, numel: int, model: NetworkModel) -> tuple[float, 
     """(seconds, bytes sent per node) the network model gives one sync of ``case``."""
     nbytes = 4 * numel
     alive = torch.ones(n, dtype=torch.bool)
-    case, _ = split_segment(case)  # segments: the model's seconds of their sync's transfer
-    if case == "compute":
-        return 0.0, 0.0
     if case == "raw_allreduce":
         events = [CommEvent("all_reduce", nbytes, None, None, alive)]
         sent = 2 * (n - 1) * nbytes / n
@@ -160,6 +159,30 @@ def predict(case: str, n: int, numel: int, model: NetworkModel) -> tuple[float, 
     for k, event in enumerate(events):
         clock.communicate(0, k, event, alive)
     return clock.now, sent
+
+
+def predict_segment(case: str, n: int, numel: int, model: NetworkModel, compute: float,
+                    repeats: int) -> tuple[float, float]:
+    """(seconds, bytes sent per node) the network model gives one segment of an overlap case
+    (``repeats`` segments in a row, as measured): ``compute`` seconds of inner steps (the
+    measured ``compute`` case), then the sync's events, overlapped ones behind the next
+    segment's compute (:class:`SimClock`)."""
+    base, mode = split_segment(case)
+    if base == "compute":
+        return compute, 0.0
+    algo, codec = parse_case(base)
+    flat = FlatParams.from_stacked({"w": torch.randn(n, numel)})
+    comm = StackedCommunicator(n)
+    sync = build_sync(algo, codec, flat, comm, n, overlap=mode == "overlap")
+    clock = SimClock(dataclasses.replace(model, compute_time=compute), n)
+    alive, ones = torch.ones(n, dtype=torch.bool), torch.ones(n)
+    for r in range(repeats):
+        clock.compute(r, ones, ones)
+        sync.step(r + 1)
+        for k, event in enumerate(comm.events):
+            clock.communicate(r, k, event, alive)
+        comm.events.clear()
+    return clock.now / repeats, float(comm.bytes_per_node.mean()) / repeats
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -202,11 +225,11 @@ def worker(opts: dict[str, Any]) -> None:
         eps = 1e-4 * (rank + 1)
         samples: dict[str, list[float]] = {}
         step = 0
-        inner = opts["inner_size"]
+        inner = opts.get("inner_size", INNER_SIZE)
         a, b = torch.randn(inner, inner), torch.randn(inner, inner)
 
         def inner_steps() -> None:  # stand-in for H steps of local training
-            for _ in range(opts["inner_steps"]):
+            for _ in range(opts.get("inner_steps", INNER_STEPS)):
                 torch.mm(a, b)
 
         # one case at a time, its algorithm (model, anchor, momentum, residuals) freed before
@@ -308,9 +331,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--inner-steps", type=int, default=10,
+    parser.add_argument("--inner-steps", type=int, default=INNER_STEPS,
                         help="overlap cases: stand-in inner steps H per segment")
-    parser.add_argument("--inner-size", type=int, default=768,
+    parser.add_argument("--inner-size", type=int, default=INNER_SIZE,
                         help="overlap cases: one inner step is a square matmul of this size")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds one world size may take in all")
@@ -361,7 +384,12 @@ def main(argv: list[str] | None = None) -> None:
         samples = run_world(n, opts, args.timeout)
         compute = statistics.median(samples["compute"]) if "compute" in samples else None
         for case in cases:
-            seconds, sent = predict(case, n, numel, model)
+            if case == "compute" or split_segment(case)[1] is not None:
+                if compute is None:
+                    parser.error("overlap cases need the 'compute' case too")
+                seconds, sent = predict_segment(case, n, numel, model, compute, args.repeats)
+            else:
+                seconds, sent = predict(case, n, numel, model)
             measured = statistics.median(samples[case])
             row = {"world_size": n, "case": case, "seconds": round(measured, 3),
                    "min_max": [round(min(samples[case]), 3), round(max(samples[case]), 3)],

@@ -274,12 +274,20 @@ def test_network_model_charges_only_what_outlasts_the_compute():
 
 
 @pytest.mark.slow
-def test_peer_killed_with_an_async_exchange_in_flight(tmp_path):
+@pytest.mark.parametrize("algo", ["noloco", "diloco"])
+def test_peer_killed_with_an_async_exchange_in_flight(algo, tmp_path):
+    """As tests/test_dead_peer.py, with --overlap: NoLoCo's survivors leave the dead rank out
+    and finish; DiLoCo's fail fast naming it (the in-flight all-reduce's wait is monitored)."""
     from benchmarks.dead_peer import run_case
 
-    res = run_case("noloco", mode="kill", world=4, victim=2, steps=200, kill_at=40,
+    res = run_case(algo, mode="kill", world=4, victim=2, steps=200, kill_at=40,
                    timeout=60.0, dead_after=10.0, out=tmp_path, extra=["--overlap"])
-    live = [0, 1, 3]
-    assert res["exit_codes"] == {r: 0 for r in live}, res
+    if algo == "diloco":
+        assert sorted(res["exit_codes"]) == [0, 1, 3], res
+        assert all(code == 3 for code in res["exit_codes"].values()), res
+        assert res["seconds_to_return"] < 60.0, res
+        assert res["errors_name_dead_rank"], res
+        return
+    assert res["exit_codes"] == {0: 0, 1: 0, 3: 0}, res
     assert res["dead"] == [2], res
     assert res["final_accuracy_mean"] > 0.8, res
