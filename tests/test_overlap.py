@@ -270,6 +270,30 @@ def test_network_model_charges_only_what_outlasts_the_compute():
         assert clock.now == pytest.approx(3 * 1.0 + 2 * max(0.0, dur - 1.0))
 
 
+def test_simulator_runs_fragments_per_round_and_hides_overlapped_time():
+    from simulations.config import SimConfig
+    from simulations.engine import Simulation
+
+    base = dict(algo="diloco", nodes=4, rounds=4, sync_every=4, batch_size=8, eval_every=99,
+                latency=0.0, compute_time=1.0)  # 4 s of compute per H: more than any transfer
+    runs = {}
+    for name, extra in (("plain", {}), ("overlap", {"overlap": True}),
+                        ("fragments", {"fragments": 2})):
+        sim = Simulation(SimConfig(**base, **extra))
+        runs[name] = (sim, [sim.run_round(r) for r in range(4)])
+    plain, overlap = runs["plain"][1], runs["overlap"][1]
+    transfer = plain[0]["round_sim_seconds"] - 4.0
+    assert transfer > 0
+    assert [r["round_sim_seconds"] for r in overlap] == pytest.approx([4.0] * 4)  # all hidden
+    assert plain[-1]["sim_seconds"] == pytest.approx(4 * (4.0 + transfer))
+    sim, records = runs["fragments"]
+    assert sim.steps_per_round == 2  # a round is H / F steps and syncs one fragment
+    assert records[0]["bytes_per_node"] == pytest.approx(plain[0]["bytes_per_node"] / 2,
+                                                         rel=0.01)
+    with pytest.raises(ValueError, match="fragments=3 must divide sync_every=4"):
+        Simulation(SimConfig(**base, fragments=3))
+
+
 # ----------------------------------------------------------------------------- dead peer
 
 
