@@ -304,8 +304,11 @@ def test_peer_killed_with_an_async_exchange_in_flight(algo, tmp_path):
     and finish; DiLoCo's fail fast naming it (the in-flight all-reduce's wait is monitored)."""
     from benchmarks.dead_peer import run_case
 
+    # the delayed update needs about half the default outer step size (docs/guide/overlap.md)
+    half = ["--noloco-beta", "0.35", "--noloco-gamma", "0.35"] if algo == "noloco" \
+        else ["--outer-lr", "0.35"]
     res = run_case(algo, mode="kill", world=4, victim=2, steps=200, kill_at=40,
-                   timeout=60.0, dead_after=10.0, out=tmp_path, extra=["--overlap"])
+                   timeout=60.0, dead_after=10.0, out=tmp_path, extra=["--overlap", *half])
     if algo == "diloco":
         assert sorted(res["exit_codes"]) == [0, 1, 3], res
         assert all(code == 3 for code in res["exit_codes"].values()), res

@@ -221,11 +221,15 @@ class TorchCommunicator:
         if stage:
             src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
         k = table.shape[1]
-        if received is None or stage:
-            received = self._recv_buffers.get((1, k, x.shape[1]), x.dtype, src.device)
-        elif received.shape != (1, k, x.shape[1]) or received.dtype != x.dtype:
-            raise ValueError(f"received must have shape {(1, k, x.shape[1])} and dtype "
-                             f"{x.dtype}, got {tuple(received.shape)} {received.dtype}")
+        shape = (1, k, x.shape[1])
+        if received is not None and (received.shape != shape or received.dtype != x.dtype):
+            raise ValueError(f"received must have shape {shape} and dtype {x.dtype}, got "
+                             f"{tuple(received.shape)} {received.dtype}")
+        target = received  # the caller's buffer, if any (on x's device)
+        if received is None:
+            received = self._recv_buffers.get(shape, x.dtype, src.device)
+        elif stage:  # its own CPU buffer: another exchange may be in flight
+            received = torch.empty(shape, dtype=x.dtype)
         for slot, j in enumerate(recv_from):
             if j < 0:
                 received[0, slot].zero_()  # padding holds zeros, like a message that never came
@@ -251,6 +255,8 @@ class TorchCommunicator:
             sent_to = wait_all()
             self._traffic.add("exchange", len(sent_to) * src.numel() * src.element_size(),
                               messages=len(sent_to))
+            if target is not None:
+                return (target.copy_(recv) if stage else recv), arrived
             return (recv.to(x.device) if stage else recv), arrived
         return Pending(finish)
 
