@@ -5,6 +5,10 @@ message per buffer, never one per parameter tensor. Every wait is bounded by ``t
 raises a :class:`~gossip.comm.base.CommError` that names the rank, the peers and the step.
 Gloo cannot send CUDA tensors point-to-point (both processes die in ``writev``), so over Gloo
 the point-to-point traffic of CUDA tensors is staged through pinned CPU buffers.
+:meth:`TorchCommunicator.start_all_reduce_mean_` and :meth:`TorchCommunicator.start_exchange`
+post the same work as async handles (overlapped outer steps, :mod:`gossip.comm.pending`); their
+``wait()`` goes through the same timed, monitored waits as the blocking calls, which are just
+``start_...().wait()``.
 
 With a :class:`~gossip.comm.monitor.PeerMonitor` the communicator survives dead peers: an
 exchange leaves out peers known to be dead and turns a peer's failure (closed connection or
