@@ -12,6 +12,15 @@ way, in pairs), ``raw_pair_sends_first`` / ``raw_pair_recvs_first`` (a pair exch
 ``diloco``, ``noloco`` (pairs), ``dpsgd`` and ``choco`` (ring), each optionally compressed as
 ``ALGO:CODEC`` (e.g. ``diloco:int8``, ``choco:topk:0.01``).
 
+Overlap cases time whole segments of training: ``compute`` is ``--inner-steps`` H stand-in inner
+steps (a single-threaded ``--inner-size`` square matmul each) alone; ``ALGO[:CODEC]+steps`` is H
+such steps followed by a blocking sync, ``ALGO[:CODEC]+overlap`` H steps followed by an
+overlapped sync (``overlap=True``: the exchange started at one segment's sync is waited on at the
+next one's). A sample is the mean over ``--repeats`` consecutive segments with no barrier between
+them (a barrier would wait for the exchange in flight), so it is the steady state; ``/compute``
+is its ratio to the ``compute`` case (the issue's target for ``+overlap``: <= 1.1 whenever the
+H steps take longer than the transfer).
+
 One sample is the wall time of the slowest rank for one sync (barrier, sync, all_reduce MAX);
 each case is warmed up and timed ``--repeats`` times, one case after the other (each case's
 algorithm state is freed before the next is built, to bound memory: 8 ranks x 16M parameters).
@@ -26,11 +35,14 @@ min/max, the model's seconds, measured/model, bytes per node. Needs root and ``i
     python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 100 --repeats 3
     python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 1000 --repeats 3
     python benchmarks/wan.py --quick      # 2 ranks, 0.25M parameters, 4 cases, 1 repeat
+    python benchmarks/wan.py --world-sizes 2 --params 1 --repeats 5 \
+        --cases compute,diloco+steps,diloco+overlap,noloco+steps,noloco+overlap
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -65,11 +77,27 @@ CODECS = ("bf16", "fp16", "int8", "fp8", "topk:0.01", "randk:0.01")
 DEFAULT_CASES = (*RAW, "fedavg", "diloco", "noloco", "dpsgd", *(f"diloco:{c}" for c in CODECS),
                  "noloco:int8", "choco:int8")
 PORT = 29517
+INNER_STEPS, INNER_SIZE = 10, 768  # overlap cases: H stand-in inner steps, matmul size
+
+
+SEGMENT_MODES = ("steps", "overlap")
+
+
+def split_segment(case: str) -> tuple[str, str | None]:
+    """``ALGO[:CODEC]+MODE`` -> (``ALGO[:CODEC]``, MODE); anything else -> (case, None)."""
+    base, plus, mode = case.partition("+")
+    if not plus:
+        return case, None
+    if mode not in SEGMENT_MODES:
+        raise ValueError(f"case {case!r}: the part after '+' must be one of "
+                         f"{list(SEGMENT_MODES)}")
+    return base, mode
 
 
 def parse_case(case: str) -> tuple[str, str]:
-    """``ALGO[:CODEC]`` -> (algo, codec); a raw case -> (case, "none")."""
-    if case in RAW:
+    """``ALGO[:CODEC][+MODE]`` -> (algo, codec); a raw case or ``compute`` -> (case, "none")."""
+    case, _ = split_segment(case)
+    if case in RAW or case == "compute":
         return case, "none"
     algo, _, codec = case.partition(":")
     if algo not in ALGOS:
@@ -78,9 +106,11 @@ def parse_case(case: str) -> tuple[str, str]:
     return algo, codec or "none"
 
 
-def build_sync(algo: str, codec: str, flat: FlatParams, comm: Any, n: int) -> Any:
+def build_sync(algo: str, codec: str, flat: FlatParams, comm: Any, n: int,
+               overlap: bool = False) -> Any:
     """The algorithm object that syncs every step (NoLoCo in pairs, gossip on a ring)."""
-    config = make_config(algo, sync_every=1, group_size=2, compress=codec)
+    extra = {"overlap": True} if overlap else {}
+    config = make_config(algo, sync_every=1, group_size=2, compress=codec, **extra)
     topology = make_topology("ring", n) if needs_topology(algo) else None
     return build_algorithm(algo, config, flat, comm, topology=topology)
 
@@ -132,6 +162,30 @@ def predict(case: str, n: int, numel: int, model: NetworkModel) -> tuple[float, 
     return clock.now, sent
 
 
+def predict_segment(case: str, n: int, numel: int, model: NetworkModel, compute: float,
+                    repeats: int) -> tuple[float, float]:
+    """(seconds, bytes sent per node) the network model gives one segment of an overlap case
+    (``repeats`` segments in a row, as measured): ``compute`` seconds of inner steps (the
+    measured ``compute`` case), then the sync's events, overlapped ones behind the next
+    segment's compute (:class:`SimClock`)."""
+    base, mode = split_segment(case)
+    if base == "compute":
+        return compute, 0.0
+    algo, codec = parse_case(base)
+    flat = FlatParams.from_stacked({"w": torch.randn(n, numel)})
+    comm = StackedCommunicator(n)
+    sync = build_sync(algo, codec, flat, comm, n, overlap=mode == "overlap")
+    clock = SimClock(dataclasses.replace(model, compute_time=compute), n)
+    alive, ones = torch.ones(n, dtype=torch.bool), torch.ones(n)
+    for r in range(repeats):
+        clock.compute(r, ones, ones)
+        sync.step(r + 1)
+        for k, event in enumerate(comm.events):
+            clock.communicate(r, k, event, alive)
+        comm.events.clear()
+    return clock.now / repeats, float(comm.bytes_per_node.mean()) / repeats
+
+
 # ----------------------------------------------------------------------------- one rank
 
 
@@ -173,9 +227,46 @@ def worker(opts: dict[str, Any]) -> None:
         eps = 1e-4 * (rank + 1)
         samples: dict[str, list[float]] = {}
         step = 0
+        inner = opts.get("inner_size", INNER_SIZE)
+        a, b = torch.randn(inner, inner), torch.randn(inner, inner)
+
+        def inner_steps() -> None:  # stand-in for H steps of local training
+            for _ in range(opts.get("inner_steps", INNER_STEPS)):
+                torch.mm(a, b)
+
         # one case at a time, its algorithm (model, anchor, momentum, residuals) freed before
         # the next: all of them at once would hold ~3.5 GiB per rank at 16M parameters
         for case in opts["cases"]:
+            base, mode = split_segment(case)
+            if base == "compute" or mode is not None:
+                flat = None
+                sync = None
+                if base != "compute":
+                    algo, codec = parse_case(base)
+                    flat = FlatParams.from_stacked({"w": torch.randn(1, numel)})
+                    sync = build_sync(algo, codec, flat, comm, n, overlap=mode == "overlap")
+                samples[case] = []
+                for i in range(opts["warmup"] + 1):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(opts["repeats"]):
+                        step += 1
+                        inner_steps()
+                        if sync is not None and flat is not None:
+                            with torch.no_grad():
+                                for buf in flat.buffers():
+                                    buf.add_(eps)
+                            sync.step(step)
+                    dt = (time.perf_counter() - t0) / opts["repeats"]
+                    if sync is not None and hasattr(sync, "flush"):
+                        sync.flush()  # the last exchange, outside the timing
+                    worst = torch.tensor([dt], dtype=torch.float64)
+                    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                    if i >= opts["warmup"]:
+                        samples[case].append(float(worst))
+                del sync, flat
+                gc.collect()
+                continue
             flat = None
             if case in RAW:
                 fn = raws[case]
@@ -242,6 +333,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--inner-steps", type=int, default=INNER_STEPS,
+                        help="overlap cases: stand-in inner steps H per segment")
+    parser.add_argument("--inner-size", type=int, default=INNER_SIZE,
+                        help="overlap cases: one inner step is a square matmul of this size")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds one world size may take in all")
     parser.add_argument("--quick", action="store_true",
@@ -276,7 +371,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--delay-ms needs the netem qdisc, which this kernel lacks")
     numel = int(args.params * 1e6)
     opts = {"numel": numel, "cases": cases, "repeats": args.repeats, "warmup": args.warmup,
-            "rate_mbit": args.rate_mbit, "delay_ms": delay}
+            "rate_mbit": args.rate_mbit, "delay_ms": delay, "inner_steps": args.inner_steps,
+            "inner_size": args.inner_size}
     model = NetworkModel(latency=delay / 1e3, bandwidth=args.rate_mbit * 1e6 / 8,
                          compute_time=0.0)
     print(json.dumps({
@@ -284,18 +380,27 @@ def main(argv: list[str] | None = None) -> None:
         "mode": f"tbf+netem {delay} ms" if delay > 0 else "tbf (bandwidth only: no netem)",
         "netem_available": netem, "rate_mbit": args.rate_mbit, "params": numel,
         "bytes": 4 * numel, "world_sizes": sizes, "repeats": args.repeats,
-        "warmup": args.warmup}), flush=True)
+        "warmup": args.warmup, "inner_steps": args.inner_steps, "inner_size": args.inner_size,
+        "load_average": [round(x, 2) for x in os.getloadavg()]}), flush=True)
     for n in sizes:
         samples = run_world(n, opts, args.timeout)
+        compute = statistics.median(samples["compute"]) if "compute" in samples else None
         for case in cases:
-            seconds, sent = predict(case, n, numel, model)
+            if case == "compute" or split_segment(case)[1] is not None:
+                if compute is None:
+                    parser.error("overlap cases need the 'compute' case too")
+                seconds, sent = predict_segment(case, n, numel, model, compute, args.repeats)
+            else:
+                seconds, sent = predict(case, n, numel, model)
             measured = statistics.median(samples[case])
-            print(json.dumps({
-                "world_size": n, "case": case, "seconds": round(measured, 3),
-                "min_max": [round(min(samples[case]), 3), round(max(samples[case]), 3)],
-                "model_seconds": round(seconds, 3),
-                "measured/model": round(measured / seconds, 3) if seconds > 0 else None,
-                "bytes_per_node": int(sent)}), flush=True)
+            row = {"world_size": n, "case": case, "seconds": round(measured, 3),
+                   "min_max": [round(min(samples[case]), 3), round(max(samples[case]), 3)],
+                   "model_seconds": round(seconds, 3),
+                   "measured/model": round(measured / seconds, 3) if seconds > 0 else None,
+                   "bytes_per_node": int(sent)}
+            if split_segment(case)[1] is not None and compute:
+                row["/compute"] = round(measured / compute, 3)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -106,9 +106,17 @@ class Simulation:
         assert bsz is not None
         self.shards = shards = build.make_shards(cfg, self.task, n, shard_size=cfg.shard_size)
         self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
+        # streaming fragments: a round is H / F steps and syncs one fragment
+        frags = cfg.fragments or 1
         if cfg.local_epochs is None:
             assert cfg.sync_every is not None
-            self.round_steps = torch.full((n,), cfg.sync_every, dtype=torch.long)
+            if cfg.sync_every % frags:
+                raise ValueError(f"fragments={frags} must divide sync_every={cfg.sync_every} in "
+                                 "the simulator (one fragment syncs per round)")
+            self.round_steps = torch.full((n,), cfg.sync_every // frags, dtype=torch.long)
+        elif frags > 1:
+            raise ValueError(f"fragments={frags} needs rounds of sync_every steps, not "
+                             f"local_epochs={cfg.local_epochs}")
         else:
             self.round_steps = steps_for_epochs(self.sizes, bsz, cfg.local_epochs)
         self.steps_per_round = int(self.round_steps.max())
@@ -129,7 +137,7 @@ class Simulation:
         self.topology: Topology | None = build.make_topology_for(cfg, n)
         self.algorithm, _ = build.make_algorithm(
             cfg, self.model.flat, self.comm, topology=self.topology,
-            weight=self.sizes[ids].to(torch.float64), sync_every=self.steps_per_round)
+            weight=self.sizes[ids].to(torch.float64), sync_every=self.steps_per_round * frags)
         self.faults = FaultSchedule(
             n, cfg.rounds, seed=cfg.seed, crash_fraction=cfg.crash_fraction,
             crash_round=cfg.crash_round or 0, churn_fraction=cfg.churn_fraction,

@@ -28,6 +28,12 @@ Every node i has a clock ``t[i]`` (seconds). A round advances it in two phases:
      couples the clocks: a straggler delays its neighbours, and they delay theirs, one hop per
      round, as in a real decentralized run without a global barrier.
 
+**Overlapped events** (``event.overlapped``: DiLoCo/NoLoCo with ``overlap``) start at the node's
+clock when the sync is reached but do not hold it: their finish times (the same formulas, from the
+same start) are kept as ``pending`` and the node's clock only waits for them at the end of the
+next round's compute, ``t[i] = max(t[i] + compute, pending[i])``, where the overlapped outer step
+waits on its handle. Communication is charged only where it outlasts the compute it hides behind.
+
 At the end of a round a node that is down takes the clock of the latest node that is up (it
 rejoins "now"). The run's simulated time after round r is the latest clock of all nodes.
 Bytes are not modelled here: the communicator counts them exactly (``comm.bytes_per_node``).
@@ -128,6 +134,8 @@ class SimClock:
         self.model = model
         self.n = n
         self.t = np.zeros(n)
+        #: finish times of overlapped communication not yet waited on (-inf: none)
+        self.pending = np.full(n, -np.inf)
 
     @property
     def now(self) -> float:
@@ -139,30 +147,46 @@ class SimClock:
         m = self.model
         dt = steps.double().numpy() * m.compute_time * slowdown.double().numpy()
         self.t += dt * m.noise((self.n,), _COMPUTE, r)
+        # the overlapped outer step waits here for what the previous sync started
+        self.t = np.maximum(self.t, self.pending)
+        self.pending = np.full(self.n, -np.inf)
 
     def communicate(self, r: int, k: int, event: CommEvent, alive: Tensor) -> None:
-        """Apply the ``k``-th communication event of round ``r``."""
+        """Apply the ``k``-th communication event of round ``r`` (an overlapped one only sets
+        when it will be done, see the module doc)."""
+        if not event.overlapped:
+            self.t = self._finish(r, k, event, alive)
+            return
+        # overlapped events of one sync run one after another, from the sync's clocks
+        start = np.maximum(self.t, self.pending)
+        done = self._finish(r, k, event, alive, start)
+        self.pending = np.where(done > start, done, self.pending)
+
+    def _finish(self, r: int, k: int, event: CommEvent, alive: Tensor,
+                start: np.ndarray | None = None) -> np.ndarray:
+        """Every node's clock after ``event``, started at ``start`` (default: the clocks)."""
         m = self.model
+        t = (self.t if start is None else start).copy()
         up = alive.numpy().astype(bool)
         if event.op == "all_reduce":
             part = up if event.participants is None else event.participants.numpy().astype(bool)
             if not part.any():
-                return
+                return t
             count = int(part.sum())
             dur = allreduce_seconds(m.allreduce, count, event.nbytes, m.latency, m.bandwidth,
                                     m.server_bandwidth)
             dur *= float(m.noise((1,), _COLLECTIVE, r, k)[0])
-            self.t[part] = self.t[part].max() + dur
-            return
+            t[part] = t[part].max() + dur
+            return t
         if event.op == "all_gather":  # a ring all-gather of one payload per participant
             part = up if event.participants is None else event.participants.numpy().astype(bool)
             count = int(part.sum())
             if count == 0:
-                return
+                return t
             dur = (count - 1) * (m.latency + event.nbytes / m.bandwidth)
             dur *= float(m.noise((1,), _COLLECTIVE, r, k)[0])
-            self.t[part] = self.t[part].max() + dur
-            return
+            t[part] = t[part].max() + dur
+            return t
         if event.op != "exchange" or event.peers is None:
             raise ValueError(f"unknown communication event {event.op!r}")
         table = event.peers.numpy()
@@ -171,10 +195,10 @@ class SimClock:
         sent = valid & up[src] & up[:, None]
         out_count = np.bincount(src[sent], minlength=self.n)
         tx = event.nbytes / m.bandwidth
-        send_done = self.t + out_count * tx
+        send_done = t + out_count * tx
         arrival = send_done[src] + m.latency * m.noise(table.shape, _MESSAGE, r, k)
         wait = np.where(sent, arrival, -np.inf).max(axis=1, initial=-np.inf)
-        self.t = np.where(up, np.maximum(send_done, wait), self.t)
+        return np.where(up, np.maximum(send_done, wait), t)
 
     def end_round(self, alive: Tensor) -> None:
         """Nodes that are down catch up with the latest node that is up."""

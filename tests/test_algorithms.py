@@ -541,6 +541,9 @@ CONFIG_CASES = [
     *[(cls, "error_feedback", "yes") for cls in (FedAvgConfig, DiLoCoConfig, NoLoCoConfig,
                                                  GossipConfig, ChocoConfig)],
     (ChocoConfig, "sync_every", 0), (ChocoConfig, "gamma", 0.0), (ChocoConfig, "seed", -1),
+    *[(cls, field, value) for cls in (DiLoCoConfig, NoLoCoConfig)
+      for field, value in (("overlap", 1), ("fragments", 0), ("fragments", 2.0),
+                           ("fragments", 1000))],
 ]
 
 

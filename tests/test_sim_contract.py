@@ -33,6 +33,10 @@ CONFIGS = {
     "gossip-vc-int8sr": SimConfig(algo="gossip-vc", optimizer="sgd", lr=0.05, compress="int8-sr"),
     "choco-int8": SimConfig(algo="choco", optimizer="sgd", lr=0.05, compress="int8",
                             choco_gamma=0.8),
+    # overlapped outer steps: async handles on real ranks, immediate in the simulator
+    "diloco-overlap": SimConfig(algo="diloco", optimizer="adamw", lr=1e-3, overlap=True),
+    "noloco-overlap": SimConfig(algo="noloco", optimizer="adam", lr=1e-3, noloco_gamma=0.5,
+                                overlap=True),
 }
 
 

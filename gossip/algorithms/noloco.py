@@ -14,6 +14,27 @@ fp32. A node whose partner's model does not arrive averages over the group membe
 (alone: its own model). When phi travels too, theta and phi are averaged over the same members:
 those whose theta AND phi arrived (a member heard from only once is left out of both means, so a
 lost theta can never push a node away from a partner whose phi came).
+
+**Fragments** (``fragments = F``): the flat parameters are cut into F contiguous fragments,
+fragment f synchronised at inner steps ``s = f H // F (mod H)`` with the groups drawn for step
+``s`` (:mod:`gossip.algorithms._streaming`); each sync exchanges and updates that fragment only.
+
+**Overlap** (``overlap=True``, one-step delay): a fragment's exchange started at its sync t is
+waited on at its sync t + 1. With ``s_t`` the fragment's weights when segment t began (what the
+node trained from; ``s_t`` is also the phi that travels when gamma != beta), sync t does
+
+    start   exchange of theta_t (and s_t) with the group G_t      (async)
+    wait    the exchange of sync t - 1                          (t >= 2; nothing at t = 1)
+    delta   = alpha delta + beta mean_{G_{t-1}}(theta_{t-1} - s_{t-1})
+                          - gamma (s_{t-1} - mean_{G_{t-1}}(s_{t-1}))
+    phi     = phi + delta;   theta = s_{t+1} = phi
+
+i.e. the update of sync t - 1, computed exactly as without overlap from the weights that were
+exchanged (``s_{t-1}`` in the place of phi), lands one outer step late on the current phi, and
+the inner model restarts from phi. Without overlap ``s_t = phi`` and this is the update above.
+The in-flight exchange is state: :meth:`NoLoCo.state_dict` waits for it and saves the group
+means it gave, so a resume is bit-exact. The last sync's update stays pending
+(:meth:`NoLoCo.flush` applies it).
 """
 
 from __future__ import annotations
@@ -39,8 +60,10 @@ from gossip.algorithms._common import (
     make_compressors,
     timed_sync,
 )
+from gossip.algorithms._streaming import check_streaming, due_fragment, fragment_pieces
 from gossip.comm.base import Communicator
 from gossip.comm.compressed import exchange_compressed
+from gossip.comm.pending import Pending, complete_now, start_exchange
 from gossip.flat import FlatParams
 from gossip.ops import noloco_update_
 from gossip.topology import random_matching
@@ -58,6 +81,8 @@ class NoLoCoConfig:
     compress: what a node sends its group (:func:`gossip.compress.parse_codec`); a node averages
         its own exact weights with the others' decoded ones.
     error_feedback: carry what compression did not send into the next outer step.
+    overlap: start the exchange and apply its update one outer step late (module doc).
+    fragments: F, the model synchronised in F staggered fragments (module doc).
     """
 
     sync_every: int = 50
@@ -68,10 +93,13 @@ class NoLoCoConfig:
     seed: int = 0
     compress: str = "none"
     error_feedback: bool = False
+    overlap: bool = False
+    fragments: int = 1
 
     def __post_init__(self) -> None:
         check_compress(self.compress, self.error_feedback)
         check_positive("sync_every", self.sync_every, integer=True)
+        check_streaming(self.overlap, self.fragments, self.sync_every)
         check_fraction("alpha", self.alpha)
         check_positive("beta", self.beta)
         check_nonnegative("gamma", self.gamma)
@@ -129,7 +157,16 @@ class NoLoCo:
         self.config = config
         self.params = params
         self.comm = comm
-        self.phi = [b.detach().to(torch.float32).clone() for b in params.buffers()]
+        buffers = list(params.buffers())
+        # one slow-weight tensor per piece of a fragment (F = 1: one per buffer)
+        self._fragments = fragment_pieces(buffers, config.fragments)
+        self.phi = [buffers[p.buffer][:, p.cols].detach().to(torch.float32).clone()
+                    for pieces in self._fragments for p in pieces]
+        first = [0]
+        for pieces in self._fragments:
+            first.append(first[-1] + len(pieces))
+        #: fragment f's slow weights are phi[first[f]:first[f + 1]]
+        self._first = first
         self.delta = [torch.zeros_like(p) for p in self.phi]
         # the group means land in persistent buffers: a fresh model-sized tensor per sync costs a
         # page fault per 4 KiB, as long as the exchange itself on CPU
@@ -139,9 +176,23 @@ class NoLoCo:
         # with phi travelling: theta's received models, kept while phi's exchange (which may
         # reuse the communicator's receive buffer) decides who arrived twice
         self._theta_recv: list[Tensor | None] = [None] * len(self.phi)
+        # overlap: s_t (the weights segment t started from), the theta_t sent, the receive
+        # buffers [theta, phi] of the exchange in flight, and each fragment's pending exchange
+        # (its wait() leaves the group means in _theta_mean / _phi_mean)
+        overlap = config.overlap
+        self._start = [p.clone() for p in self.phi] if overlap else []
+        self._sent = [torch.empty_like(p) for p in self.phi] if overlap else []
+        self._recv: list[list[Tensor | None]] = [[None, None] for _ in self.phi]
+        self._pending: list[Pending[None] | None] = [None] * config.fragments
         # one compressor for theta's exchange, one for phi's (each its own residual)
         self._comp = make_compressors(config.compress, config.error_feedback, self.phi,
                                       seed=config.seed, copies=2)
+
+    def _slots(self, f: int) -> list[tuple[int, Tensor, slice]]:
+        """Fragment ``f``'s pieces: (index into phi, the model buffer, its columns)."""
+        buffers = list(self.params.buffers())
+        return [(self._first[f] + k, buffers[p.buffer], p.cols)
+                for k, p in enumerate(self._fragments[f])]
 
     def _exchange(self, x: Tensor, others: Tensor, i: int, what: int,
                   active: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -190,7 +241,8 @@ class NoLoCo:
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this step."""
-        if step % self.config.sync_every:
+        f = due_fragment(step, self.config.sync_every, self.config.fragments)
+        if f is None:
             return None
         cfg = self.config
         others, pos = group_table(self.comm.world_size, cfg.group_size, step, cfg.seed,
@@ -198,8 +250,11 @@ class NoLoCo:
         me = pos[self.comm.nodes]
         tied = cfg.gamma == cfg.beta
         with timed_sync(self.comm, SyncStats(step)) as stats:
-            for i, (theta, phi, delta) in enumerate(
-                    zip(self.params.buffers(), self.phi, self.delta, strict=True)):
+            if cfg.overlap:
+                self._overlapped(f, others, me, active)
+                return stats
+            for i, theta_all, piece in self._slots(f):
+                theta, phi, delta = theta_all[:, piece], self.phi[i], self.delta[i]
                 me = me.to(theta.device)
                 recv, arrived = self._exchange(theta, others, i, 0, active)
                 if not tied:  # phi travels too: both means over the members whose both came
@@ -224,6 +279,96 @@ class NoLoCo:
                         block[0].copy_(block[1])
         return stats
 
+    def _overlapped(self, f: int, others: Tensor, me: Tensor, active: Tensor | None) -> None:
+        """Sync t of fragment f with overlap (module doc): apply t - 1's update, start t's."""
+        cfg = self.config
+        previous = self._pending[f]
+        if previous is not None:
+            previous.wait()  # the group means of sync t - 1
+        slots = self._slots(f)
+        for i, theta_all, cols in slots:
+            theta, phi, delta, start = theta_all[:, cols], self.phi[i], self.delta[i], \
+                self._start[i]
+            self._sent[i].copy_(theta)  # theta_t, sent below
+            with frozen_rows([theta, phi, delta, start], active):
+                if previous is not None:
+                    # delta from s_{t-1} (then start = s_{t-1} + delta, unused)
+                    noloco_update_(delta, start, self._theta_mean[i],
+                                   self._phi_mean[i] if self._phi_mean else None,
+                                   alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
+                start.copy_(phi)  # s_t: the weights segment t started from
+                if previous is not None:
+                    phi.add_(delta)
+                theta.copy_(phi)
+        self._pending[f] = self._start_exchange(slots, others, me.to(self.phi[0].device), active)
+
+    def _start_exchange(self, slots: list[tuple[int, Tensor, slice]], others: Tensor,
+                        me: Tensor, active: Tensor | None) -> Pending[None]:
+        """Start sending ``_sent`` (theta_t) and, when gamma != beta, ``_start`` (s_t) of every
+        piece; the returned wait() leaves the group means in ``_theta_mean`` / ``_phi_mean``."""
+        tied = self.config.gamma == self.config.beta
+        if self._comp is not None:  # a compressed exchange decodes at once: resolve it now
+            def now() -> None:
+                for i, _, _ in slots:
+                    recv, arrived = self._exchange(self._sent[i], others, i, 0, active)
+                    if tied:
+                        self._group_mean(self._sent[i], recv, arrived, me, self._theta_mean[i])
+                        continue
+                    theta_recv = self._kept(i, recv)
+                    theta_arrived = arrived.clone()
+                    recv, arrived = self._exchange(self._start[i], others, i, 1, active)
+                    arrived = arrived & theta_arrived
+                    self._group_mean(self._sent[i], theta_recv, arrived, me,
+                                     self._theta_mean[i])
+                    self._group_mean(self._start[i], recv, arrived, me, self._phi_mean[i])
+            return complete_now(self.comm, now)
+        works = []
+        for i, _, _ in slots:
+            sends = [self._sent[i]] if tied else [self._sent[i], self._start[i]]
+            for what, x in enumerate(sends):
+                works.append(start_exchange(self.comm, x, others,
+                                            self._recv_buffer(i, what, x, others)))
+
+        def finish() -> None:
+            got = iter([w.wait() for w in works])
+            for i, _, _ in slots:
+                theta_recv, arrived = next(got)
+                if tied:
+                    self._group_mean(self._sent[i], theta_recv, arrived, me,
+                                     self._theta_mean[i])
+                    continue
+                phi_recv, phi_arrived = next(got)
+                both = arrived & phi_arrived
+                self._group_mean(self._sent[i], theta_recv, both, me, self._theta_mean[i])
+                self._group_mean(self._start[i], phi_recv, both, me, self._phi_mean[i])
+        return Pending(finish)
+
+    def _recv_buffer(self, i: int, what: int, x: Tensor, others: Tensor) -> Tensor:
+        """Piece ``i``'s persistent receive buffer for ``what`` (0: theta, 1: phi)."""
+        shape = (x.shape[0], others.shape[1], x.shape[1])
+        buf = self._recv[i][what]
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._recv[i][what] = torch.empty(shape, dtype=x.dtype, device=x.device)
+        return buf
+
+    def flush(self) -> None:
+        """Wait for every in-flight exchange and apply its update (theta = phi for those
+        fragments): at the end of an overlapped run, the last outer step. A no-op without
+        overlap."""
+        cfg = self.config
+        for f, pending in enumerate(self._pending):
+            if pending is None:
+                continue
+            pending.wait()
+            for i, theta_all, cols in self._slots(f):
+                noloco_update_(self.delta[i], self._start[i], self._theta_mean[i],
+                               self._phi_mean[i] if self._phi_mean else None,
+                               alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
+                self._start[i].copy_(self.phi[i])
+                self.phi[i].add_(self.delta[i])
+                theta_all[:, cols].copy_(self.phi[i])
+            self._pending[f] = None
+
     def _kept(self, i: int, recv: Tensor) -> Tensor:
         """A copy of ``recv`` in buffer ``i``'s persistent slot (allocated on first use)."""
         kept = self._theta_recv[i]
@@ -236,18 +381,51 @@ class NoLoCo:
         return None
 
     def state_rows(self) -> list[Tensor]:
-        """Per-node state tensors [L, ...]: phi, the outer momentum delta and the
-        error-feedback residuals, if any."""
-        return [*self.phi, *self.delta, *compressor_rows(self._comp)]
+        """Per-node state tensors [L, ...]: phi, the outer momentum delta, the error-feedback
+        residuals, if any, and with overlap s_t and the group means of the exchanges in flight
+        (always the same tensors: a node that is down keeps all of them through a sync)."""
+        flying = [*self._theta_mean, *self._phi_mean] if self.config.overlap else []
+        if flying:
+            self._in_flight()  # resolved
+        return [*self.phi, *self.delta, *compressor_rows(self._comp), *self._start, *flying]
+
+    def _in_flight(self) -> list[Tensor]:
+        """The group means of the exchanges in flight, waited for (fragment by fragment)."""
+        out: list[Tensor] = []
+        for f, pending in enumerate(self._pending):
+            if pending is not None:
+                pending.wait()
+                for i, _, _ in self._slots(f):
+                    out.append(self._theta_mean[i])
+                    if self._phi_mean:
+                        out.append(self._phi_mean[i])
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta],
-                **compressors_state(self._comp)}
+        state = {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta],
+                 **compressors_state(self._comp)}
+        if self.config.overlap:  # waits: every rank saves at the same step
+            state["in_flight"] = [p is not None for p in self._pending]
+            state["means"] = [m.clone() for m in self._in_flight()]
+            state["start"] = [s.clone() for s in self._start]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for dst, src in zip(self.phi + self.delta, state["phi"] + state["delta"], strict=True):
             dst.copy_(src)
         load_compressors_state(self._comp, state)
+        if self.config.overlap:
+            for dst, src in zip(self._start, state["start"], strict=True):
+                dst.copy_(src)
+            saved = iter(state["means"])
+            for f, flying in enumerate(state["in_flight"]):
+                self._pending[f] = None
+                if flying:
+                    for i, _, _ in self._slots(f):
+                        self._theta_mean[i].copy_(next(saved))
+                        if self._phi_mean:
+                            self._phi_mean[i].copy_(next(saved))
+                    self._pending[f] = Pending.done(None)
 
 
 #: Elements per column block of a real rank's outer update: the group mean and the update of a

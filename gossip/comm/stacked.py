@@ -34,6 +34,8 @@ class CommEvent:
     peers: Tensor | None  # [N, K] global table for exchanges
     delivered: Tensor | None  # [N, K] bool: which messages reached their receiver
     participants: Tensor | None  # [N] bool for all-reduces
+    #: started by an overlapped outer step: it runs behind the next round's compute
+    overlapped: bool = False
 
 
 class StackedCommunicator:

@@ -5,6 +5,10 @@ message per buffer, never one per parameter tensor. Every wait is bounded by ``t
 raises a :class:`~gossip.comm.base.CommError` that names the rank, the peers and the step.
 Gloo cannot send CUDA tensors point-to-point (both processes die in ``writev``), so over Gloo
 the point-to-point traffic of CUDA tensors is staged through pinned CPU buffers.
+:meth:`TorchCommunicator.start_all_reduce_mean_` and :meth:`TorchCommunicator.start_exchange`
+post the same work as async handles (overlapped outer steps, :mod:`gossip.comm.pending`); their
+``wait()`` goes through the same timed, monitored waits as the blocking calls, which are just
+``start_...().wait()``.
 
 With a :class:`~gossip.comm.monitor.PeerMonitor` the communicator survives dead peers: an
 exchange leaves out peers known to be dead and turns a peer's failure (closed connection or
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -35,6 +40,7 @@ from gossip.comm.base import (
 )
 from gossip.comm.compressed import torch_all_reduce_mean_
 from gossip.comm.monitor import PeerMonitor
+from gossip.comm.pending import Pending
 from gossip.compress import Compressor
 from gossip.scratch import Scratch
 
@@ -152,11 +158,19 @@ class TorchCommunicator:
 
     def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
                          compressor: Compressor | None = None) -> None:
+        self.start_all_reduce_mean_(x, weight, compressor=compressor).wait()
+
+    def start_all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
+                               compressor: Compressor | None = None) -> Pending[None]:
+        """:meth:`all_reduce_mean_` posted as async work; ``wait()`` finishes it (through the
+        same monitored wait as the blocking call). ``x`` must not change until then. The weights'
+        8-byte all-reduce and a compressed all-reduce (whose stages depend on each other) run
+        before this returns."""
         if not x.is_floating_point():
             raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
         if compressor is not None and compressor.codec.lossy:
             torch_all_reduce_mean_(self, x, weight, compressor)
-            return
+            return Pending.done(None)
         n = self._world_size
         everyone = tuple(r for r in range(n) if r != self.rank)
         self._arm()
@@ -175,11 +189,14 @@ class TorchCommunicator:
                 x.zero_()  # contributes exact zeros, even if this rank's model holds NaN/inf
             else:
                 x.mul_(mine / float(total))
-        self._wait(dist.all_reduce(x, group=self.group, async_op=True), "all_reduce", everyone,
-                   collective=True)
-        if weight is None:
-            x.div_(n)
-        self._traffic.add("all_reduce", x.numel() * x.element_size() * 2 * (n - 1) // n)
+        work = dist.all_reduce(x, group=self.group, async_op=True)
+
+        def finish() -> None:
+            self._wait(work, "all_reduce", everyone, collective=True)
+            if weight is None:
+                x.div_(n)
+            self._traffic.add("all_reduce", x.numel() * x.element_size() * 2 * (n - 1) // n)
+        return Pending(finish)
 
     def exchange(self, x: Tensor, peers: Tensor) -> tuple[Tensor, Tensor]:
         """See :meth:`Communicator.exchange`.
@@ -187,6 +204,13 @@ class TorchCommunicator:
         ``received`` is a buffer this communicator owns and reuses: the next exchange of a buffer
         of the same width and dtype overwrites it (copy it to keep it).
         """
+        return self.start_exchange(x, peers).wait()
+
+    def start_exchange(self, x: Tensor, peers: Tensor, *,
+                       received: Tensor | None = None) -> Pending[tuple[Tensor, Tensor]]:
+        """:meth:`exchange` posted as async point-to-point work; ``wait()`` finishes it and gives
+        ``(received, arrived)``. ``x`` must not change until then. ``received`` [1, K, P]: the
+        caller's receive buffer (default: this communicator's reused one)."""
         if x.dim() != 2 or x.shape[0] != 1:
             raise ValueError(f"x must have one row on a real rank, got shape {tuple(x.shape)}")
         table = check_peers(peers, self._world_size)
@@ -201,7 +225,15 @@ class TorchCommunicator:
         if stage:
             src = torch.empty(src.shape, dtype=src.dtype, pin_memory=True).copy_(src)
         k = table.shape[1]
-        received = self._recv_buffers.get((1, k, x.shape[1]), x.dtype, src.device)
+        shape = (1, k, x.shape[1])
+        if received is not None and (received.shape != shape or received.dtype != x.dtype):
+            raise ValueError(f"received must have shape {shape} and dtype {x.dtype}, got "
+                             f"{tuple(received.shape)} {received.dtype}")
+        target = received  # the caller's buffer, if any (on x's device)
+        if received is None:
+            received = self._recv_buffers.get(shape, x.dtype, src.device)
+        elif stage:  # its own CPU buffer: another exchange may be in flight
+            received = torch.empty(shape, dtype=x.dtype)
         for slot, j in enumerate(recv_from):
             if j < 0:
                 received[0, slot].zero_()  # padding holds zeros, like a message that never came
@@ -212,30 +244,39 @@ class TorchCommunicator:
             ops = [dist.P2POp(dist.irecv, received[0, slot], self._global(j), self.group)
                    for slot, j in enumerate(recv_from) if j >= 0]
             ops += [dist.P2POp(dist.isend, src, self._global(j), self.group) for j in send_to]
-            if ops:
-                peers_involved = tuple(sorted(set(send_to) | {j for j in recv_from if j >= 0}))
-                for work in dist.batch_isend_irecv(ops):
-                    self._wait(work, "exchange", peers_involved)
+            works = dist.batch_isend_irecv(ops) if ops else []
+            involved = tuple(sorted(set(send_to) | {j for j in recv_from if j >= 0}))
+
+            def wait_all() -> list[int]:
+                for work in works:
+                    self._wait(work, "exchange", involved)
+                return send_to
         else:
-            send_to = self._exchange_surviving(src, received, arrived, send_to, recv_from)
-        self._traffic.add("exchange", len(send_to) * src.numel() * src.element_size(),
-                          messages=len(send_to))
-        if stage:
-            received = received.to(x.device)
-        return received, arrived
+            wait_all = self._post_surviving(src, received, arrived, send_to, recv_from)
+        recv = received
+
+        def finish() -> tuple[Tensor, Tensor]:
+            sent_to = wait_all()
+            self._traffic.add("exchange", len(sent_to) * src.numel() * src.element_size(),
+                              messages=len(sent_to))
+            if target is not None:
+                return (target.copy_(recv) if stage else recv), arrived
+            return (recv.to(x.device) if stage else recv), arrived
+        return Pending(finish)
 
     def exchange_slots(self, x: Tensor, peers: Tensor) -> DenseReceived:
         """:meth:`exchange`; every slot is held at once (the communicator's reused buffer)."""
         return DenseReceived(*self.exchange(x, peers))
 
-    def _exchange_surviving(self, src: Tensor, received: Tensor, arrived: Tensor,
-                            send_to: list[int], recv_from: list[int]) -> list[int]:
+    def _post_surviving(self, src: Tensor, received: Tensor, arrived: Tensor,
+                        send_to: list[int], recv_from: list[int]) -> Callable[[], list[int]]:
         """Exchange with every peer not known dead; a peer that fails is reported and skipped.
 
-        Each operation is posted (receives first) and waited on its own, and each wait ends as
-        soon as the monitor finds that peer dead (a frozen peer: after ``dead_after``), so one
-        dead or frozen peer cannot take the others' messages down with it, nor hold this rank
-        for the full timeout. Returns the peers that were sent to.
+        Each operation is posted now (receives first) and waited on its own by the returned
+        function, and each wait ends as soon as the monitor finds that peer dead (a frozen peer:
+        after ``dead_after``), so one dead or frozen peer cannot take the others' messages down
+        with it, nor hold this rank for the full timeout. The function returns the peers that
+        were sent to.
         """
         assert self.monitor is not None
         self._arm()
@@ -254,6 +295,12 @@ class TorchCommunicator:
         for j in send_to:
             if j not in dead:
                 posted.append((j, -1, self._post(dist.isend, src, j)))
+        return lambda: self._finish_surviving(posted, received, arrived, send_to, dead)
+
+    def _finish_surviving(self, posted: list[tuple[int, int, dist.Work | None]],
+                          received: Tensor, arrived: Tensor, send_to: list[int],
+                          dead: set[int]) -> list[int]:
+        assert self.monitor is not None
         failed: set[int] = set()
         for j, slot, work in posted:
             ok = work is not None and j not in failed

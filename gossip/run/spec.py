@@ -166,6 +166,12 @@ class AlgorithmOptions:
         "fp8[:BLOCK] | topk:RATIO | randk:RATIO (default: none)"))
     error_feedback: bool | None = field(default=None, metadata=help_text(
         "carry what compression did not send into the next sync (default: off)"))
+    overlap: bool | None = field(default=None, metadata=help_text(
+        "diloco, noloco: run each outer exchange behind the next H inner steps and apply its "
+        "update one outer step late (default: off)"))
+    fragments: int | None = field(default=None, metadata=help_text(
+        "diloco, noloco: sync the model in F staggered fragments, one every H/F steps "
+        "(default: 1)"))
 
 
 @dataclass(frozen=True, kw_only=True)
