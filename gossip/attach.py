@@ -289,6 +289,8 @@ class Attached:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.algorithm.flush()  # an overlapped outer step still in flight lands now
         self.close()
 
     def check(self) -> None:

@@ -202,6 +202,8 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
             unfolded += 1
             stats = algo.step(step)
             last = step == cfg.steps
+            if last:
+                algo.flush()  # an overlapped run's last outer step, before the final eval
             evaluating = step % (cfg.eval_every or 50) == 0 or last
             saving = bool(cfg.checkpoint_every) and (step % cfg.checkpoint_every == 0 or last)
             if stats is not None or evaluating or saving:  # fold the losses into the counters

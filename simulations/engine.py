@@ -231,10 +231,14 @@ class Simulation:
 
         first = len(self.comm.events)
         up_local = alive[self.nodes]
-        if bool(take.any()):
+        last = r + 1 == cfg.rounds
+        if bool(take.any()) or last:
             with self._freeze_down(up_local.to(self.device)):
-                self.algorithm.step((r + 1) * self.steps_per_round,
-                                    active=up_local.to(self.device))
+                if bool(take.any()):
+                    self.algorithm.step((r + 1) * self.steps_per_round,
+                                        active=up_local.to(self.device))
+                if last:  # an overlapped run's last outer step, before the final evaluation
+                    self.algorithm.flush()
         events = self.comm.events[first:]
         del self.comm.events[:]
         before = self.clock.now

@@ -42,7 +42,7 @@ def _inner(rows: Tensor, nodes: list[int], step: int) -> None:
         rows[r] += noise(i, step, rows.shape[1], 0.05)
 
 
-def diloco_ref(steps: int, f: int, overlap: bool) -> Tensor:
+def diloco_ref(steps: int, f: int, overlap: bool, flush: bool = False) -> Tensor:
     """DiLoCo with F fragments and one-step-delayed outer steps, [N, P] fp32: at fragment k's
     sync, g = mean_i(phi - theta_i) over its columns; without overlap phi = Nesterov(phi, g);
     with overlap phi = Nesterov(phi, g of k's previous sync) (none at its first); theta = phi."""
@@ -62,6 +62,11 @@ def diloco_ref(steps: int, f: int, overlap: bool) -> Tensor:
         if g is not None:
             phi[c], buf[k] = nesterov_ref(phi[c], buf[k], g, LR, MU)
         theta[:, c] = phi[c]
+    for k in range(f) if flush else ():  # the updates still in flight at the end
+        if flying[k] is not None:
+            c = _cols(P, f, k)
+            phi[c], buf[k] = nesterov_ref(phi[c], buf[k], flying[k], LR, MU)
+            theta[:, c] = phi[c]
     return theta
 
 
@@ -166,6 +171,21 @@ def test_diloco_stacked_matches_delayed_fragment_reference(overlap, f):
     torch.testing.assert_close(got, diloco_ref(steps, f, overlap), rtol=1e-5, atol=1e-6)
     if overlap:  # not today's update: the delay changes the trajectory
         assert not torch.allclose(got, diloco_ref(steps, f, False), atol=1e-3)
+
+
+@pytest.mark.parametrize("f", [1, 2])
+def test_diloco_flush_applies_the_last_outer_step(f):
+    """After the last step an overlapped run still has one outer step in flight per fragment:
+    flush() applies it (what launch.train, the simulator and Attached's exit call)."""
+    steps = 4 * H
+    make = lambda p, c: DiLoCo(DiLoCoConfig(sync_every=H, overlap=True, fragments=f), p, c)  # noqa: E731
+    got, alg = _stacked_run(make, steps)
+    alg.flush()
+    torch.testing.assert_close(got, diloco_ref(steps, f, True, flush=True), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, diloco_ref(steps, f, True), atol=1e-4)  # it did land
+    before = got.clone()
+    alg.flush()  # nothing left in flight: a no-op
+    assert torch.equal(got, before)
 
 
 @pytest.mark.parametrize("overlap,f,gamma", [(True, 1, 0.7), (True, 2, 0.3), (False, 2, 0.7)])

@@ -139,6 +139,9 @@ class Choco:
         """Every node takes part in every round."""
         return None
 
+    def flush(self) -> None:
+        """Nothing is ever in flight: every sync completes within :meth:`step`."""
+
     def state_rows(self) -> list[Tensor]:
         """Per-node state tensors [L, ...]: the public copy x_hat and s = sum_j W_ij x_hat_j
         of every buffer (and the error-feedback residuals, if any: none, it is refused). A node

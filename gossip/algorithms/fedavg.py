@@ -116,6 +116,9 @@ class FedAvg:
         self.rounds += 1
         return stats
 
+    def flush(self) -> None:
+        """Nothing is ever in flight: every sync completes within :meth:`step`."""
+
     def state_rows(self) -> list[Tensor]:
         """Per-node state tensors [L, ...]: the error-feedback residuals, if any (else the model
         rows are all FedAvg keeps)."""

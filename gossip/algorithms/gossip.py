@@ -157,6 +157,9 @@ class Gossip:
         """Every node takes part in every round."""
         return None
 
+    def flush(self) -> None:
+        """Nothing is ever in flight: every sync completes within :meth:`step`."""
+
     def state_rows(self) -> list[Tensor]:
         """Per-node state tensors [L, ...]: the error-feedback residuals, if any (else the model
         rows are all gossip keeps)."""
