@@ -86,6 +86,7 @@ def _real_rank(comm) -> dict[str, np.ndarray]:
             loss.backward()
             opt.step()
             algorithm.step(step)
+        algorithm.flush()  # as launch.train does after its last step (overlapped runs)
         # numpy: tensors would travel as shared-memory handles that die with the process
         out[name] = torch.cat([b.detach() for b in params.buffers()], dim=1)[0].numpy().copy()
     return out
