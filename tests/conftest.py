@@ -5,6 +5,11 @@ worker process), started only when a test asks for it and always shut down at th
 use it are marked ``ray`` automatically (mark them explicitly too, for ``-m "not ray"``) and put
 in the xdist group "ray", so ``pytest -n N --dist loadgroup`` runs them all in one worker and
 starts one cluster.
+
+Collection order: the ``slow`` tests first (stable otherwise). pytest-xdist hands tests out in
+collection order (``loadgroup`` puts the "ray" group, its biggest unit, first anyway), so the
+long multi-process runs start early and the tail of the run is short unit tests that keep both
+workers busy, instead of one worker finishing a long end-to-end test alone.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.ray)
             # with ``-n N --dist loadgroup`` all Ray tests share one xdist worker, one cluster
             item.add_marker(pytest.mark.xdist_group("ray"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
