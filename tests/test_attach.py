@@ -209,12 +209,6 @@ def _rank_main(comm: Any) -> dict[str, Any]:
     return out
 
 
-def on_ranks(test: Any) -> Any:
-    """A test on the ranks' results: slow, and in one xdist group, so one worker runs them all
-    and each world size's ranks run once (spread over two workers, both would run them)."""
-    return pytest.mark.slow(pytest.mark.xdist_group("attach-ranks")(test))
-
-
 @pytest.fixture(scope="module", params=[2, 4])
 def ranks(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
     return run_ranks(_rank_main, request.param, timeout=600)
@@ -224,7 +218,7 @@ def _mean(tensors: list[Tensor]) -> Tensor:
     return torch.stack(tensors).mean(dim=0)
 
 
-@on_ranks
+@pytest.mark.slow
 def test_fedavg_ranks_end_bit_identical_at_the_mean(ranks):
     outs = [r["fedavg"] for r in ranks]
     for key in ("params", "buffers"):
@@ -239,7 +233,7 @@ def test_fedavg_ranks_end_bit_identical_at_the_mean(ranks):
     assert outs[0]["last_step"] == 2 * H  # steps count from 1: the 2H-th step syncs
 
 
-@on_ranks
+@pytest.mark.slow
 def test_bytes_sent_is_two_ring_all_reduces_of_params_and_buffers(ranks):
     n = len(ranks)
     o = ranks[0]["fedavg"]
@@ -250,7 +244,7 @@ def test_bytes_sent_is_two_ring_all_reduces_of_params_and_buffers(ranks):
     assert o["bytes_sent"] == 2 * (4 * params * 2 * (n - 1) // n)
 
 
-@on_ranks
+@pytest.mark.slow
 def test_buffers_local_are_left_alone_while_params_average(ranks):
     outs = [r["fedavg-local"] for r in ranks]
     for o in outs:
@@ -259,7 +253,7 @@ def test_buffers_local_are_left_alone_while_params_average(ranks):
     assert not torch.equal(outs[0]["buffers"], outs[1]["buffers"])
 
 
-@on_ranks
+@pytest.mark.slow
 def test_diloco_buffers_are_the_mean(ranks):
     outs = [r["diloco"] for r in ranks]
     for o in outs:
@@ -268,7 +262,7 @@ def test_diloco_buffers_are_the_mean(ranks):
                                rtol=1e-6, atol=1e-7)
 
 
-@on_ranks
+@pytest.mark.slow
 def test_noloco_buffers_are_the_mean_over_the_same_pair(ranks):
     n = len(ranks)
     others, _ = group_table(n, 2, 2 * H, 0)
@@ -278,7 +272,7 @@ def test_noloco_buffers_are_the_mean_over_the_same_pair(ranks):
         torch.testing.assert_close(r["noloco"]["buffers"], want, rtol=1e-6, atol=1e-6)
 
 
-@on_ranks
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["fedavg", "diloco", "noloco"])
 def test_differently_seeded_ranks_get_rank_0s_parameters_and_buffers(ranks, algo):
     for rank, r in enumerate(ranks):
@@ -287,7 +281,7 @@ def test_differently_seeded_ranks_get_rank_0s_parameters_and_buffers(ranks, algo
         assert got["state_is_own"] == (rank == 0)
 
 
-@on_ranks
+@pytest.mark.slow
 def test_gossip_names_the_ranks_that_start_apart(ranks):
     n = len(ranks)
     odd = [r for r in range(n) if r % 2]
@@ -299,7 +293,7 @@ def test_gossip_names_the_ranks_that_start_apart(ranks):
         assert "error" not in got and got["state_is_own"]
 
 
-@on_ranks
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["noloco", "diloco", "diloco-int8"])
 def test_attach_equals_the_algorithm_driven_by_hand(ranks, algo):
     for r in ranks:
@@ -309,7 +303,7 @@ def test_attach_equals_the_algorithm_driven_by_hand(ranks, algo):
         assert not torch.equal(got["attach"], got["unsynced"])  # the syncs did something
 
 
-@on_ranks
+@pytest.mark.slow
 def test_leaving_the_context_removes_the_hook(ranks):
     outs = [r["exit"] for r in ranks]
     for o in outs:
@@ -319,7 +313,7 @@ def test_leaving_the_context_removes_the_hook(ranks):
     assert not torch.equal(outs[0]["after"], outs[1]["after"])
 
 
-@on_ranks
+@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["noloco", "diloco", "gossip", "noloco-topk", "choco"])
 def test_state_dict_resumes_bit_exactly(ranks, algo):
     for r in ranks:

@@ -33,10 +33,6 @@ def _json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-#: the tests on quick_runs share one xdist worker: both scripts run once, not once per worker
-ON_QUICK_RUNS = pytest.mark.xdist_group("benchmarks-quick-runs")
-
-
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Both scripts started together (they are mostly imports and waiting)."""
@@ -46,7 +42,6 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": out, **{k: _finish(p) for k, p in procs.items()}}
 
 
-@ON_QUICK_RUNS
 def test_sim_throughput_quick(quick_runs: dict) -> None:
     rc, out, err = quick_runs["throughput"]
     assert rc == 0, err
@@ -70,7 +65,6 @@ def test_sim_throughput_cuda_guard() -> None:
     assert "cuda" in _json_lines(out)[0]["error"]
 
 
-@ON_QUICK_RUNS
 def test_vanishing_variance_quick(quick_runs: dict) -> None:
     rc, out, err = quick_runs["variance"]
     assert rc == 0, err
