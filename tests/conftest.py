@@ -11,9 +11,10 @@ collection order, so the long multi-process runs start early and the tail of the
 unit tests that keep both workers busy, instead of one worker finishing a long end-to-end test
 alone.
 
-Known gap: with pytest 9 and pytest-xdist 3.8, ``xdist_group`` has no effect (xdist renames
-``item._nodeid``; pytest 9 builds ``nodeid`` from ``item._id``), so ``--dist loadgroup`` schedules
-every test on its own and each worker may start its own Ray cluster.
+Groups need pytest < 9 (pinned in pyproject.toml): with pytest 9.2 and pytest-xdist 3.8,
+``xdist_group`` has no effect (xdist renames ``item._nodeid``; pytest 9 builds ``nodeid`` from
+``item._id``), so ``--dist loadgroup`` would schedule every test on its own, each worker could
+start its own Ray cluster and a module fixture would run once per worker.
 """
 
 from __future__ import annotations

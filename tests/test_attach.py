@@ -22,6 +22,9 @@ from gossip.comm import StackedCommunicator
 from gossip.flat import FlatParams
 from tests.distributed import run_ranks
 
+# one worker runs the module, so its module-scoped fixture runs once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("attach_ranks")
+
 H = 3  # sync_every in the scenarios
 
 

@@ -15,6 +15,9 @@ import torch
 from gossip.batching import StackedBatches, _fast_draws_ok, node_batch
 from gossip.data import partition
 
+# one worker runs the module, so its module-scoped fixture runs once (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
