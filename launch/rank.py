@@ -25,8 +25,9 @@ from gossip.flat import FlatParams
 from gossip.tasks import Task, TaskData
 from launch.config import TrainConfig
 
-__all__ = ["RunError", "ShardStream", "agree", "consensus", "derived_seed", "evaluate",
-           "free_port", "interrupt", "join_process_group", "leave", "pick_device", "test_set"]
+__all__ = ["RunError", "ShardStream", "agree", "configure_logging", "consensus", "derived_seed",
+           "evaluate", "free_port", "interrupt", "join_process_group", "leave", "pick_device",
+           "single_process_env", "test_set"]
 
 
 class RunError(ValueError):
@@ -178,6 +179,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def single_process_env() -> None:
+    """Outside torchrun (no ``RANK``): torchrun's environment for a world of one process."""
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(free_port())})
+
+
+def configure_logging(rank: int) -> None:
+    """INFO from rank 0, warnings from the others, each line naming its rank (stderr)."""
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
 
 
 def interrupt(signum: int, _frame: object) -> None:

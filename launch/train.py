@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -43,13 +42,14 @@ from launch.rank import (
     RunError,
     ShardStream,
     agree,
+    configure_logging,
     derived_seed,
     evaluate,
-    free_port,
     interrupt,
     join_process_group,
     leave,
     pick_device,
+    single_process_env,
     test_set,
 )
 from launch.records import describe, gatherer
@@ -261,15 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_out(cfg.out or "runs")  # before any process group forms, on every rank alike
     except ValueError as e:
         parser.error(str(e))  # exits with status 2
-    if "RANK" not in os.environ:  # plain `python -m launch.train`: a world of one process
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(free_port())})
+    single_process_env()  # plain `python -m launch.train`: a world of one process
     comm = join_process_group(None if cfg.backend == "auto" else cfg.backend, cfg.timeout,
                               survive=cfg.survive_failures, dead_after=cfg.dead_after)
-    logging.basicConfig(
-        level=logging.INFO if comm.rank == 0 else logging.WARNING, stream=sys.stderr,
-        format=f"%(asctime)s [rank {comm.rank}] %(levelname)s %(name)s: %(message)s", force=True)
+    configure_logging(comm.rank)
     warning = torchrun_store_warning(os.environ, cfg.survive_failures)
     if warning and comm.rank == 0:
         log.warning("%s", warning)
