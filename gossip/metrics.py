@@ -216,6 +216,12 @@ def load_runs(paths: Iterable[str | os.PathLike[str]]) -> Any:
         evals: list[dict[str, Any]] = []
         distance: dict[int, Any] = {}
         for r in iter_jsonl(run / "metrics.jsonl"):
+            if "kind" not in r or "test_loss" in r:  # a round aggregate or an old eval row
+                raise ValueError(
+                    f"{run / 'metrics.jsonl'} predates the record schema of gossip.records (a "
+                    f"record {'without a kind' if 'kind' not in r else 'with test_loss'}): "
+                    "load_runs reads the per-node eval rows that newer runs write; read this "
+                    "file with gossip.metrics.read_jsonl, or rerun it")
             if r.get("kind") == "eval":
                 evals.append(r)
             elif r.get("consensus_distance") is not None:

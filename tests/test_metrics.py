@@ -48,3 +48,20 @@ def test_a_reader_never_sees_a_broken_record_from_a_live_writer(tmp_path: Path) 
     records = read_jsonl(path)
     assert len(records) == 9000 >= seen
     assert [r["step"] for r in records[::3]] == list(range(3000))
+
+
+@pytest.mark.parametrize("legacy", [
+    # the simulator's per-round aggregate before the one record schema
+    {"round": 1, "step": 1, "accuracy_mean": 0.5, "loss_mean": 1.2},
+    # a real rank's eval row before it
+    {"kind": "eval", "step": 10, "rank": 0, "test_loss": 1.2, "test_accuracy": 0.5},
+])
+def test_load_runs_refuses_a_run_written_before_the_record_schema(tmp_path: Path, legacy) -> None:
+    """An old run directory would otherwise give an empty table without a word."""
+    pytest.importorskip("pandas")
+    from gossip.metrics import load_runs
+
+    (tmp_path / "config.json").write_text(json.dumps({"algo": "fedavg", "task": "digits"}))
+    append_jsonl(tmp_path / "metrics.jsonl", [legacy])
+    with pytest.raises(ValueError, match=r"metrics\.jsonl predates the record schema"):
+        load_runs([tmp_path])
