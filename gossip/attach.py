@@ -278,8 +278,12 @@ class Attached:
         """Whether ``optimizer.step()`` still drives the algorithm."""
         return self._handle is not None
 
-    def close(self) -> None:
-        """Remove the hook: later ``optimizer.step()`` calls train locally and never sync."""
+    def close(self, *, flush: bool = True) -> None:
+        """Remove the hook: later ``optimizer.step()`` calls train locally and never sync.
+        With ``flush`` (the default) an overlapped outer step still in flight is applied first
+        (:meth:`gossip.algorithms.Algorithm.flush`), so the model holds every update."""
+        if flush and self._handle is not None:
+            self.algorithm.flush()
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
@@ -289,9 +293,7 @@ class Attached:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
-            self.algorithm.flush()  # an overlapped outer step still in flight lands now
-        self.close()
+        self.close(flush=exc_type is None)  # after an error, nothing more is waited for
 
     def check(self) -> None:
         """Raise ``RuntimeError`` naming any parameter or buffer that no longer views the flat

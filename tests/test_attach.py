@@ -449,3 +449,35 @@ def test_the_public_api_is_exported():
                  "DiLoCoConfig", "NoLoCo", "NoLoCoConfig", "Gossip", "GossipConfig",
                  "Choco", "ChocoConfig", "SyncStats", "Topology", "make_topology"]:
         assert name in gossip.__all__ and hasattr(gossip, name), name
+
+
+def _overlapped_diloco_after_4_steps() -> tuple[nn.Module, gossip.Attached, list[Tensor]]:
+    """One node, H = 2, overlap: after step 4 the outer step of the sync at 4 is in flight."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    attached = gossip.attach(model, opt, gossip.DiLoCoConfig(sync_every=2, overlap=True),
+                             StackedCommunicator(1))
+    x = torch.randn(4, 8, 4)
+    for s in range(4):
+        loss = model(x[s]).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model, attached, [p.detach().clone() for p in model.parameters()]
+
+
+def test_close_applies_the_outer_step_in_flight_and_an_error_exit_does_not() -> None:
+    model, attached, before = _overlapped_diloco_after_4_steps()
+    # the reference: the same algorithm state, flushed by hand
+    ref_model, ref, _ = _overlapped_diloco_after_4_steps()
+    ref.algorithm.flush()
+    attached.close()
+    for p, q in zip(model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    model, attached, before = _overlapped_diloco_after_4_steps()
+    with pytest.raises(RuntimeError, match="boom"), attached:
+        raise RuntimeError("boom")
+    for p, b in zip(model.parameters(), before, strict=True):  # nothing waited for, nothing moved
+        assert torch.equal(p, b)
