@@ -287,6 +287,7 @@ copy_runs() {
 scenario_sim() {
     local dir=$WORK/sim
     mkdir -p "$dir"
+    docker rm -f gossip-dtest-sim >/dev/null 2>&1 || true  # left by a run killed before cleanup
     bg docker run --rm --name gossip-dtest-sim --user "$(id -u):$(id -g)" -e HOME=/tmp \
         -v "$dir:/runs" "$IMAGE" \
         python -m simulations.run "${SIM_ARGS[@]}" --out /runs/x >"$WORK/sim.log" 2>&1 \
@@ -301,6 +302,7 @@ compose_logs() { "${COMPOSE[@]}" -f "$1" -p "$2" logs --no-color 2>&1 | tail -60
 
 scenario_torchrun() {
     local file=docker/compose.torchrun.yml p=$TORCHRUN_PROJECT
+    compose_down "$file" "$p"  # what a run killed before its cleanup left (its runs volume too)
     UP+=("$file $p")
     export GOSSIP_IMAGE=$IMAGE NNODES=2 NPROC_PER_NODE=1 STEPS=$TRAIN_STEPS SYNC_EVERY=$TRAIN_H
     bg "${COMPOSE[@]}" -f "$file" -p "$p" up -d --no-build >"$WORK/torchrun-up.log" 2>&1 \
@@ -343,6 +345,7 @@ EOF
 
 scenario_ray() {
     local file=docker/compose.ray.yml p=$RAY_PROJECT
+    compose_down "$file" "$p"  # what a run killed before its cleanup left
     UP+=("$file $p")
     export GOSSIP_IMAGE=$IMAGE RAY_NODE_CPUS=1
     # a free host port for the dashboard, so that a Ray on the host does not collide with it
