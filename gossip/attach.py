@@ -282,11 +282,12 @@ class Attached:
         """Remove the hook: later ``optimizer.step()`` calls train locally and never sync.
         With ``flush`` (the default) an overlapped outer step still in flight is applied first
         (:meth:`gossip.algorithms.Algorithm.flush`), so the model holds every update."""
-        if flush and self._handle is not None:
+        if self._handle is None:
+            return
+        if flush:
             self.algorithm.flush()
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        self._handle.remove()
+        self._handle = None
 
     def __enter__(self) -> Attached:
         return self

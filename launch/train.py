@@ -32,7 +32,7 @@ from gossip import checkpoint as ckpt
 from gossip.allocator import reuse_freed_memory
 from gossip.comm import CommError, TorchCommunicator
 from gossip.flat import FlatParams, scope_from_spec
-from gossip.metrics import iter_jsonl
+from gossip.metrics import read_jsonl
 from gossip.plots import plot_run
 from gossip.records import summarize, table
 from gossip.run import build
@@ -238,14 +238,15 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
         if gathered is None:
             return None
         per_rank, extra = gathered
-        summary = summarize(iter_jsonl(out / "metrics.jsonl"), **describe(
+        metrics = read_jsonl(out / "metrics.jsonl")  # read once: the summary, then the plots
+        summary = summarize(metrics, **describe(
             cfg, task.name, n, per_rank, final, c.wall_seconds, resumed_from=start or None,
             task_source=build.task_source(cfg.task)), **extra)
         run_dir.write_summary(summary)  # also by a survivor when rank 0 died
     finally:
         records.close()
     try:
-        plot_run(iter_jsonl(out / "metrics.jsonl"), out,
+        plot_run(metrics, out,
                  title=f"{cfg.algo} on {task.name}, {n} ranks")
     except Exception:
         log.exception("plotting failed")
