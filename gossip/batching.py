@@ -1,30 +1,82 @@
 """Deterministic, stateless mini-batch schedules for one node or N stacked nodes.
 
 Node ``i`` with shard ``indices`` (n_i samples) sees, at its local step ``s`` (0-based), batch
-``j = s mod m_i`` of epoch ``e = s div m_i``, where ``m_i = ceil(n_i / B)`` and each epoch is a
-fresh permutation drawn from ``numpy.random.default_rng([seed, i, e])``. Batches always hold B
-samples: the last batch of an epoch wraps around to the start of the same permutation. Being a
-pure function of (seed, node, step), the schedule needs no saved state to resume, and a real rank
-and a simulated node with the same id see exactly the same samples.
+``j = s mod m_i`` of epoch ``e = s div m_i``, where ``m_i = ceil(n_i / B)``. Batches always hold B
+samples: the last batch of an epoch wraps around to the start of the same permutation.
+
+Each epoch is a fresh permutation of the shard: position ``p`` gets the key
+``mix(h(seed, i, e) xor (p + 1) * 0x9E3779B9 mod 2**32)`` and the shard is sorted by key, where
+``mix`` is a 32-bit integer hash (Wellons' ``lowbias32``) and ``h`` chains it over the 32-bit
+halves of the seed, the node id and the epoch. Both maps are bijections of 32-bit integers, so a
+row's keys are distinct and the order is unique. Being integer arithmetic, the schedule is the
+same on every device and for every number of nodes drawn together: a real rank, a simulated node
+with the same id, on the CPU or a GPU, see exactly the same samples, and thousands of nodes
+starting an epoch together cost a few vectorized tensor operations. Being a pure function of
+(seed, node, step), the schedule needs no saved state to resume.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from gossip.ops import to_device
+
+Array = TypeVar("Array", np.ndarray, Tensor)
+
 __all__ = ["StackedBatches", "node_batch", "steps_per_epoch"]
+
+_M32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+_LOWBIAS = (0x7FEB352D, 0x846CA68B)
+_ABSENT = 1 << 32  # the key of a padding position: after every real one
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:
     return -(-num_samples // batch_size)
 
 
-def _perm(indices: np.ndarray, seed: int, node: int, epoch: int) -> np.ndarray:
-    return indices[np.random.default_rng([seed, node, epoch]).permutation(len(indices))]
+def _mul32(x: Array, c: int) -> Array:
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) and a constant ``c`` < 2**32, in two
+    16-bit halves so that no product leaves int64."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix(x: Array) -> Array:
+    """Wellons' ``lowbias32``: a bijection of 32-bit integers (held in int64)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _LOWBIAS[0])
+    x = x ^ (x >> 15)
+    x = _mul32(x, _LOWBIAS[1])
+    return x ^ (x >> 16)
+
+
+def _node_hash(seed: int, nodes: Array) -> Array:
+    """The chained hash of the seed and the node ids [L] (any int64 values)."""
+    h = _mix(nodes * 0 + ((seed & _M32) ^ _GOLDEN))
+    for part in ((seed >> 32) & _M32, nodes & _M32, (nodes >> 32) & _M32):
+        h = _mix(h ^ part)
+    return h
+
+
+def _epoch_orders(node_hash: Array, epochs: Array, sizes: Array, width: int) -> Array:
+    """[L, width] int64: row ``l`` starts with the positions ``0 .. sizes[l] - 1`` of its node's
+    shard in the order of epoch ``epochs[l]`` (padding after them); ``node_hash`` [L] is
+    :func:`_node_hash` of the nodes. NumPy arrays (fewer overheads on the host) or tensors on
+    any device: the same integer arithmetic, the same orders."""
+    h = _mix(_mix(node_hash ^ (epochs & _M32)) ^ ((epochs >> 32) & _M32))
+    if isinstance(h, Tensor):
+        pos = torch.arange(width, device=h.device)
+        keys = _mix(h[:, None] ^ _mul32(pos + 1, _GOLDEN))
+        return keys.masked_fill_(pos >= sizes[:, None], _ABSENT).argsort(dim=1)
+    pos = np.arange(width, dtype=np.int64)
+    keys = _mix(h[:, None] ^ _mul32(pos + 1, _GOLDEN))
+    keys[pos >= sizes[:, None]] = _ABSENT
+    return keys.argsort(axis=1)
 
 
 def node_batch(indices: np.ndarray, batch_size: int, *, seed: int, node: int,
@@ -34,108 +86,23 @@ def node_batch(indices: np.ndarray, batch_size: int, *, seed: int, node: int,
         raise ValueError(f"node {node} has no samples")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    m = steps_per_epoch(len(indices), batch_size)
-    epoch, j = divmod(step, m)
-    perm = _perm(np.asarray(indices), seed, node, epoch)
-    return perm[(j * batch_size + np.arange(batch_size)) % len(perm)]
-
-
-# --------------------------------------------------------------------------- fast epoch draws
-#
-# A node's epoch permutation is ``default_rng([seed, node, epoch]).permutation(n)``. Building that
-# generator costs ~10 us (SeedSequence hashing, PCG64 seeding), which dominates the simulator's
-# batching when thousands of nodes start an epoch together. StackedBatches therefore computes
-# the PCG64 states of all those nodes at once: SeedSequence's hash (numpy's documented
-# algorithm, on uint32 arrays) and PCG64's seeding, then sets one reused generator's state and
-# draws the same permutation. ``_fast_draws_ok`` checks the result against numpy once per
-# process and falls back to ``_perm`` if they ever differ (another numpy's algorithms).
-
-_M32 = 0xFFFFFFFF
-_M128 = (1 << 128) - 1
-_INIT_A, _MULT_A = 0x43B0D7E5, 0x931E8875
-_INIT_B, _MULT_B = 0x8B51F9DD, 0x58F38DED
-_MIX_L, _MIX_R = 0xCA01F9DD, 0x4973F715
-_PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341
-
-
-def _hashmix(value: np.ndarray, h: int) -> tuple[np.ndarray, int]:
-    value = value ^ np.uint32(h)
-    h = (h * _MULT_A) & _M32
-    value = value * np.uint32(h)
-    return value ^ (value >> np.uint32(16)), h
-
-
-def _pcg64_states(seed: int, nodes: np.ndarray, epochs: np.ndarray) -> list[tuple[int, int]]:
-    """``(state, inc)`` of ``PCG64(SeedSequence([seed, node, epoch]))`` for each pair (all
-    three below 2**32)."""
-    rows = len(nodes)
-    entropy = [np.full(rows, seed, np.uint32), nodes.astype(np.uint32), epochs.astype(np.uint32),
-               np.zeros(rows, np.uint32)]
-    h = _INIT_A
-    mixer = []
-    for v in entropy:  # SeedSequence.mix_entropy, pool size 4
-        m, h = _hashmix(v, h)
-        mixer.append(m)
-    for src in range(4):
-        for dst in range(4):
-            if src != dst:
-                hv, h = _hashmix(mixer[src], h)
-                r = np.uint32(_MIX_L) * mixer[dst] - np.uint32(_MIX_R) * hv
-                mixer[dst] = r ^ (r >> np.uint32(16))
-    h = _INIT_B
-    words = []
-    for i in range(8):  # generate_state(4, uint64): 8 uint32 words, little-endian pairs
-        v = mixer[i % 4] ^ np.uint32(h)
-        h = (h * _MULT_B) & _M32
-        v = v * np.uint32(h)
-        words.append((v ^ (v >> np.uint32(16))).astype(np.uint64))
-    w = [(words[2 * k] | (words[2 * k + 1] << np.uint64(32))).tolist() for k in range(4)]
-    out = []
-    for s0, s1, i0, i1 in zip(*w, strict=True):  # pcg_setseq_128_srandom_r
-        inc = ((((i0 << 64) | i1) << 1) | 1) & _M128
-        state = (inc + ((s0 << 64) | s1)) & _M128
-        out.append(((state * _PCG_MULT + inc) & _M128, inc))
-    return out
-
-
-def _set_pcg64(bitgen: np.random.PCG64, state: int, inc: int) -> None:
-    bitgen.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc},
-                    "has_uint32": 0, "uinteger": 0}
-
-
-_FAST_OK: bool | None = None
-
-
-def _fast_draws_ok() -> bool:
-    global _FAST_OK
-    if _FAST_OK is None:
-        try:
-            triples = [(0, 0, 0), (7, 123456, 3), (4294967295, 1, 4294967295)]
-            states = [_pcg64_states(s, np.array([n]), np.array([e]))[0] for s, n, e in triples]
-            bitgen = np.random.PCG64()
-            gen = np.random.Generator(bitgen)
-            ok = True
-            for (s, n, e), (state, inc) in zip(triples, states, strict=True):
-                ref = np.random.default_rng([s, n, e])
-                _set_pcg64(bitgen, state, inc)
-                ok &= bitgen.state == ref.bit_generator.state
-                ok &= bool(np.array_equal(gen.permutation(37), ref.permutation(37)))
-            _FAST_OK = bool(ok)
-        except Exception:  # pragma: no cover - a numpy without these internals
-            _FAST_OK = False
-    return _FAST_OK
+    n = len(indices)
+    epoch, j = divmod(step, steps_per_epoch(n, batch_size))
+    order = _epoch_orders(_node_hash(seed, np.array([node])), np.array([epoch]),
+                          np.array([n]), n)[0]
+    return np.asarray(indices)[order[(j * batch_size + np.arange(batch_size)) % n]]
 
 
 class StackedBatches:
-    """:func:`node_batch` for many nodes at once: ``batch(step)`` -> int64 [L, B].
+    """:func:`node_batch` for many nodes at once: ``batch(step)`` -> int64 [L, B] on ``device``.
 
-    Keeps each node's current epoch permutation in one padded table, so a step costs one
-    gather; a node's permutation is redrawn only when its epoch changes (all redrawn nodes'
-    generator states computed at once; a one-sample shard needs no draw).
+    Keeps each node's current epoch permutation in one padded table (NumPy on the host, a
+    tensor on a GPU, where nothing is copied back), so a step costs one gather; the rows whose
+    epoch changed are redrawn together (:func:`_epoch_orders`).
     """
 
     def __init__(self, shards: Sequence[np.ndarray], nodes: Sequence[int], batch_size: int,
-                 *, seed: int) -> None:
+                 *, seed: int, device: torch.device | str = "cpu") -> None:
         if len(shards) != len(nodes):
             raise ValueError(f"got {len(shards)} shards for {len(nodes)} nodes")
         if batch_size < 1:
@@ -143,51 +110,52 @@ class StackedBatches:
         for node, s in zip(nodes, shards, strict=True):
             if len(s) == 0:
                 raise ValueError(f"node {node} has no samples")
-        self.shards = [np.asarray(s) for s in shards]
+        self.device = torch.device(device)
         self.nodes = list(nodes)
         self.batch_size = batch_size
         self.seed = seed
-        self.sizes = torch.tensor([len(s) for s in self.shards], dtype=torch.long)
+        self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
         self.m = (self.sizes + batch_size - 1) // batch_size
-        self._sizes = self.sizes.numpy()
-        self._m = self.m.numpy()
-        self._node_ids = np.asarray(self.nodes, dtype=np.int64)
-        self._table = np.zeros((len(self.shards), int(self.sizes.max())), dtype=np.int64)
-        self._epoch = np.full(len(self.shards), -1, dtype=np.int64)
+        self._sizes, self._m = self.sizes.numpy(), self.m.numpy()
+        padded = np.zeros((len(shards), int(self._sizes.max())), dtype=np.int64)
+        starts = np.cumsum(self._sizes) - self._sizes
+        padded[np.repeat(np.arange(len(shards)), self._sizes),
+               np.arange(int(self._sizes.sum())) - np.repeat(starts, self._sizes)] = \
+            np.concatenate(shards)
+        self._node_hash = _node_hash(seed, np.asarray(self.nodes, dtype=np.int64))
+        self._epoch = np.full(len(shards), -1, dtype=np.int64)
         self._offsets = np.arange(batch_size)
-        self._bitgen = np.random.PCG64()
-        self._gen = np.random.Generator(self._bitgen)
+        self._host = self.device.type == "cpu"
+        self._shards = padded if self._host else torch.from_numpy(padded).to(self.device)
+        self._table = np.zeros_like(padded) if self._host else torch.empty_like(self._shards)
+        if not self._host:
+            self._dev = {"hash": torch.from_numpy(self._node_hash).to(self.device),
+                         "sizes": self.sizes.to(self.device),
+                         "offsets": torch.from_numpy(self._offsets).to(self.device)}
 
     def batch(self, step: int | Tensor) -> Tensor:
         """Sample indices [L, B] at local step ``step`` (an int, or one step per node [L])."""
-        steps = torch.as_tensor(step, dtype=torch.long).expand(len(self.shards)).cpu().numpy()
-        epoch = steps // self._m
+        steps = torch.as_tensor(step, dtype=torch.long).cpu().expand(len(self.nodes)).numpy()
+        epoch, j = steps // self._m, steps % self._m
         redraw = np.flatnonzero(epoch != self._epoch)
-        if len(redraw):
-            self._redraw(redraw, epoch[redraw])
-            self._epoch[redraw] = epoch[redraw]
-        j = steps % self._m
-        pos = (j[:, None] * self.batch_size + self._offsets) % self._sizes[:, None]
-        return torch.from_numpy(np.take_along_axis(self._table, pos, axis=1))
-
-    def _redraw(self, rows: np.ndarray, epochs: np.ndarray) -> None:
-        """Fill the table rows ``rows`` with their nodes' permutations of epoch ``epochs``."""
-        sizes = self._sizes[rows]
-        single = sizes == 1  # a one-sample shard's permutation is itself
-        self._table[rows[single], 0] = [self.shards[r][0] for r in rows[single].tolist()]
-        rows, epochs = rows[~single], epochs[~single]
-        if not len(rows):
-            return
-        nodes = self._node_ids[rows]
-        small = 0 <= self.seed <= _M32 and int(nodes.min()) >= 0 \
-            and int(nodes.max()) <= _M32 and int(epochs.max()) <= _M32
-        if not (small and _fast_draws_ok()):
-            for r, e in zip(rows.tolist(), epochs.tolist(), strict=True):
-                self._table[r, : self._sizes[r]] = _perm(self.shards[r], self.seed,
-                                                         self.nodes[r], e)
-            return
-        states = _pcg64_states(self.seed, nodes, epochs)
-        for r, (state, inc) in zip(rows.tolist(), states, strict=True):
-            _set_pcg64(self._bitgen, state, inc)
-            shard = self.shards[r]
-            self._table[r, : len(shard)] = shard[self._gen.permutation(len(shard))]
+        self._epoch = epoch.copy()
+        width = self._table.shape[1]
+        if self._host:
+            if len(redraw):
+                order = _epoch_orders(self._node_hash[redraw], epoch[redraw],
+                                      self._sizes[redraw], width)
+                self._table[redraw] = np.take_along_axis(self._shards[redraw], order, axis=1)
+            pos = (j[:, None] * self.batch_size + self._offsets) % self._sizes[:, None]
+            return torch.from_numpy(np.take_along_axis(self._table, pos, axis=1))
+        # one host-to-device copy per step; nothing here waits for the device
+        dev = self._dev
+        ej = to_device(torch.from_numpy(np.stack([epoch, j])), self.device)
+        if len(redraw) == len(steps):
+            self._table = self._shards.gather(1, _epoch_orders(dev["hash"], ej[0], dev["sizes"],
+                                                               width))
+        elif len(redraw):
+            rows = to_device(torch.from_numpy(redraw), self.device)
+            order = _epoch_orders(dev["hash"][rows], ej[0][rows], dev["sizes"][rows], width)
+            self._table[rows] = self._shards[rows].gather(1, order)
+        pos = (ej[1][:, None] * self.batch_size + dev["offsets"]) % dev["sizes"][:, None]
+        return self._table.gather(1, pos)

@@ -28,6 +28,16 @@ __all__ = [
 ]
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without waiting for the device: on CUDA a pinned copy sent
+    with ``non_blocking`` (a plain host-to-device copy first waits for every kernel queued on
+    the stream); elsewhere ``t.to(device)``. Not math: the simulator's bookkeeping (masks,
+    steps, indices) reaches the GPU through it."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(frozen=True)
 class Segment:
     """One parameter tensor inside a flat buffer: ``buffer[..., offset:offset + numel]``."""

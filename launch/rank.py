@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from gossip.batching import node_batch
+from gossip.batching import StackedBatches
 from gossip.comm import TorchCommunicator, init_from_env
 from gossip.flat import FlatParams
 from gossip.tasks import Task, TaskData
@@ -40,7 +40,8 @@ def derived_seed(*parts: int) -> int:
 
 
 class ShardStream:
-    """This rank's batches: :func:`gossip.batching.node_batch` over its shard.
+    """This rank's batches: :func:`gossip.batching.node_batch` over its shard (drawn through a
+    one-node :class:`~gossip.batching.StackedBatches`, which keeps the epoch's permutation).
 
     The schedule is a pure function of (seed, rank, step), the very one a simulated node with the
     same id follows, so real runs and simulations see the same samples. ``state()`` is the
@@ -58,6 +59,7 @@ class ShardStream:
         self.node = node
         self.device = device
         self.taken = 0
+        self._batches = StackedBatches([self.indices], [node], batch_size, seed=seed)
 
     def state(self) -> dict[str, int]:
         return {"taken": self.taken}
@@ -66,8 +68,7 @@ class ShardStream:
         self.taken = int(state["taken"])
 
     def next(self) -> tuple[Tensor, Tensor]:
-        idx = torch.from_numpy(node_batch(self.indices, self.batch_size, seed=self.seed,
-                                          node=self.node, step=self.taken))
+        idx = self._batches.batch(self.taken)[0]
         self.taken += 1
         x, y = self.data.train_batch(idx)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)

@@ -50,6 +50,7 @@ from gossip.comm.stacked import StackedCommunicator
 from gossip.data import label_distribution
 from gossip.flat import scope_from_spec
 from gossip.metrics import RunWriter, iter_jsonl
+from gossip.ops import to_device
 from gossip.records import Summarizer, eval_rows
 from gossip.run import build
 from gossip.run.schedule import lr_factors
@@ -121,7 +122,8 @@ class Simulation:
             self.round_steps = steps_for_epochs(self.sizes, bsz, cfg.local_epochs)
         self.steps_per_round = int(self.round_steps.max())
         local = ids.tolist()
-        self.batches = StackedBatches([shards[i] for i in local], local, bsz, seed=cfg.seed)
+        self.batches = StackedBatches([shards[i] for i in local], local, bsz, seed=cfg.seed,
+                                      device=self.device)
         self.local_step = torch.zeros(len(local), dtype=torch.long)
 
         self.model = StackedModel(self.task, local, seed=cfg.seed, same_init=same_init(cfg.algo),
@@ -215,28 +217,31 @@ class Simulation:
             steps = torch.floor(steps / slow).to(torch.long)
         local_steps = steps[self.nodes]
 
+        # masks are decided on the host; the device gets copies it need not wait for
         loss_sum = torch.zeros(len(self.nodes), dtype=torch.float64, device=self.device)
+        on_device = to_device(local_steps, self.device)
         for s in range(int(local_steps.max()) if len(local_steps) else 0):
             act = local_steps > s
-            idx = self.batches.batch(self.local_step).to(self.device)
+            everyone = bool(act.all())
+            idx = self.batches.batch(self.local_step)
             lr = None
             if cfg.schedule != "constant":  # each node at its own step of the schedule
                 assert cfg.lr is not None
                 lr = cfg.lr * lr_factors(cfg.schedule, self.local_step, self.total_steps,
                                          cfg.warmup_steps)
-            losses = self.trainer.step(idx, act.to(self.device), lr)
-            loss_sum += losses.double() * act.to(self.device)
+            losses = self.trainer.step(idx, None if everyone else act, lr)
+            loss_sum += losses.double() if everyone else losses.double() * (on_device > s)
             self.local_step += act
         node_steps = int(steps.sum())
 
         first = len(self.comm.events)
         up_local = alive[self.nodes]
+        up_device = None if bool(up_local.all()) else to_device(up_local, self.device)
         last = r + 1 == cfg.rounds
         if bool(take.any()) or last:
-            with self._freeze_down(up_local.to(self.device)):
+            with self._freeze_down(up_device):
                 if bool(take.any()):
-                    self.algorithm.step((r + 1) * self.steps_per_round,
-                                        active=up_local.to(self.device))
+                    self.algorithm.step((r + 1) * self.steps_per_round, active=up_device)
                 if last:  # an overlapped run's last outer step, before the final evaluation
                     self.algorithm.flush()
         events = self.comm.events[first:]
@@ -268,11 +273,12 @@ class Simulation:
         return record
 
     @contextmanager
-    def _freeze_down(self, up: Tensor) -> Iterator[None]:
-        """Nodes that are down keep parameters and algorithm state through the sync, and state
-        created lazily during it starts at zero for them. Not for algorithms with one global
-        model (FedAvg, DiLoCo): a node that was down pulls the current global model."""
-        if bool(up.all()) or self.algorithm.global_model:
+    def _freeze_down(self, up: Tensor | None) -> Iterator[None]:
+        """Nodes that are down (False in ``up``; None = every node is up) keep parameters and
+        algorithm state through the sync, and state created lazily during it starts at zero
+        for them. Not for algorithms with one global model (FedAvg, DiLoCo): a node that was
+        down pulls the current global model."""
+        if up is None or self.algorithm.global_model:
             yield  # FedAvg/DiLoCo: down nodes get the global model too (pulled on return)
             return
         before = self.algorithm.state_rows()

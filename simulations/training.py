@@ -43,6 +43,7 @@ from torch.func import functional_call
 
 from gossip.algorithms._common import frozen_rows
 from gossip.flat import FlatParams, ScopeFn, default_vc_scope
+from gossip.ops import to_device
 from gossip.run.spec import optimizer_class
 from gossip.scratch import Scratch
 from gossip.tasks import Task
@@ -237,15 +238,17 @@ class StackedModel:
         """The rows ``rows`` (local indices; default all) on the shared set ``(x, y)``: mean
         loss and accuracy (None for regression), float64, one entry per row. One vectorized
         forward per chunk of rows and samples, each chunk's activations about
-        :data:`EVAL_BUDGET` floats (sized to stay in cache)."""
+        :data:`EVAL_BUDGET` floats on a CPU (sized to stay in cache) and 64 times that on a GPU
+        (fewer, larger kernels)."""
         kind = self.task.data.kind
-        index = None if rows is None else torch.as_tensor(rows, dtype=torch.long,
-                                                          device=self.device)
+        index = None if rows is None else to_device(torch.as_tensor(rows, dtype=torch.long),
+                                                    self.device)
         count_rows = self.rows if index is None else len(index)
         n = x.shape[0]
         per_sample = self._width() * max(1, y[0].numel() if y.dim() > 1 else 1)
-        samples = max(1, min(n, EVAL_BUDGET // per_sample))
-        nodes = max(1, EVAL_BUDGET // (per_sample * samples))
+        budget = EVAL_BUDGET * (1 if self.device.type == "cpu" else 64)
+        samples = max(1, min(n, budget // per_sample))
+        nodes = max(1, budget // (per_sample * samples))
         loss = torch.zeros(count_rows, dtype=torch.float64, device=x.device)
         hits = torch.zeros_like(loss)
         count = 0
@@ -658,7 +661,7 @@ class LocalTrainer:
                         {n: t[sl] for n, t in params.items()},
                         {n: t[sl] for n, t in bufs.items()}, idx[sl], hyper)
                 return losses
-            live = active.to(idx.device).nonzero().flatten()
+            live = to_device(active.cpu().nonzero().flatten(), idx.device)
             for r0 in range(0, len(live), chunk):
                 sel = live[r0:r0 + chunk]
                 p_c = {n: t.index_select(0, sel) for n, t in params.items()}

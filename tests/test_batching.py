@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gossip.batching import StackedBatches, node_batch, steps_per_epoch
+from gossip.batching import StackedBatches, _epoch_orders, _node_hash, node_batch, steps_per_epoch
 from gossip.data import partition
 from gossip.tasks import get_task
 from launch.rank import ShardStream
@@ -35,3 +35,66 @@ def test_schedule_is_a_permutation_per_epoch_and_resumes_from_a_count():
     b = ShardStream(task, shard, 8, 1, 2, torch.device("cpu"))
     b.load_state(a.state())
     assert torch.equal(a.next()[0], b.next()[0])
+
+
+# ------------------------------------------------------------------ the documented permutation
+
+def _lowbias32(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _reference_epoch(shard: list[int], seed: int, node: int, epoch: int) -> list[int]:
+    """The module docstring's formula in plain Python integers."""
+    h = _lowbias32((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
+    for part in (seed >> 32, node & 0xFFFFFFFF, node >> 32, epoch & 0xFFFFFFFF, epoch >> 32):
+        h = _lowbias32(h ^ part)
+    keys = [_lowbias32(h ^ (((p + 1) * 0x9E3779B9) & 0xFFFFFFFF)) for p in range(len(shard))]
+    return [shard[p] for p in sorted(range(len(shard)), key=keys.__getitem__)]
+
+
+def test_epoch_permutation_is_the_documented_formula():
+    shard = list(range(500, 537))  # 37 samples, batch 37: one batch = the whole epoch
+    for seed, node, epoch in [(0, 0, 0), (7, 3, 2), (2**40 + 5, 2**33 + 1, 2**35 + 9)]:
+        got = node_batch(np.array(shard), 37, seed=seed, node=node, step=epoch)
+        assert got.tolist() == _reference_epoch(shard, seed, node, epoch)
+
+
+def test_epoch_permutations_are_uniform():
+    """Over 2,400 (node, epoch) draws of a 4-sample shard, the 24 orders are equally likely:
+    Pearson's chi-square with 23 degrees of freedom stays under its 0.999 quantile (49.73)."""
+    counts: dict[tuple[int, ...], int] = {}
+    draws = [(node, epoch) for node in range(600) for epoch in range(4)]
+    for node, epoch in draws:
+        order = tuple(node_batch(np.arange(4), 4, seed=11, node=node, step=epoch).tolist())
+        counts[order] = counts.get(order, 0) + 1
+    expected = len(draws) / 24
+    assert len(counts) == 24
+    assert sum((c - expected) ** 2 / expected for c in counts.values()) < 49.73
+
+
+def test_stacked_batches_redraw_only_the_rows_whose_epoch_changed():
+    shards = [np.arange(10 * i, 10 * i + n) for i, n in enumerate([3, 17, 1, 40])]
+    batches = StackedBatches(shards, [4, 5, 6, 7], 8, seed=2)
+    for steps in ([0, 0, 0, 0], [1, 2, 1, 3], [1, 3, 9, 5], [7, 3, 9, 6]):
+        got = batches.batch(torch.tensor(steps))
+        for i, s in enumerate(steps):
+            assert got[i].tolist() == node_batch(shards[i], 8, seed=2, node=4 + i,
+                                                 step=s).tolist()
+
+
+def test_host_and_tensor_arithmetic_give_the_same_orders():
+    """``_epoch_orders`` on NumPy arrays (the host path) and on tensors (the GPU path)."""
+    rng = np.random.default_rng(5)
+    sizes = rng.integers(1, 40, size=64)
+    nodes = rng.integers(0, 2**40, size=64)
+    epochs = rng.integers(0, 2**34, size=64)
+    host = _epoch_orders(_node_hash(3, nodes), epochs, sizes, 40)
+    dev = _epoch_orders(_node_hash(3, torch.from_numpy(nodes)), torch.from_numpy(epochs),
+                        torch.from_numpy(sizes), 40).numpy()
+    for row, n in enumerate(sizes):
+        assert host[row, :n].tolist() == dev[row, :n].tolist()
+        assert sorted(host[row, :n].tolist()) == list(range(n))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from gossip.batching import StackedBatches, _fast_draws_ok, node_batch
+from gossip.batching import StackedBatches, node_batch
 from gossip.data import partition
 
 # one worker runs the module, so its module-scoped fixture runs once (--dist loadgroup)
@@ -91,7 +91,6 @@ def test_vanishing_variance_quick(quick_runs: dict) -> None:
 
 def test_stacked_batches_equal_node_batch() -> None:
     """The vectorized epoch draws give exactly node_batch's schedule (many epochs, sizes)."""
-    assert _fast_draws_ok()
     labels = np.repeat(np.arange(10), 40)
     n = 60
     shards = partition("dirichlet:0.3", labels, n, seed=4)

@@ -8,6 +8,7 @@ point-to-point of CUDA tensors is staged through pinned CPU buffers), and the si
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -64,3 +65,17 @@ def test_simulator_on_cuda_matches_cpu(algo):
             sim.run_round(r)
         runs[device] = sim.flat_params().cpu()
     torch.testing.assert_close(runs["cuda"], runs["cpu"], rtol=1e-4, atol=1e-5)
+
+
+def test_batch_schedule_on_cuda_is_the_host_schedule():
+    from gossip.batching import StackedBatches
+
+    rng = np.random.default_rng(2)
+    shards = [rng.integers(0, 1000, size=n) for n in rng.integers(1, 60, size=300)]
+    host = StackedBatches(shards, list(range(7, 307)), 16, seed=4)
+    cuda = StackedBatches(shards, list(range(7, 307)), 16, seed=4, device="cuda")
+    steps = np.zeros(300, dtype=np.int64)
+    for _ in range(12):  # every row redrawn, then only those whose epoch changed
+        want, got = host.batch(torch.from_numpy(steps)), cuda.batch(torch.from_numpy(steps))
+        assert got.is_cuda and torch.equal(got.cpu(), want)
+        steps += rng.integers(0, 3, size=300)

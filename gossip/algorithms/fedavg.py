@@ -109,9 +109,9 @@ class FedAvg:
         with timed_sync(self.comm, SyncStats(step)) as stats:
             for i, buf in enumerate(self.params.buffers()):
                 if self._comp is None:
-                    self.comm.all_reduce_mean_(buf, w.to(buf.device))
+                    self.comm.all_reduce_mean_(buf, w)
                 else:
-                    self.comm.all_reduce_mean_(buf, w.to(buf.device), compressor=self._comp[i][0])
+                    self.comm.all_reduce_mean_(buf, w, compressor=self._comp[i][0])
         stats.extra["participants"] = float(w.gt(0).sum())
         self.rounds += 1
         return stats

@@ -20,6 +20,7 @@ from torch import Tensor
 from gossip.comm.base import GatheredReceived, Traffic, check_peers
 from gossip.comm.compressed import stacked_all_reduce_mean_
 from gossip.compress import Compressor
+from gossip.ops import to_device
 from gossip.scratch import Scratch
 
 __all__ = ["CommEvent", "StackedCommunicator"]
@@ -162,17 +163,21 @@ class StackedCommunicator:
         if compressor is not None and compressor.codec.lossy:
             stacked_all_reduce_mean_(self, x, weight, compressor)
             return
-        alive_local = self.alive[self._nodes].to(x.device)
-        w = torch.ones(x.shape[0], dtype=torch.float64, device=x.device) if weight is None \
-            else weight.to(device=x.device, dtype=torch.float64)
-        w = w * alive_local
+        # the weights are bookkeeping: on the host unless the caller keeps them on the device
+        host = weight is None or weight.device.type == "cpu"
+        alive_local = self.alive[self._nodes]
+        w = torch.ones(x.shape[0], dtype=torch.float64) if weight is None \
+            else weight.to(dtype=torch.float64)
+        w = w * alive_local.to(w.device)
         total = self._sum(w.sum().reshape(1))
         if float(total) <= 0:
             raise ValueError("all_reduce_mean_: every participating weight is zero")
         part = w > 0
+        coef = (w / total).to(x.dtype)
+        coef = to_device(coef, x.device) if host else coef.to(x.device)
         # rows that do not take part contribute exact zeros, even if they hold NaN/inf
-        xs = x if bool(part.all()) else x.masked_fill(~part.unsqueeze(-1), 0)
-        acc = self._sum((w / total).to(x.dtype) @ xs)
+        xs = x if bool(part.all()) else x.masked_fill(~part.to(x.device).unsqueeze(-1), 0)
+        acc = self._sum(coef @ xs)
         senders = int(alive_local.sum())
         # every row gets the result: a node that is down contributes nothing, and pulls the
         # current global model when it comes back (as a returning FedAvg client or DiLoCo worker)

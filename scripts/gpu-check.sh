@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU checks, in one run, for a lent one-GPU machine (its python3 holds a CUDA build of torch;
+# Ray is not needed): tests/test_gpu.py, where a simulated round's time goes at N = 10,000 and
+# 100,000 (benchmarks/sim_profile.py), and the simulator end to end (evaluation every round,
+# start-up, plots) at the same sizes. Logs go to $OUT (default gpu-out/). DEVICE=cpu dry-runs it.
+set -u
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+py=${PYTHON:-python3}
+dev=${DEVICE:-cuda}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} RAY_USAGE_STATS_ENABLED=0
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+  $py -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__,
+          'cuda', torch.version.cuda, torch.cuda.is_available(), 'cpus', __import__('os').cpu_count())"
+} | tee "$out/env.txt"
+echo "== tests/test_gpu.py"
+timeout 150 $py -m pytest -p no:cacheprovider -q -rA --timeout 120 tests/test_gpu.py 2>&1 \
+  | tee "$out/test_gpu.log"
+echo "== benchmarks/sim_profile.py"
+for n in ${PROFILE_NODES:-10000:50 100000:10}; do
+  timeout 90 $py benchmarks/sim_profile.py --device "$dev" --nodes "${n%:*}" --rounds "${n#*:}" \
+    2>&1 | tee "$out/profile_${n%:*}.txt"
+done
+echo "== benchmarks/sim_end_to_end.py (simulator only, end to end)"
+timeout 100 $py benchmarks/sim_end_to_end.py --device "$dev" --no-loop \
+  --runs "${E2E_RUNS:-10000:20,100000:3}" 2>&1 | tee "$out/end_to_end.jsonl"
