@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks, in one run, for a lent one-GPU machine (its python3 holds a CUDA build of torch;
-# Ray is not needed): tests/test_gpu.py, where a simulated round's time goes at N = 10,000 and
-# 100,000 (benchmarks/sim_profile.py), and the simulator end to end (evaluation every round,
-# start-up, plots) at the same sizes. Logs go to $OUT (default gpu-out/). DEVICE=cpu dry-runs it.
+# Ray is not needed): tests/test_gpu.py; where a simulated round's time goes at N = 10,000 and
+# 100,000 (benchmarks/sim_profile.py); the simulator end to end (evaluation every round, start-up,
+# plots) at the same sizes, and against the plain per-client loop on the GPU at N = 1,000 and
+# 10,000 (2 rounds: the loop takes ~1.6 ms a client step). Logs go to $OUT (default gpu-out/).
+# DEVICE=cpu dry-runs it.
 set -u
 out=${OUT:-gpu-out}
 mkdir -p "$out"
@@ -25,3 +27,6 @@ done
 echo "== benchmarks/sim_end_to_end.py (simulator only, end to end)"
 timeout 100 $py benchmarks/sim_end_to_end.py --device "$dev" --no-loop \
   --runs "${E2E_RUNS:-10000:20,100000:3}" 2>&1 | tee "$out/end_to_end.jsonl"
+echo "== benchmarks/sim_end_to_end.py (against the per-client loop on the same device)"
+timeout 150 $py benchmarks/sim_end_to_end.py --device "$dev" \
+  --runs "${LOOP_RUNS:-1000:3,10000:2}" 2>&1 | tee "$out/end_to_end_loop.jsonl"
