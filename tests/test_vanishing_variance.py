@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from benchmarks.reproduce_vanishing_variance import parse_args, rounds_to, sim_config
+from gossip.ops import Segment, segment_variances, variance_correct_, vc_segments
 from gossip.tasks import get_task
 from simulations.engine import Simulation
 
@@ -73,3 +74,25 @@ def test_rounds_to_first_crossing_and_sustained() -> None:
     assert rounds_to(recs, [0.8, 0.5, 0.95]) == {"0.8": 1, "0.5": 1, "0.95": None}
     assert rounds_to(recs, [0.8, 0.5, 0.95], sustained=True) == {"0.8": 3, "0.5": 1,
                                                                  "0.95": None}
+
+
+def test_vc_without_eps_leaves_a_constant_tensor_and_corrects_the_rest() -> None:
+    """eps = 0 (the authors' C++ value) on a constant in-scope tensor (a zero-init bias when
+    biases are in scope): Var(A) = 0 leaves nothing to rescale; it used to give NaN (0/0)."""
+    segs = [Segment("a.weight", 0, 6, (2, 3), True), Segment("a.bias", 6, 2, (2,), True)]
+    g = torch.Generator().manual_seed(0)
+    merged = torch.randn(2, 8, generator=g, dtype=torch.float64)
+    merged[:, 6:] = torch.tensor([[0.0], [0.25]], dtype=torch.float64)  # constant biases
+    received = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    received[0, :, 6:] = 0.0  # row 0: target variance 0 too
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    rv = segment_variances(received.reshape(6, 8), vc_segments(segs)).reshape(2, 3, -1)
+    got = variance_correct_(merged.clone(), rv, mask, segs, eps=0.0)
+    assert torch.isfinite(got).all()
+    assert torch.equal(got[:, 6:], merged[:, 6:])
+    for i in range(2):  # the weights: Tian et al.'s equation, eps 0
+        ks = mask[i].nonzero().flatten().tolist()
+        a = merged[i, :6]
+        target = torch.stack([received[i, k, :6].var(unbiased=False) for k in ks]).mean()
+        ref = a.mean() + (target / a.var(unbiased=False)).sqrt() * (a - a.mean())
+        torch.testing.assert_close(got[i, :6], ref, rtol=1e-12, atol=1e-12)
