@@ -114,7 +114,9 @@ def variance_correct_(
 
     Tian et al. 2024: target ``v* = mean_k Var(theta_k)`` over the received models (self not
     included); ``s = sqrt((v* + eps) / (Var(A) + eps))``, optionally ``s = 1 + ratio (s - 1)``;
-    ``A = mean(A) + s (A - mean(A))``. Rows with nothing received are left unchanged.
+    ``A = mean(A) + s (A - mean(A))``. Rows with nothing received are left unchanged, and so is
+    a tensor of ``A`` that is constant when ``eps`` is 0 (``Var(A) = 0``: nothing to rescale,
+    and ``s`` would be 0/0 or x/0).
     Shapes: merged [L, P] (changed in place); ``received_var`` [L, K, S] the received models'
     :func:`segment_variances` over ``vc_segments(segments)`` (S of them); mask [L, K].
     """
@@ -126,7 +128,8 @@ def variance_correct_(
         target = (received_var[..., j] * m).sum(dim=-1) / n_recv.clamp(min=1)
         v, mu = row_var_mean(a)
         mu = mu.unsqueeze(-1)
-        s = torch.sqrt((target + eps) / (v + eps))
+        den = v + eps
+        s = torch.where(den > 0, torch.sqrt((target + eps) / den), torch.ones_like(den))
         s = (1.0 + ratio * (s - 1.0)).unsqueeze(-1)
         # A = mu + s (A - mu), in place; rows with nothing received (or nothing to rescale)
         # keep their exact bits
