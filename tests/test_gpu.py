@@ -54,10 +54,18 @@ def test_cuda_tensors_over_gloo_are_staged():
         assert bool(out["arrived"].all())
 
 
-@pytest.mark.parametrize("algo", ["fedavg", "diloco", "noloco", "gossip-vc"])
-def test_simulator_on_cuda_matches_cpu(algo):
+FAULTS = {"crash_fraction": 0.25, "crash_round": 1, "churn_fraction": 0.25, "churn_rounds": 1,
+          "straggler_fraction": 0.5, "straggler_policy": "deadline", "drop_prob": 0.2}
+
+
+@pytest.mark.parametrize(("algo", "faults"), [
+    ("fedavg", False), ("diloco", False), ("noloco", False), ("gossip-vc", False),
+    ("fedavg", True), ("gossip-vc", True), ("noloco", True)])
+def test_simulator_on_cuda_matches_cpu(algo, faults):
+    """The same run on the GPU and on the CPU; with faults, the partial rounds too (down,
+    crashed and late nodes: host masks sent to the device, rows frozen through the sync)."""
     base = {"algo": algo, "nodes": 8, "rounds": 3, "batch_size": 8, "partition": "dirichlet:0.5",
-            "seed": 1, "sync_every": 3}
+            "seed": 1, "sync_every": 3, **(FAULTS if faults else {})}
     runs = {}
     for device in ("cpu", "cuda"):
         sim = Simulation(SimConfig(**base, device=device))
