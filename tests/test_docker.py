@@ -14,6 +14,7 @@ Docker engine, or root and apt-get to install one; otherwise it is skipped.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -94,6 +95,11 @@ def _flag_present(flag: str, help_text: str) -> bool:
 
 
 def _run_help(argv: list[str]) -> str:
+    return _help(tuple(argv))
+
+
+@functools.cache  # two compose services run launch.train: one `--help` (an `import torch`)
+def _help(argv: tuple[str, ...]) -> str:
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=180, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{' '.join(argv)} exited {proc.returncode}:\n{out[-3000:]}"
@@ -178,6 +184,7 @@ def test_dockerignore_keeps_context_small():
 # --------------------------------------------------------------------------- entry points
 
 
+@pytest.mark.xdist_group("compose_help")  # one worker: the cached `--help` serves both
 @pytest.mark.parametrize(("module", "args"), _module_cases())
 def test_compose_module_exists_and_accepts_flags(module, args):
     try:

@@ -15,7 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each torchrun costs several seconds
 
 
-@pytest.mark.parametrize("algo", ["fedavg", "noloco"])
+# One algorithm: the example's code is the same for both choices (only the config class
+# differs); FedAvg's ranks ending bit-identical at the mean, BatchNorm statistics included, are
+# pinned on real ranks by tests/test_attach.py::test_fedavg_ranks_end_bit_identical_at_the_mean.
+@pytest.mark.parametrize("algo", ["noloco"])
 def test_cnn_attach_trains_and_ends_with_identical_ranks(tmp_path: Path, algo: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO / "examples" / "cnn_attach.py"), "--algo", algo, "--steps", "40",
