@@ -87,3 +87,23 @@ def test_batch_schedule_on_cuda_is_the_host_schedule():
         want, got = host.batch(torch.from_numpy(steps)), cuda.batch(torch.from_numpy(steps))
         assert got.is_cuda and torch.equal(got.cpu(), want)
         steps += rng.integers(0, 3, size=300)
+
+
+def _gloo_cuda_compressed_rank(comm: TorchCommunicator) -> dict:
+    from gossip.compress import Compressor, parse_codec
+
+    out = {}
+    for device in ("cpu", "cuda"):
+        x = torch.linspace(-2.0, 3.0, 4096, device=device).view(1, 4096) * (comm.rank + 1)
+        comp = Compressor(parse_codec("int8"), 1, 4096, error_feedback=True, seed=3,
+                          device=device)
+        comm.all_reduce_mean_(x, compressor=comp)
+        out[device] = x.cpu()
+    return out
+
+
+def test_compressed_all_reduce_of_cuda_tensors_over_gloo():
+    """int8 with error feedback: CUDA tensors over Gloo (staged through the host) give the
+    CPU tensors' result."""
+    for out in run_ranks(_gloo_cuda_compressed_rank, 2):
+        torch.testing.assert_close(out["cuda"], out["cpu"], rtol=0, atol=1e-6)
