@@ -8,9 +8,10 @@ flat fp32 model of ``--params`` million parameters.
 
 Cases (``--cases``, comma-separated): the raw transfers ``raw_allreduce``, ``raw_send`` (one
 way, in pairs), ``raw_pair_sends_first`` / ``raw_pair_recvs_first`` (a pair exchange through
-``batch_isend_irecv`` with the sends or the receives listed first), and the algorithms ``fedavg``,
-``diloco``, ``noloco`` (pairs), ``dpsgd`` and ``choco`` (ring), each optionally compressed as
-``ALGO:CODEC`` (e.g. ``diloco:int8``, ``choco:topk:0.01``).
+``batch_isend_irecv`` with the sends or the receives listed first), ``raw_ring`` (both ring
+neighbours at once, receives first: D-PSGD's exchange without its merge), and the algorithms
+``fedavg``, ``diloco``, ``noloco`` (pairs), ``dpsgd`` and ``choco`` (ring), each optionally
+compressed as ``ALGO:CODEC`` (e.g. ``diloco:int8``, ``choco:topk:0.01``).
 
 Overlap cases time whole segments of training: ``compute`` is ``--inner-steps`` H stand-in inner
 steps (a single-threaded ``--inner-size`` square matmul each) alone; ``ALGO[:CODEC]+steps`` is H
@@ -26,7 +27,8 @@ each case is warmed up and timed ``--repeats`` times, one case after the other (
 algorithm state is freed before the next is built, to bound memory: 8 ranks x 16M parameters).
 The prediction runs the same algorithm for one sync on a :class:`StackedCommunicator` of the
 same N rows and width, and feeds its logged events to :class:`simulations.network.SimClock`
-(bandwidth = the shaped rate, latency = the delay, no compute): the same bytes, the same model.
+(bandwidth = the TCP payload rate of the shaped link, :func:`tcp_payload_bandwidth`: 0.956 of
+the rate at MTU 1500; latency = the delay; no compute): the same bytes, the same model.
 Raw transfers are predicted by the same clock from the event they are.
 
 Prints one JSON header line, then one JSON line per (world size, case): measured median seconds,
@@ -69,9 +71,9 @@ from gossip.comm import StackedCommunicator, TorchCommunicator
 from gossip.comm.stacked import CommEvent
 from gossip.flat import FlatParams
 from gossip.topology import make_topology, random_matching
-from simulations.network import NetworkModel, SimClock
+from simulations.network import NetworkModel, SimClock, tcp_payload_bandwidth
 
-RAW = ("raw_allreduce", "raw_send", "raw_pair_sends_first", "raw_pair_recvs_first")
+RAW = ("raw_allreduce", "raw_send", "raw_pair_sends_first", "raw_pair_recvs_first", "raw_ring")
 ALGOS = ("fedavg", "diloco", "noloco", "dpsgd", "choco")
 CODECS = ("bf16", "fp16", "int8", "fp8", "topk:0.01", "randk:0.01")
 DEFAULT_CASES = (*RAW, "fedavg", "diloco", "noloco", "dpsgd", *(f"diloco:{c}" for c in CODECS),
@@ -142,6 +144,10 @@ def predict(case: str, n: int, numel: int, model: NetworkModel) -> tuple[float, 
                 table[i, 0] = j
         events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
         sent = nbytes
+    elif case == "raw_ring":  # both neighbours on a ring, as D-PSGD's exchange
+        table = torch.tensor([[(i - 1) % n, (i + 1) % n] for i in range(n)])
+        events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
+        sent = 2 * nbytes
     elif case in RAW:
         table = pair_table(n, 1)
         events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
@@ -195,6 +201,14 @@ def pair_exchange(send: torch.Tensor, recv: torch.Tensor, peer: int, recvs_first
         work.wait()
 
 
+def ring_exchange(send: torch.Tensor, recv: list[torch.Tensor], peers: list[int]) -> None:
+    """Receives first, then one send to each peer (as ``TorchCommunicator.exchange``)."""
+    ops = [dist.P2POp(dist.irecv, buf, j) for buf, j in zip(recv, peers, strict=True)]
+    ops += [dist.P2POp(dist.isend, send, j) for j in peers]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
 def one_way(send: torch.Tensor, recv: torch.Tensor, peer: int, rank: int) -> None:
     if rank < peer:
         dist.send(send, peer)
@@ -216,6 +230,8 @@ def worker(opts: dict[str, Any]) -> None:
         torch.manual_seed(rank)
         raw = torch.randn(numel)
         got = torch.empty(numel)
+        ring = [(rank - 1) % n, (rank + 1) % n]
+        got2 = [got, torch.empty(numel)]
         raws: dict[str, Callable[[int], Any]] = {
             "raw_allreduce": lambda step: dist.all_reduce(raw),
             "raw_send": lambda step: one_way(raw, got, partner(rank, n, 1), rank),
@@ -223,6 +239,7 @@ def worker(opts: dict[str, Any]) -> None:
                                                               [partner(rank, n, 1)]),
             "raw_pair_recvs_first": lambda step: pair_exchange(raw, got, partner(rank, n, 1),
                                                                True),
+            "raw_ring": lambda step: ring_exchange(raw, got2, ring),
         }
         eps = 1e-4 * (rank + 1)
         samples: dict[str, list[float]] = {}
@@ -373,12 +390,14 @@ def main(argv: list[str] | None = None) -> None:
     opts = {"numel": numel, "cases": cases, "repeats": args.repeats, "warmup": args.warmup,
             "rate_mbit": args.rate_mbit, "delay_ms": delay, "inner_steps": args.inner_steps,
             "inner_size": args.inner_size}
-    model = NetworkModel(latency=delay / 1e3, bandwidth=args.rate_mbit * 1e6 / 8,
-                         compute_time=0.0)
+    # the model's bandwidth is payload bytes/s; the tbf's rate counts Ethernet frames
+    bandwidth = tcp_payload_bandwidth(args.rate_mbit * 1e6)
+    model = NetworkModel(latency=delay / 1e3, bandwidth=bandwidth, compute_time=0.0)
     print(json.dumps({
         "benchmark": "wan", "torch": torch.__version__, "cpu_count": os.cpu_count(),
         "mode": f"tbf+netem {delay} ms" if delay > 0 else "tbf (bandwidth only: no netem)",
-        "netem_available": netem, "rate_mbit": args.rate_mbit, "params": numel,
+        "netem_available": netem, "rate_mbit": args.rate_mbit,
+        "model_bandwidth_bytes_per_s": round(bandwidth), "params": numel,
         "bytes": 4 * numel, "world_sizes": sizes, "repeats": args.repeats,
         "warmup": args.warmup, "inner_steps": args.inner_steps, "inner_size": args.inner_size,
         "load_average": [round(x, 2) for x in os.getloadavg()]}), flush=True)
