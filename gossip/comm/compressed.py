@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import CommError, Received
+from gossip.comm.base import CommError, DenseReceived, Received
+from gossip.comm.pending import Pending, start_exchange
 from gossip.compress import Compressor
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from gossip.comm.torch_comm import TorchCommunicator
 
 __all__ = ["DecodedReceived", "exchange_compressed", "stacked_all_reduce_mean_",
-           "torch_all_reduce_mean_"]
+           "start_exchange_compressed", "torch_all_reduce_mean_"]
 
 
 #: torch >= 2.12 names it all_gather_single (all_gather_into_tensor is deprecated there)
@@ -107,6 +108,11 @@ def _fractions(weights: Tensor) -> Tensor:
     return (weights / total).to(torch.float32)
 
 
+def _point_to_point(comm: TorchCommunicator) -> bool:
+    """Whether :func:`_spread` posts point-to-point work (Gloo, no monitor) or collectives."""
+    return comm.backend == "gloo" and comm.monitor is None
+
+
 def _spread(comm: TorchCommunicator, send: Tensor, recv: Tensor, what: str) -> None:
     """Row ``j`` of ``send`` [n, B] to rank ``j``, row ``j`` of ``recv`` [n, B] from rank ``j``
     (this rank's own row is copied): the reduce-scatter stage, and the all-gather stage when
@@ -120,7 +126,7 @@ def _spread(comm: TorchCommunicator, send: Tensor, recv: Tensor, what: str) -> N
     """
     n, me = comm.world_size, comm.rank
     everyone = tuple(r for r in range(n) if r != me)
-    if comm.backend == "gloo" and comm.monitor is None:
+    if _point_to_point(comm):
         recv[me].copy_(send[me])
         ops = [dist.P2POp(dist.irecv, recv[j], comm._global(j), comm.group) for j in everyone]
         ops += [dist.P2POp(dist.isend, send[j], comm._global(j), comm.group) for j in everyone]
@@ -247,6 +253,20 @@ class DecodedReceived(Received):
         return False  # slots are decoded copies
 
 
+def _encode_for_exchange(comm: Communicator, x: Tensor, comp: Compressor, active: Tensor | None,
+                         need_sent: bool) -> tuple[int, Tensor, Tensor | None]:
+    """(seed, wire [L, B], what each row sent decoded [L, P] or None): error feedback first; the
+    residual of rows where ``active`` [L] is False is kept."""
+    seed = comp.next_seed()
+    v = comp.begin(x)
+    wire = comp.codec.encode(v, seed=seed, rows=comm.nodes)
+    if not need_sent and comp.feedback is None:
+        return seed, wire, None
+    sent = comp.codec.decode(wire, x.shape[1], seed=seed)
+    comp.end(v, sent, None if active is None else active.to(torch.bool).to(x.device))
+    return seed, wire, sent
+
+
 def exchange_compressed(comm: Communicator, x: Tensor, peers: Tensor, comp: Compressor,
                         active: Tensor | None = None) -> tuple[Tensor, DecodedReceived]:
     """Send each local row of ``x`` [L, P] through ``comp`` to the nodes that list it in
@@ -254,10 +274,23 @@ def exchange_compressed(comm: Communicator, x: Tensor, peers: Tensor, comp: Comp
 
     The residual of rows where ``active`` [L] is False is kept (they do not use this round).
     """
-    seed = comp.next_seed()
-    v = comp.begin(x)
-    wire = comp.codec.encode(v, seed=seed, rows=comm.nodes)
-    sent = comp.codec.decode(wire, x.shape[1], seed=seed)
-    comp.end(v, sent, None if active is None else active.to(torch.bool).to(x.device))
+    seed, wire, sent = _encode_for_exchange(comm, x, comp, active, need_sent=True)
+    assert sent is not None
     got = comm.exchange_slots(wire, peers)
     return sent, DecodedReceived(got, comp, x.shape[1], seed)
+
+
+def start_exchange_compressed(comm: Communicator, x: Tensor, peers: Tensor, comp: Compressor,
+                              received: Tensor, active: Tensor | None = None
+                              ) -> Pending[DecodedReceived]:
+    """:func:`exchange_compressed` as async work (overlapped outer steps): ``x`` is encoded
+    now (the same bytes, seeds and residual), its exchange posted into the caller's ``received``
+    (uint8 [L, K, B], B the wire width) through :func:`gossip.comm.pending.start_exchange`;
+    ``wait()`` gives what arrived, decoded on demand."""
+    seed, wire, _ = _encode_for_exchange(comm, x, comp, active, need_sent=False)
+    work = start_exchange(comm, wire, peers, received)
+
+    def finish() -> DecodedReceived:
+        got, arrived = work.wait()
+        return DecodedReceived(DenseReceived(got, arrived), comp, x.shape[1], seed)
+    return Pending(finish)
