@@ -9,8 +9,9 @@ whole row first);
 3. rank r encodes its reduced chunk again, and an all-gather brings every reduced chunk to
    every rank, which decodes them.
 
-Over Gloo both stages post every receive and every send at once (:func:`_spread`); with NCCL or
-a :class:`~gossip.comm.monitor.PeerMonitor` they are ``all_to_all_single`` and ``all_gather``.
+Over Gloo both stages post every receive and every send at once (:func:`_post_spread`) and each
+chunk is decoded as it lands (in rank order for the sum: the same bits); with NCCL or a
+:class:`~gossip.comm.monitor.PeerMonitor` they are ``all_to_all_single`` and ``all_gather``.
 
 Only encoded bytes travel: ``2 (N - 1)`` encoded chunks per rank, the ring all-reduce's volume of
 the compressed buffer. Top-k is the exception: the sum of N top-k chunks has up to N k entries,
@@ -133,17 +134,35 @@ def _spread(comm: TorchCommunicator, send: Tensor, recv: Tensor, what: str) -> N
     n, me = comm.world_size, comm.rank
     everyone = tuple(r for r in range(n) if r != me)
     if _point_to_point(comm):
-        recv[me].copy_(send[me])
-        ops = [dist.P2POp(dist.irecv, recv[j], comm._global(j), comm.group) for j in everyone]
-        ops += [dist.P2POp(dist.isend, send[j], comm._global(j), comm.group) for j in everyone]
-        for work in dist.batch_isend_irecv(ops) if ops else []:
-            comm._wait(work, what, everyone)
+        arrived = _post_spread(comm, send, recv, what)
+        for j in range(n):
+            arrived(j)
+        arrived(-1)
     elif send.stride(0) == 0:  # one row to everyone
         comm._wait(_all_gather(recv.view(-1), send[0].contiguous().view(-1), group=comm.group,
                                async_op=True), what, everyone, collective=True)
     else:
         comm._wait(dist.all_to_all_single(recv, send, group=comm.group, async_op=True),
                    what, everyone, collective=True)
+
+
+def _post_spread(comm: TorchCommunicator, send: Tensor, recv: Tensor,
+                 what: str) -> Callable[[int], None]:
+    """:func:`_spread`'s point-to-point work, posted; the returned function waits for row ``j``
+    of ``recv`` (``-1``: for every send), so a caller can use each row as it lands."""
+    n, me = comm.world_size, comm.rank
+    everyone = tuple(r for r in range(n) if r != me)
+    recv[me].copy_(send[me])
+    ops = [dist.P2POp(dist.irecv, recv[j], comm._global(j), comm.group) for j in everyone]
+    ops += [dist.P2POp(dist.isend, send[j], comm._global(j), comm.group) for j in everyone]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    receives = dict(zip(everyone, works[: len(everyone)], strict=True))
+
+    def arrived(j: int) -> None:
+        for work in works[len(everyone):] if j < 0 else [receives.get(j)]:
+            if work is not None:
+                comm._wait(work, what, everyone)
+    return arrived
 
 
 def torch_all_reduce_mean_(comm: TorchCommunicator, x: Tensor, weight: Tensor | None,
@@ -181,13 +200,35 @@ def torch_all_reduce_mean_(comm: TorchCommunicator, x: Tensor, weight: Tensor | 
     if stage:
         wire = wire.cpu()
     got = torch.empty_like(wire)  # [n, B]: every rank's chunk ``me``
-    _spread(comm, wire, got, "compressed all_reduce (reduce-scatter)")
-    reduced = _weighted_sum(comp.codec.decode(got, c, seed=seed), frac.to(got.device))
+    what = "compressed all_reduce (reduce-scatter)"
+    if _point_to_point(comm):  # decode and add each chunk as it lands, in rank order
+        arrived = _post_spread(comm, wire, got, what)
+        reduced = torch.zeros(c, dtype=torch.float32, device=got.device)
+        for i in range(n):
+            arrived(i)
+            f = float(frac[i])
+            if f > 0:  # the same sum as _weighted_sum, one decoded row at a time
+                reduced.add_(comp.codec.decode(got[i : i + 1], c, seed=seed)[0] * f)
+        arrived(-1)
+    else:
+        _spread(comm, wire, got, what)
+        reduced = _weighted_sum(comp.codec.decode(got, c, seed=seed), frac.to(got.device))
     mine_wire = _stage2(comp, reduced.unsqueeze(0), n, seed, torch.tensor([me])).to(wire.device)
     full = torch.empty_like(wire)
-    _spread(comm, mine_wire.expand(n, -1), full, "compressed all_reduce (all-gather)")
-    out = comp.codec.decode(full, c, seed=seed).view(1, n * c)[:, :width]
-    x.copy_(out.to(x.device))
+    what = "compressed all_reduce (all-gather)"
+    if _point_to_point(comm):  # decode each reduced chunk into x as it lands
+        arrived = _post_spread(comm, mine_wire.expand(n, -1), full, what)
+        for j in range(n):
+            arrived(j)
+            cols = slice(j * c, min((j + 1) * c, width))
+            if cols.start < cols.stop:
+                row = comp.codec.decode(full[j : j + 1], c, seed=seed)[:, : cols.stop - cols.start]
+                x[:, cols].copy_(row.to(x.device))
+        arrived(-1)
+    else:
+        _spread(comm, mine_wire.expand(n, -1), full, what)
+        out = comp.codec.decode(full, c, seed=seed).view(1, n * c)[:, :width]
+        x.copy_(out.to(x.device))
     comm.traffic.add("all_reduce", 2 * (n - 1) * wire.shape[1])
 
 
