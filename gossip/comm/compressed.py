@@ -9,8 +9,9 @@ whole row first);
 3. rank r encodes its reduced chunk again, and an all-gather brings every reduced chunk to
    every rank, which decodes them.
 
-Over Gloo both stages post every receive and every send at once (:func:`_post_spread`) and each
-chunk is decoded as it lands (in rank order for the sum: the same bits); with NCCL or a
+Over Gloo both stages post every receive and every send at once (:func:`_post_spread`), each
+destination's chunk is encoded just before its send and each chunk decoded as it lands (in rank
+order for the sum: the same bits); with NCCL or a
 :class:`~gossip.comm.monitor.PeerMonitor` they are ``all_to_all_single`` and ``all_gather``.
 
 Only encoded bytes travel: ``2 (N - 1)`` encoded chunks per rank, the ring all-reduce's volume of
@@ -61,22 +62,26 @@ def _chunks(width: int, n: int) -> int:
     return max(1, math.ceil(width / n))
 
 
-def _encode_rows(comp: Compressor, x: Tensor, n: int, nodes: Tensor, seed: int,
-                 participating: Tensor, *, need_sent: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Stage 1 for local rows ``x`` [L, P]: the wire [L * n, B] of every row's n chunks and the
-    decoded chunks [L, n, c] (None when ``need_sent`` is False and there is no error feedback
-    to update); updates the residual of the participating rows."""
+def _chunked(comp: Compressor, x: Tensor, n: int, nodes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Stage 1's input for local rows ``x`` [L, P]: ``v`` (x plus the residual, fp32), its n
+    chunks per row [L * n, c] (zero-padded) and their row ids ``node * n + chunk``."""
     rows, width = x.shape
     c = _chunks(width, n)
     v = comp.begin(x)
     padded = v if n * c == width else torch.nn.functional.pad(v, (0, n * c - width))
     ids = (nodes.to(torch.int64).unsqueeze(1) * n + torch.arange(n)).reshape(-1)
-    wire = comp.codec.encode(padded.view(rows * n, c), seed=seed, rows=ids)
-    if not need_sent and comp.feedback is None:
-        return wire, None
+    return v, padded.view(rows * n, c), ids
+
+
+def _record_sent(comp: Compressor, v: Tensor, wire: Tensor, n: int, seed: int,
+                 participating: Tensor) -> Tensor:
+    """Decode the chunks sent (wire [L * n, B]) to [L, n, c] and update the residual of the
+    participating rows."""
+    rows, width = v.shape
+    c = _chunks(width, n)
     sent = comp.codec.decode(wire, c, seed=seed).view(rows, n, c)
-    comp.end(v, sent.view(rows, n * c)[:, :width], participating.to(x.device))
-    return wire, sent
+    comp.end(v, sent.view(rows, n * c)[:, :width], participating.to(v.device))
+    return sent
 
 
 def _encode_whole(comp: Compressor, x: Tensor, nodes: Tensor, seed: int,
@@ -146,20 +151,22 @@ def _spread(comm: TorchCommunicator, send: Tensor, recv: Tensor, what: str) -> N
                    what, everyone, collective=True)
 
 
-def _post_spread(comm: TorchCommunicator, send: Tensor, recv: Tensor,
+def _post_spread(comm: TorchCommunicator, send: Tensor | Callable[[int], Tensor], recv: Tensor,
                  what: str) -> Callable[[int], None]:
-    """:func:`_spread`'s point-to-point work, posted; the returned function waits for row ``j``
-    of ``recv`` (``-1``: for every send), so a caller can use each row as it lands."""
+    """:func:`_spread`'s point-to-point work, posted: every receive, then a send to each peer in
+    the order ``me + 1, me + 2, ...`` (not all to rank 0 first); ``send`` is the rows [n, B] or
+    a function giving row ``j`` when its send is posted. The returned function waits for row
+    ``j`` of ``recv`` (``-1``: for every send), so a caller can use each row as it lands."""
     n, me = comm.world_size, comm.rank
     everyone = tuple(r for r in range(n) if r != me)
-    recv[me].copy_(send[me])
-    ops = [dist.P2POp(dist.irecv, recv[j], comm._global(j), comm.group) for j in everyone]
-    ops += [dist.P2POp(dist.isend, send[j], comm._global(j), comm.group) for j in everyone]
-    works = dist.batch_isend_irecv(ops) if ops else []
-    receives = dict(zip(everyone, works[: len(everyone)], strict=True))
+    row = send.__getitem__ if isinstance(send, Tensor) else send
+    receives = {j: dist.irecv(recv[j], comm._global(j), comm.group) for j in everyone}
+    sends = [dist.isend(row(j), comm._global(j), comm.group)
+             for j in ((me + k) % n for k in range(1, n))]
+    recv[me].copy_(row(me))
 
     def arrived(j: int) -> None:
-        for work in works[len(everyone):] if j < 0 else [receives.get(j)]:
+        for work in sends if j < 0 else [receives.get(j)]:
             if work is not None:
                 comm._wait(work, what, everyone)
     return arrived
@@ -195,14 +202,20 @@ def torch_all_reduce_mean_(comm: TorchCommunicator, x: Tensor, weight: Tensor | 
         x.copy_(out.unsqueeze(0).to(x.device))
         comm.traffic.add("all_reduce", (n - 1) * wire.shape[1])
         return
-    wire, _ = _encode_rows(comp, x, n, comm.nodes, seed, torch.tensor([mine > 0]),
-                           need_sent=False)
-    if stage:
-        wire = wire.cpu()
-    got = torch.empty_like(wire)  # [n, B]: every rank's chunk ``me``
+    v, chunks, ids = _chunked(comp, x, n, comm.nodes)
     what = "compressed all_reduce (reduce-scatter)"
-    if _point_to_point(comm):  # decode and add each chunk as it lands, in rank order
-        arrived = _post_spread(comm, wire, got, what)
+    if _point_to_point(comm):
+        # each destination's chunk encoded just before its send (the first transfer starts
+        # after 1/n of the encoding); decoded and added as it lands, in rank order (the same sum)
+        encoded: dict[int, Tensor] = {}
+
+        def encode(j: int) -> Tensor:
+            row = comp.codec.encode(chunks[j : j + 1], seed=seed, rows=ids[j : j + 1])
+            encoded[j] = row.cpu() if stage else row
+            return encoded[j][0]
+        got = torch.empty((n, comp.codec.nbytes(c)), dtype=torch.uint8,
+                          device="cpu" if stage else x.device)
+        arrived = _post_spread(comm, encode, got, what)
         reduced = torch.zeros(c, dtype=torch.float32, device=got.device)
         for i in range(n):
             arrived(i)
@@ -210,9 +223,16 @@ def torch_all_reduce_mean_(comm: TorchCommunicator, x: Tensor, weight: Tensor | 
             if f > 0:  # the same sum as _weighted_sum, one decoded row at a time
                 reduced.add_(comp.codec.decode(got[i : i + 1], c, seed=seed)[0] * f)
         arrived(-1)
+        # what was sent, for the residual (else ``got``: the same shape and device)
+        wire = torch.cat([encoded[j] for j in range(n)]) if comp.feedback is not None else got
     else:
+        wire = comp.codec.encode(chunks, seed=seed, rows=ids)
+        wire = wire.cpu() if stage else wire
+        got = torch.empty_like(wire)  # [n, B]: every rank's chunk ``me``
         _spread(comm, wire, got, what)
         reduced = _weighted_sum(comp.codec.decode(got, c, seed=seed), frac.to(got.device))
+    if comp.feedback is not None:
+        _record_sent(comp, v, wire.to(x.device), n, seed, torch.tensor([mine > 0]))
     mine_wire = _stage2(comp, reduced.unsqueeze(0), n, seed, torch.tensor([me])).to(wire.device)
     full = torch.empty_like(wire)
     what = "compressed all_reduce (all-gather)"
@@ -262,8 +282,9 @@ def stacked_all_reduce_mean_(comm: StackedCommunicator, x: Tensor, weight: Tenso
         comm.traffic.add("all_reduce", (n - 1) * nbytes * senders, messages=senders)
         comm.events.append(CommEvent("all_gather", nbytes, None, None, comm.alive.clone()))
         return
-    wire, sent = _encode_rows(comp, x, n, comm.nodes, seed, w > 0)
-    assert sent is not None
+    v, chunks, ids = _chunked(comp, x, n, comm.nodes)
+    wire = comp.codec.encode(chunks, seed=seed, rows=ids)
+    sent = _record_sent(comp, v, wire, n, seed, w > 0)
     reduced = _weighted_sum(sent.view(x.shape[0], n * c),
                             frac[comm.nodes].to(x.device)).view(n, c)
     if comm.group is not None:  # shards' partial sums (summed in another order than one rank)
