@@ -8,9 +8,13 @@ flat fp32 model of ``--params`` million parameters.
 
 Cases (``--cases``, comma-separated): the raw transfers ``raw_allreduce``, ``raw_send`` (one
 way, in pairs), ``raw_pair_sends_first`` / ``raw_pair_recvs_first`` (a pair exchange through
-``batch_isend_irecv`` with the sends or the receives listed first), and the algorithms ``fedavg``,
-``diloco``, ``noloco`` (pairs), ``dpsgd`` and ``choco`` (ring), each optionally compressed as
-``ALGO:CODEC`` (e.g. ``diloco:int8``, ``choco:topk:0.01``).
+``batch_isend_irecv`` with the sends or the receives listed first), ``raw_ring`` (both ring
+neighbours at once, receives first: D-PSGD's exchange without its merge), ``raw_alltoall`` /
+``raw_alltoall_p2p`` (``--params`` million bytes, int8's payload, in one chunk per rank, through
+Gloo's ``all_to_all_single`` or through receives-then-sends all at once: the two ways of the
+compressed all-reduce's reduce-scatter), and the algorithms
+``fedavg``, ``diloco``, ``noloco`` (pairs), ``dpsgd`` and ``choco`` (ring), each optionally
+compressed as ``ALGO:CODEC`` (e.g. ``diloco:int8``, ``choco:topk:0.01``).
 
 Overlap cases time whole segments of training: ``compute`` is ``--inner-steps`` H stand-in inner
 steps (a single-threaded ``--inner-size`` square matmul each) alone; ``ALGO[:CODEC]+steps`` is H
@@ -26,7 +30,8 @@ each case is warmed up and timed ``--repeats`` times, one case after the other (
 algorithm state is freed before the next is built, to bound memory: 8 ranks x 16M parameters).
 The prediction runs the same algorithm for one sync on a :class:`StackedCommunicator` of the
 same N rows and width, and feeds its logged events to :class:`simulations.network.SimClock`
-(bandwidth = the shaped rate, latency = the delay, no compute): the same bytes, the same model.
+(bandwidth = the TCP payload rate of the shaped link, :func:`tcp_payload_bandwidth`: 0.956 of
+the rate at MTU 1500; latency = the delay; no compute): the same bytes, the same model.
 Raw transfers are predicted by the same clock from the event they are.
 
 Prints one JSON header line, then one JSON line per (world size, case): measured median seconds,
@@ -46,6 +51,7 @@ import dataclasses
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -69,14 +75,16 @@ from gossip.comm import StackedCommunicator, TorchCommunicator
 from gossip.comm.stacked import CommEvent
 from gossip.flat import FlatParams
 from gossip.topology import make_topology, random_matching
-from simulations.network import NetworkModel, SimClock
+from simulations.network import NetworkModel, SimClock, tcp_payload_bandwidth
 
-RAW = ("raw_allreduce", "raw_send", "raw_pair_sends_first", "raw_pair_recvs_first")
+RAW = ("raw_allreduce", "raw_send", "raw_pair_sends_first", "raw_pair_recvs_first", "raw_ring",
+       "raw_alltoall", "raw_alltoall_p2p")
 ALGOS = ("fedavg", "diloco", "noloco", "dpsgd", "choco")
 CODECS = ("bf16", "fp16", "int8", "fp8", "topk:0.01", "randk:0.01")
 DEFAULT_CASES = (*RAW, "fedavg", "diloco", "noloco", "dpsgd", *(f"diloco:{c}" for c in CODECS),
                  "noloco:int8", "choco:int8")
 PORT = 29517
+RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)
 INNER_STEPS, INNER_SIZE = 10, 768  # overlap cases: H stand-in inner steps, matmul size
 
 
@@ -142,6 +150,14 @@ def predict(case: str, n: int, numel: int, model: NetworkModel) -> tuple[float, 
                 table[i, 0] = j
         events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
         sent = nbytes
+    elif case == "raw_ring":  # both neighbours on a ring, as D-PSGD's exchange
+        table = torch.tensor([[(i - 1) % n, (i + 1) % n] for i in range(n)])
+        events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
+        sent = 2 * nbytes
+    elif case in ("raw_alltoall", "raw_alltoall_p2p"):  # numel bytes (int8's) in n chunks
+        table = torch.tensor([[j for j in range(n) if j != i] for i in range(n)])
+        events = [CommEvent("exchange", numel // n, table, table >= 0, None)]
+        sent = (n - 1) * (numel // n)
     elif case in RAW:
         table = pair_table(n, 1)
         events = [CommEvent("exchange", nbytes, table, table >= 0, None)]
@@ -195,6 +211,17 @@ def pair_exchange(send: torch.Tensor, recv: torch.Tensor, peer: int, recvs_first
         work.wait()
 
 
+def ring_exchange(send: torch.Tensor, recv: list[torch.Tensor], peers: list[int],
+                  sends: list[torch.Tensor] | None = None) -> None:
+    """Receives first, then one send to each peer (``send``, or ``sends[k]`` to ``peers[k]``),
+    all at once (as ``TorchCommunicator.exchange`` and the compressed all-reduce's stages)."""
+    ops = [dist.P2POp(dist.irecv, buf, j) for buf, j in zip(recv, peers, strict=True)]
+    outs = sends if sends is not None else [send] * len(peers)
+    ops += [dist.P2POp(dist.isend, x, j) for x, j in zip(outs, peers, strict=True)]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+
+
 def one_way(send: torch.Tensor, recv: torch.Tensor, peer: int, rank: int) -> None:
     if rank < peer:
         dist.send(send, peer)
@@ -216,6 +243,11 @@ def worker(opts: dict[str, Any]) -> None:
         torch.manual_seed(rank)
         raw = torch.randn(numel)
         got = torch.empty(numel)
+        ring = [(rank - 1) % n, (rank + 1) % n]
+        got2 = [got, torch.empty(numel)]
+        chunks = torch.randint(0, 255, (n, numel // n), dtype=torch.uint8)
+        got_chunks = torch.empty_like(chunks)
+        others = [j for j in range(n) if j != rank]
         raws: dict[str, Callable[[int], Any]] = {
             "raw_allreduce": lambda step: dist.all_reduce(raw),
             "raw_send": lambda step: one_way(raw, got, partner(rank, n, 1), rank),
@@ -223,6 +255,10 @@ def worker(opts: dict[str, Any]) -> None:
                                                               [partner(rank, n, 1)]),
             "raw_pair_recvs_first": lambda step: pair_exchange(raw, got, partner(rank, n, 1),
                                                                True),
+            "raw_ring": lambda step: ring_exchange(raw, got2, ring),
+            "raw_alltoall": lambda step: dist.all_to_all_single(got_chunks, chunks),
+            "raw_alltoall_p2p": lambda step: ring_exchange(
+                chunks, [got_chunks[j] for j in others], others, [chunks[j] for j in others]),
         }
         eps = 1e-4 * (rank + 1)
         samples: dict[str, list[float]] = {}
@@ -248,6 +284,8 @@ def worker(opts: dict[str, Any]) -> None:
                 samples[case] = []
                 for i in range(opts["warmup"] + 1):
                     dist.barrier()
+                    ru0, proc0 = resource.getrusage(RUSAGE_THREAD), time.process_time()
+                    sync_user = sync_sys = 0.0
                     t0 = time.perf_counter()
                     for _ in range(opts["repeats"]):
                         step += 1
@@ -256,8 +294,22 @@ def worker(opts: dict[str, Any]) -> None:
                             with torch.no_grad():
                                 for buf in flat.buffers():
                                     buf.add_(eps)
+                            s0 = resource.getrusage(RUSAGE_THREAD)
                             sync.step(step)
+                            s1 = resource.getrusage(RUSAGE_THREAD)
+                            sync_user += s1.ru_utime - s0.ru_utime
+                            sync_sys += s1.ru_stime - s0.ru_stime
                     dt = (time.perf_counter() - t0) / opts["repeats"]
+                    ru1, proc1 = resource.getrusage(RUSAGE_THREAD), time.process_time()
+                    main = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+                    # CPU seconds per segment (this rank): the main thread's user and kernel time
+                    # outside the sync call, the sync call's, and the process's other threads'
+                    # (Gloo's)
+                    samples[f"{case}:cpu"] = [
+                        round(x / opts["repeats"], 4) for x in (
+                            ru1.ru_utime - ru0.ru_utime - sync_user,
+                            ru1.ru_stime - ru0.ru_stime - sync_sys, sync_user + sync_sys,
+                            proc1 - proc0 - main)]
                     if sync is not None and hasattr(sync, "flush"):
                         sync.flush()  # the last exchange, outside the timing
                     worst = torch.tensor([dt], dtype=torch.float64)
@@ -373,12 +425,14 @@ def main(argv: list[str] | None = None) -> None:
     opts = {"numel": numel, "cases": cases, "repeats": args.repeats, "warmup": args.warmup,
             "rate_mbit": args.rate_mbit, "delay_ms": delay, "inner_steps": args.inner_steps,
             "inner_size": args.inner_size}
-    model = NetworkModel(latency=delay / 1e3, bandwidth=args.rate_mbit * 1e6 / 8,
-                         compute_time=0.0)
+    # the model's bandwidth is payload bytes/s; the tbf's rate counts Ethernet frames
+    bandwidth = tcp_payload_bandwidth(args.rate_mbit * 1e6)
+    model = NetworkModel(latency=delay / 1e3, bandwidth=bandwidth, compute_time=0.0)
     print(json.dumps({
         "benchmark": "wan", "torch": torch.__version__, "cpu_count": os.cpu_count(),
         "mode": f"tbf+netem {delay} ms" if delay > 0 else "tbf (bandwidth only: no netem)",
-        "netem_available": netem, "rate_mbit": args.rate_mbit, "params": numel,
+        "netem_available": netem, "rate_mbit": args.rate_mbit,
+        "model_bandwidth_bytes_per_s": round(bandwidth), "params": numel,
         "bytes": 4 * numel, "world_sizes": sizes, "repeats": args.repeats,
         "warmup": args.warmup, "inner_steps": args.inner_steps, "inner_size": args.inner_size,
         "load_average": [round(x, 2) for x in os.getloadavg()]}), flush=True)
@@ -400,6 +454,10 @@ def main(argv: list[str] | None = None) -> None:
                    "bytes_per_node": int(sent)}
             if split_segment(case)[1] is not None and compute:
                 row["/compute"] = round(measured / compute, 3)
+            if f"{case}:cpu" in samples:  # rank 0's CPU seconds per segment
+                row["cpu_rank0"] = dict(zip(("compute_user", "compute_sys", "sync_call",
+                                             "other_threads"), samples[f"{case}:cpu"],
+                                            strict=True))
             print(json.dumps(row), flush=True)
 
 

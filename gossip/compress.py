@@ -63,6 +63,17 @@ def _hash_uniform(seed: int, rows: Tensor, width: int, device: torch.device) -> 
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def _part(wire: Tensor, start: int, count: int, dtype: torch.dtype) -> Tensor:
+    """Bytes ``[start, start + count * size)`` of every wire row [M, B] read (or written) as
+    ``count`` elements of ``dtype``: a view where the alignment allows, else a copy."""
+    size = torch.empty((), dtype=dtype).element_size()
+    piece = wire[:, start : start + count * size]
+    try:
+        return piece.view(dtype)
+    except RuntimeError:  # misaligned for dtype (a slot of a bigger buffer): read a copy
+        return piece.contiguous().view(dtype)
+
+
 @dataclass(frozen=True)
 class Codec:
     """One compressor: ``kind`` in :data:`COMPRESSORS`, ``block`` for int8/fp8, ``ratio`` for
@@ -113,28 +124,12 @@ class Codec:
             raise ValueError(f"x must be 2-D [rows, width], got shape {tuple(x.shape)}")
         m, width = x.shape
         x = x.to(torch.float32)
+        if self.kind in ("int8", "int8-sr", "fp8"):
+            return self._encode_scaled(x, seed, rows)
         if self.kind == "none":
             parts = [x]
         elif self.kind in ("bf16", "fp16"):
             parts = [x.to(torch.bfloat16 if self.kind == "bf16" else torch.float16)]
-        elif self.kind in ("int8", "int8-sr", "fp8"):
-            nb = math.ceil(width / self.block)
-            padded = torch.nn.functional.pad(x, (0, nb * self.block - width))
-            blocks = padded.view(m, nb, self.block)
-            top = _INT8_MAX if self.kind != "fp8" else _FP8_MAX
-            scale = blocks.abs().amax(dim=2) / top  # [m, nb]
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(2)
-            y = (blocks / safe).view(m, -1)[:, :width]
-            if self.kind == "fp8":
-                q = y.to(torch.float8_e4m3fn)
-            else:
-                if self.stochastic:
-                    ids = torch.arange(m) if rows is None else rows
-                    y = torch.floor(y + _hash_uniform(seed, ids, width, x.device))
-                else:
-                    y = torch.round(y)
-                q = y.clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-            parts = [scale, q]
         elif self.kind == "topk":
             idx = x.abs().topk(self.k(width), dim=1, sorted=False).indices
             parts = [idx.to(torch.int32), torch.gather(x, 1, idx)]
@@ -149,6 +144,32 @@ class Codec:
         assert wire.shape[1] == self.nbytes(width)
         return wire
 
+    def _encode_scaled(self, x: Tensor, seed: int, rows: Tensor | None) -> Tensor:
+        """int8 / int8-sr / fp8: scales and codes written straight into the wire rows (no
+        concatenation, and no padded copy when the width is a multiple of the block)."""
+        m, width = x.shape
+        nb = math.ceil(width / self.block)
+        padded = x if nb * self.block == width else \
+            torch.nn.functional.pad(x, (0, nb * self.block - width))
+        blocks = padded.view(m, nb, self.block)
+        top = _INT8_MAX if self.kind != "fp8" else _FP8_MAX
+        scale = blocks.abs().amax(dim=2).div_(top)  # [m, nb] (aminmax is 4x slower here)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(2)
+        y = (blocks / safe).view(m, -1)[:, :width]
+        wire = torch.empty(m, self.nbytes(width), dtype=torch.uint8, device=x.device)
+        wire[:, 4 * nb + width :].zero_()  # the padding
+        _part(wire, 0, nb, torch.float32).copy_(scale)
+        if self.kind == "fp8":
+            _part(wire, 4 * nb, width, torch.float8_e4m3fn).copy_(y)
+            return wire
+        if self.stochastic:
+            ids = torch.arange(m) if rows is None else rows
+            y = torch.floor(y + _hash_uniform(seed, ids, width, x.device))
+        else:
+            y = y.round_()
+        _part(wire, 4 * nb, width, torch.int8).copy_(y.clamp_(-_INT8_MAX, _INT8_MAX))
+        return wire
+
     def decode(self, wire: Tensor, width: int, *, seed: int = 0) -> Tensor:
         """Wire rows uint8 [M, nbytes(width)] -> fp32 rows [M, width]. All-zero bytes decode to
         zeros (a message that did not arrive)."""
@@ -158,8 +179,7 @@ class Codec:
         m = wire.shape[0]
 
         def part(start: int, count: int, dtype: torch.dtype) -> Tensor:
-            size = torch.empty((), dtype=dtype).element_size()
-            return wire[:, start : start + count * size].contiguous().view(dtype)
+            return _part(wire, start, count, dtype)
 
         if self.kind == "none":
             return part(0, width, torch.float32).clone()
@@ -168,11 +188,16 @@ class Codec:
                         ).to(torch.float32)
         if self.kind in ("int8", "int8-sr", "fp8"):
             nb = math.ceil(width / self.block)
-            scale = part(0, nb, torch.float32)
+            scale = part(0, nb, torch.float32).unsqueeze(2)
             q = part(4 * nb, width, torch.float8_e4m3fn if self.kind == "fp8" else torch.int8)
+            if nb * self.block == width:  # one pass: the codes times their scales
+                out = torch.empty(m, width, dtype=torch.float32, device=wire.device)
+                # (a copy then an in-place product: faster than a mixed-dtype mul, and float8
+                # has no type promotion)
+                out.view(m, nb, self.block).copy_(q.view(m, nb, self.block)).mul_(scale)
+                return out
             y = torch.nn.functional.pad(q.to(torch.float32), (0, nb * self.block - width))
-            out = (y.view(m, nb, self.block) * scale.unsqueeze(2)).view(m, -1)
-            return out[:, :width].contiguous()
+            return (y.view(m, nb, self.block) * scale).view(m, -1)[:, :width].contiguous()
         out = torch.zeros(m, width, dtype=torch.float32, device=wire.device)
         k = self.k(width)
         if self.kind == "topk":

@@ -37,6 +37,13 @@ waits on its handle. Communication is charged only where it outlasts the compute
 At the end of a round a node that is down takes the clock of the latest node that is up (it
 rejoins "now"). The run's simulated time after round r is the latest clock of all nodes.
 Bytes are not modelled here: the communicator counts them exactly (``comm.bytes_per_node``).
+
+``bandwidth`` is in bytes of *payload* per second, the bytes the communicator counts. A link
+sold (or shaped) at R bit/s carries Ethernet frames, so TCP moves less payload than R / 8:
+:func:`tcp_payload_bandwidth` gives it, ``R / 8 * (MTU - 52) / (MTU + 14)`` (IPv4 20 + TCP 20 +
+timestamps 12 bytes of headers per segment, 14 of Ethernet per frame: 0.956 of R / 8 at MTU
+1500). Measured on a 100 Mbit/s ``tc tbf`` link (``benchmarks/wan.py``): the qdisc counted 1.0457
+bytes per payload byte of a one-way transfer (1514 / 1448 = 1.0456).
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from torch import Tensor
 from gossip.comm.stacked import CommEvent
 
 __all__ = ["ALLREDUCE_ALGOS", "NetworkModel", "SimClock", "allreduce_seconds",
-           "ring_allreduce_seconds"]
+           "ring_allreduce_seconds", "tcp_payload_bandwidth"]
 
 ALLREDUCE_ALGOS = ("ring", "halving-doubling", "star")
 
@@ -97,6 +104,16 @@ class NetworkModel:
             return np.ones(shape)
         z = np.random.default_rng([self.seed, *tags]).standard_normal(shape)
         return np.exp(self.jitter * z - 0.5 * self.jitter**2)
+
+
+def tcp_payload_bandwidth(rate_bits: float, mtu: int = 1500) -> float:
+    """Payload bytes/s that TCP over Ethernet moves on a link of ``rate_bits`` bit/s (module doc):
+    ``rate_bits / 8 * (mtu - 52) / (mtu + 14)``."""
+    if not rate_bits > 0:
+        raise ValueError(f"rate_bits must be > 0, got {rate_bits!r}")
+    if not isinstance(mtu, int) or mtu <= 52:
+        raise ValueError(f"mtu must be an int > 52 (the TCP/IP headers), got {mtu!r}")
+    return rate_bits / 8 * (mtu - 52) / (mtu + 14)
 
 
 def ring_allreduce_seconds(participants: int, nbytes: float, latency: float,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gossip.comm import StackedCommunicator
+from gossip.comm import StackedCommunicator, compressed
 from gossip.comm.compressed import exchange_compressed
 from gossip.compress import Compressor, parse_codec
 from tests.distributed import run_ranks
@@ -41,6 +41,14 @@ def _real(comm) -> dict:
         y = torch.randn(WORLD, P, generator=torch.Generator().manual_seed(9))[me : me + 1]
         sent, got = exchange_compressed(comm, y, ring, ex)
         out[spec + "/x"] = (sent.clone(), got.dense().clone())
+    # the same all-reduces through Gloo's all_to_all / all_gather (the path taken under a monitor)
+    compressed._point_to_point = lambda comm: False
+    for spec in ("int8:64", "topk:0.1"):
+        comp = Compressor(parse_codec(spec), 1, P, error_feedback=True, seed=3)
+        x = _inputs()[me : me + 1].clone()
+        for _ in range(2):
+            comm.all_reduce_mean_(x, WEIGHTS[me : me + 1], compressor=comp)
+        out[spec + "/collectives"] = x.clone()
     return out
 
 
@@ -68,6 +76,8 @@ def test_real_ranks_and_stacked_agree_bit_for_bit() -> None:
         for rank in range(WORLD):
             got, res, nbytes = real[rank][spec]
             assert torch.equal(got[0], x[rank]), spec
+            if spec + "/collectives" in real[rank]:  # point-to-point stages == collectives
+                assert torch.equal(real[rank][spec + "/collectives"], got), spec
             assert torch.equal(res[0], residual[rank]), spec
             assert nbytes == 2 * per_call, spec  # 2 calls
         assert comm.traffic.bytes_sent == 2 * per_call * WORLD

@@ -16,6 +16,7 @@ from gossip.algorithms import DiLoCo, DiLoCoConfig, NoLoCo, NoLoCoConfig
 from gossip.algorithms._streaming import due_fragment, fragment_pieces
 from gossip.comm import StackedCommunicator
 from gossip.comm.stacked import CommEvent
+from gossip.compress import parse_codec
 from gossip.flat import FlatParams
 from simulations.network import NetworkModel, SimClock
 from tests.distributed import run_ranks
@@ -264,6 +265,28 @@ def test_real_gloo_ranks_match_the_stacked_run(world):
                                            rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     finally:
         N = saved
+
+
+def _compressed_in_flight(comm) -> list[int]:
+    """Bytes this rank has counted after each of three overlapped int8 NoLoCo syncs."""
+    rank = int(comm.nodes[0])
+    params = FlatParams.from_stacked({"w": init_row(P).unsqueeze(0).clone()})
+    alg = MAKERS["noloco-int8"](params, comm)
+    counted = []
+    for s in range(1, 3 * H + 1):
+        _inner(params.groups[0].buffer, [rank], s)
+        alg.step(s)
+        if s % H == 0:
+            counted.append(comm.traffic.bytes_sent)
+    return counted
+
+
+def test_compressed_exchange_is_in_flight_until_the_next_sync():
+    """A compressed NoLoCo exchange is posted at its sync and finished (counted) at the next:
+    after sync 1 nothing is counted yet, after sync t the t - 1 earlier exchanges are."""
+    wire = parse_codec("int8:16").nbytes(P)  # one message per sync, to the partner
+    for counted in run_ranks(_compressed_in_flight, 2, timeout=120.0):
+        assert counted == [0, wire, 2 * wire]
 
 
 # ----------------------------------------------------------------------------- network model

@@ -55,8 +55,12 @@ def test_model_side_matches_closed_forms(n: int) -> None:
         assert predict(case, n, numel, model)[0] == pytest.approx(ring, rel=1e-9)
     for case in ("noloco", "raw_send", "raw_pair_recvs_first"):
         assert predict(case, n, numel, model)[0] == pytest.approx(nbytes / BANDWIDTH, rel=1e-9)
-    assert predict("dpsgd", n, numel, model)[0] == pytest.approx(2 * nbytes / BANDWIDTH,
-                                                                 rel=1e-9)
+    for case in ("raw_alltoall", "raw_alltoall_p2p"):  # n - 1 chunks of numel / n bytes out
+        assert predict(case, n, numel, model)[0] == pytest.approx(
+            (n - 1) * (numel // n) / BANDWIDTH, rel=1e-9)
+    for case in ("dpsgd", "raw_ring"):  # two messages through each uplink
+        assert predict(case, n, numel, model)[0] == pytest.approx(2 * nbytes / BANDWIDTH,
+                                                                  rel=1e-9)
     seconds, sent = predict("diloco:int8", n, numel, model)
     assert 0.25 < seconds / ring < 0.3  # int8 + one fp32 scale per chunk
     assert sent == pytest.approx(seconds * BANDWIDTH, rel=1e-9)

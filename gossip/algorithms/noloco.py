@@ -62,8 +62,8 @@ from gossip.algorithms._common import (
 )
 from gossip.algorithms._streaming import check_streaming, due_fragment, fragment_pieces
 from gossip.comm.base import Communicator
-from gossip.comm.compressed import exchange_compressed
-from gossip.comm.pending import Pending, complete_now, start_exchange
+from gossip.comm.compressed import exchange_compressed, start_exchange_compressed
+from gossip.comm.pending import Pending, start_exchange
 from gossip.flat import FlatParams
 from gossip.ops import noloco_update_
 from gossip.topology import random_matching
@@ -307,27 +307,38 @@ class NoLoCo:
         """Start sending ``_sent`` (theta_t) and, when gamma != beta, ``_start`` (s_t) of every
         piece; the returned wait() leaves the group means in ``_theta_mean`` / ``_phi_mean``."""
         tied = self.config.gamma == self.config.beta
-        if self._comp is not None:  # a compressed exchange decodes at once: resolve it now
-            def now() -> None:
+        if self._comp is not None:  # encoded now, exchanged in flight, decoded at wait()
+            comp = self._comp
+            started = []
+            for i, _, _ in slots:
+                sends = [self._sent[i]] if tied else [self._sent[i], self._start[i]]
+                for what, x in enumerate(sends):
+                    wire = (x.shape[0], others.shape[1], comp[i][what].codec.nbytes(x.shape[1]))
+                    started.append(start_exchange_compressed(
+                        self.comm, x, others, comp[i][what],
+                        self._recv_buffer(i, what, wire, torch.uint8, x.device), active))
+
+            def decoded() -> None:
+                got = iter([w.wait() for w in started])
                 for i, _, _ in slots:
-                    recv, arrived = self._exchange(self._sent[i], others, i, 0, active)
+                    theta = next(got)
                     if tied:
-                        self._group_mean(self._sent[i], recv, arrived, me, self._theta_mean[i])
+                        self._group_mean(self._sent[i], theta.dense(), theta.arrived, me,
+                                         self._theta_mean[i])
                         continue
-                    theta_recv = self._kept(i, recv)
-                    theta_arrived = arrived.clone()
-                    recv, arrived = self._exchange(self._start[i], others, i, 1, active)
-                    arrived = arrived & theta_arrived
-                    self._group_mean(self._sent[i], theta_recv, arrived, me,
+                    phi = next(got)
+                    both = theta.arrived & phi.arrived
+                    self._group_mean(self._sent[i], theta.dense(), both, me,
                                      self._theta_mean[i])
-                    self._group_mean(self._start[i], recv, arrived, me, self._phi_mean[i])
-            return complete_now(self.comm, now)
+                    self._group_mean(self._start[i], phi.dense(), both, me, self._phi_mean[i])
+            return Pending(decoded)
         works = []
         for i, _, _ in slots:
             sends = [self._sent[i]] if tied else [self._sent[i], self._start[i]]
             for what, x in enumerate(sends):
+                shape = (x.shape[0], others.shape[1], x.shape[1])
                 works.append(start_exchange(self.comm, x, others,
-                                            self._recv_buffer(i, what, x, others)))
+                                            self._recv_buffer(i, what, shape, x.dtype, x.device)))
 
         def finish() -> None:
             got = iter([w.wait() for w in works])
@@ -343,12 +354,12 @@ class NoLoCo:
                 self._group_mean(self._start[i], phi_recv, both, me, self._phi_mean[i])
         return Pending(finish)
 
-    def _recv_buffer(self, i: int, what: int, x: Tensor, others: Tensor) -> Tensor:
+    def _recv_buffer(self, i: int, what: int, shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device) -> Tensor:
         """Piece ``i``'s persistent receive buffer for ``what`` (0: theta, 1: phi)."""
-        shape = (x.shape[0], others.shape[1], x.shape[1])
         buf = self._recv[i][what]
-        if buf is None or tuple(buf.shape) != shape:
-            buf = self._recv[i][what] = torch.empty(shape, dtype=x.dtype, device=x.device)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != dtype:
+            buf = self._recv[i][what] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
     def flush(self) -> None:
