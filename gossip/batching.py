@@ -86,6 +86,8 @@ def node_batch(indices: np.ndarray, batch_size: int, *, seed: int, node: int,
         raise ValueError(f"node {node} has no samples")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     n = len(indices)
     epoch, j = divmod(step, steps_per_epoch(n, batch_size))
     order = _epoch_orders(_node_hash(seed, np.array([node])), np.array([epoch]),
@@ -136,6 +138,8 @@ class StackedBatches:
     def batch(self, step: int | Tensor) -> Tensor:
         """Sample indices [L, B] at local step ``step`` (an int, or one step per node [L])."""
         steps = torch.as_tensor(step, dtype=torch.long).cpu().expand(len(self.nodes)).numpy()
+        if steps.min() < 0:
+            raise ValueError(f"step must be >= 0, got {int(steps.min())}")
         epoch, j = steps // self._m, steps % self._m
         redraw = np.flatnonzero(epoch != self._epoch)
         self._epoch = epoch.copy()

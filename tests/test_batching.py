@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from gossip.batching import StackedBatches, _epoch_orders, _node_hash, node_batch, steps_per_epoch
@@ -98,3 +99,11 @@ def test_host_and_tensor_arithmetic_give_the_same_orders():
     for row, n in enumerate(sizes):
         assert host[row, :n].tolist() == dev[row, :n].tolist()
         assert sorted(host[row, :n].tolist()) == list(range(n))
+
+
+def test_a_negative_step_is_refused():
+    with pytest.raises(ValueError, match="step must be >= 0, got -1"):
+        node_batch(np.arange(5), 2, seed=0, node=0, step=-1)
+    batches = StackedBatches([np.arange(5), np.arange(3)], [0, 1], 2, seed=0)
+    with pytest.raises(ValueError, match="step must be >= 0, got -2"):
+        batches.batch(torch.tensor([0, -2]))
