@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {"algo": "fedavg", "task": "digits", "nodes": n, "batch_size": 16,
             "partition": "dirichlet:0.5" if n <= 1437 else "sample:dirichlet:0.5",
             "optimizer": "sgd", "lr": 0.05, "local_epochs": 1, "progress": False,
-            "threads": args.threads, "device": args.device, "rounds": 3 * args.rounds + 1}
+            "threads": args.threads, "device": args.device, "rounds": 2 * args.rounds + 1}
     out: dict[str, object] = {"bench": "sim_profile", "nodes": n, "device": args.device,
                               "threads": args.threads, "torch": torch.__version__}
     for label, every in (("eval_every_round", 1), ("no_eval", 10**9)):

@@ -116,9 +116,8 @@ class StackedBatches:
         self.nodes = list(nodes)
         self.batch_size = batch_size
         self.seed = seed
-        self.sizes = torch.tensor([len(s) for s in shards], dtype=torch.long)
-        self.m = (self.sizes + batch_size - 1) // batch_size
-        self._sizes, self._m = self.sizes.numpy(), self.m.numpy()
+        self._sizes = np.array([len(s) for s in shards], dtype=np.int64)
+        self._m = (self._sizes + batch_size - 1) // batch_size  # steps per epoch
         padded = np.zeros((len(shards), int(self._sizes.max())), dtype=np.int64)
         starts = np.cumsum(self._sizes) - self._sizes
         padded[np.repeat(np.arange(len(shards)), self._sizes),
@@ -132,7 +131,7 @@ class StackedBatches:
         self._table = np.zeros_like(padded) if self._host else torch.empty_like(self._shards)
         if not self._host:
             self._dev = {"hash": torch.from_numpy(self._node_hash).to(self.device),
-                         "sizes": self.sizes.to(self.device),
+                         "sizes": torch.from_numpy(self._sizes).to(self.device),
                          "offsets": torch.from_numpy(self._offsets).to(self.device)}
 
     def batch(self, step: int | Tensor) -> Tensor:

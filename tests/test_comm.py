@@ -8,6 +8,7 @@ calls through a :class:`StackedCommunicator`.
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from gossip.comm import (
     TorchCommunicator,
     Traffic,
 )
+from gossip.compress import Compressor, parse_codec
 from tests.distributed import run_ranks
 
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -142,6 +144,11 @@ def _comm_checks(comm: TorchCommunicator) -> dict:
         comm.all_reduce_mean_(torch.ones(1, 3), torch.zeros(1))
     except CommError as e:
         out["errors"]["zero"] = str(e)
+    try:  # one rank's NaN weight: every rank refuses (the total is NaN everywhere)
+        comm.all_reduce_mean_(torch.ones(1, 3),
+                              torch.tensor([math.nan if comm.rank == 0 else 1.0]))
+    except CommError as e:
+        out["errors"]["nan"] = str(e)
     comm.barrier()
     out["traffic"] = (comm.traffic.bytes_sent, comm.traffic.messages, dict(comm.traffic.by_op))
     return _pack(out)
@@ -210,6 +217,7 @@ def _check_world(outs: list[dict], n: int) -> None:
         assert f"peers must have shape [N={n}, K]" in errors["shape"]
         assert "floating-point" in errors["int"] and "torch.int64" in errors["int"]
         assert "all weights are zero" in errors["zero"]
+        assert "not finite (total nan)" in errors["nan"]
     # the running totals add up: per op, and the stacked communicator's all-node total
     assert sum(o["traffic"][2].get("exchange", 0) for o in outs) == total["exchange"]
     assert sum(o["traffic"][2].get("all_reduce", 0) for o in outs) == total["all_reduce"]
@@ -311,6 +319,14 @@ def test_stacked_faults_drops_and_events():
         comm.set_faults(drop_prob=1.0)
     with pytest.raises(ValueError, match="every participating weight is zero"):
         comm.all_reduce_mean_(xs.clone(), torch.zeros(n))
+    for bad in (math.nan, math.inf):  # a NaN/inf weight would spread into every row
+        weights = torch.ones(n)
+        weights[1] = bad
+        before = xs.clone()
+        for comp in (None, Compressor(parse_codec("int8"), n, xs.shape[1])):
+            with pytest.raises(ValueError, match=f"not finite \\(their sum: {bad}\\)"):
+                comm.all_reduce_mean_(xs, weights, compressor=comp)
+            assert torch.equal(xs, before)
     with pytest.raises(ValueError, match="world_size"):
         StackedCommunicator(0)
 

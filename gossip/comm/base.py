@@ -8,6 +8,7 @@ Every rank derives the same table from shared seeds, so nobody has to agree on w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -249,3 +250,9 @@ def check_peers(peers: Tensor, world_size: int) -> Tensor:
         i = int(own.nonzero()[0, 0])
         raise ValueError(f"peers[{i}] lists the node itself")
     return table
+
+
+def weight_total_ok(total: float) -> bool:
+    """Whether the participating weights of a weighted mean sum to something it can divide by:
+    finite and > 0 (all zero, a NaN or an inf weight is not)."""
+    return math.isfinite(total) and total > 0

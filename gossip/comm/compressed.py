@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import CommError, DenseReceived, Received
+from gossip.comm.base import CommError, DenseReceived, Received, weight_total_ok
 from gossip.comm.pending import Pending, start_exchange
 from gossip.compress import Compressor
 
@@ -114,8 +114,9 @@ def _stage2(comp: Compressor, reduced: Tensor, n: int, seed: int, owners: Tensor
 
 def _fractions(weights: Tensor) -> Tensor:
     total = float(weights.sum())
-    if total <= 0:
-        raise ValueError("all_reduce_mean_: every participating weight is zero")
+    if not weight_total_ok(total):
+        raise ValueError("all_reduce_mean_: every participating weight is zero, or one is "
+                         f"not finite (their sum: {total})")
     return (weights / total).to(torch.float32)
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import GatheredReceived, Traffic, check_peers
+from gossip.comm.base import GatheredReceived, Traffic, check_peers, weight_total_ok
 from gossip.comm.compressed import stacked_all_reduce_mean_
 from gossip.compress import Compressor
 from gossip.ops import to_device
@@ -164,17 +164,16 @@ class StackedCommunicator:
             stacked_all_reduce_mean_(self, x, weight, compressor)
             return
         # the weights are bookkeeping: on the host unless the caller keeps them on the device
-        host = weight is None or weight.device.type == "cpu"
         alive_local = self.alive[self._nodes]
         w = torch.ones(x.shape[0], dtype=torch.float64) if weight is None \
             else weight.to(dtype=torch.float64)
         w = w * alive_local.to(w.device)
         total = self._sum(w.sum().reshape(1))
-        if float(total) <= 0:
-            raise ValueError("all_reduce_mean_: every participating weight is zero")
+        if not weight_total_ok(float(total)):
+            raise ValueError("all_reduce_mean_: every participating weight is zero, or one is "
+                             f"not finite (their sum: {float(total)})")
         part = w > 0
-        coef = (w / total).to(x.dtype)
-        coef = to_device(coef, x.device) if host else coef.to(x.device)
+        coef = to_device((w / total).to(x.dtype), x.device)
         # rows that do not take part contribute exact zeros, even if they hold NaN/inf
         xs = x if bool(part.all()) else x.masked_fill(~part.to(x.device).unsqueeze(-1), 0)
         acc = self._sum(coef @ xs)

@@ -37,6 +37,7 @@ from gossip.comm.base import (
     PeerFailure,
     Traffic,
     check_peers,
+    weight_total_ok,
 )
 from gossip.comm.compressed import torch_all_reduce_mean_
 from gossip.comm.monitor import PeerMonitor
@@ -182,8 +183,9 @@ class TorchCommunicator:
             total = torch.tensor([mine], dtype=torch.float64, device=x.device)
             self._wait(dist.all_reduce(total, group=self.group, async_op=True),
                        "all_reduce of weights", everyone, collective=True)
-            if float(total) <= 0:
-                raise CommError(f"all weights are zero (total {float(total)})",
+            if not weight_total_ok(float(total)):
+                raise CommError(f"all weights are zero, or one is not finite (total "
+                                f"{float(total)})",
                                 rank=self.rank, step=self.step)
             if mine == 0:
                 x.zero_()  # contributes exact zeros, even if this rank's model holds NaN/inf
