@@ -30,8 +30,8 @@ import signal
 import subprocess
 from collections.abc import Sequence
 
-__all__ = ["PREFIX", "ShapedLan", "cleanup_stale", "netem_available", "our_namespaces",
-           "unavailable"]
+__all__ = ["PREFIX", "ShapedLan", "cleanup_stale", "default_burst", "netem_available",
+           "our_namespaces", "unavailable"]
 
 PREFIX = "gwan"  # every namespace this module makes is named gwan-<pid>-<tag>-...
 SUBNET = "10.77.0"
@@ -98,9 +98,13 @@ def netem_available() -> bool:
         _run("ip", "netns", "del", ns, check=False)
 
 
-def _tbf(ns: str, dev: str, rate_mbit: float, parent: Sequence[str]) -> None:
-    # burst: at least one 64 KiB GSO segment plus rate/HZ; queue: 50 ms of the rate
-    burst = max(64 * 1024 + 2048, int(rate_mbit * 1e6 / 8 / 250))
+def default_burst(rate_mbit: float) -> int:
+    """The tbf bucket in bytes: at least one 64 KiB GSO segment plus headers, or rate / HZ."""
+    return max(64 * 1024 + 2048, int(rate_mbit * 1e6 / 8 / 250))
+
+
+def _tbf(ns: str, dev: str, rate_mbit: float, parent: Sequence[str], burst: int) -> None:
+    # queue: 50 ms of the rate
     _run("tc", "-n", ns, "qdisc", "add", "dev", dev, *parent, "tbf",
          "rate", f"{rate_mbit}mbit", "burst", str(burst), "latency", "50ms")
 
@@ -113,15 +117,29 @@ class ShapedLan:
         rate_mbit: link rate in Mbit/s (> 0), the same up and down for every rank.
         delay_ms: one-way delay added on every rank's uplink with netem (>= 0; > 0 needs
             :func:`netem_available`).
+        mtu: every veth's MTU (the bridge follows its ports); 1500 is the default measured
+            condition, others (jumbo frames, 9000) are variants.
+        gso_max_size: the largest GSO segment every veth end hands down (None: the kernel's
+            default, 64 KiB); a small value makes the stack and the tbf handle every packet.
+        burst: the tbf bucket in bytes (None: :func:`default_burst`).
     """
 
-    def __init__(self, n: int, rate_mbit: float, *, delay_ms: float = 0.0) -> None:
+    def __init__(self, n: int, rate_mbit: float, *, delay_ms: float = 0.0, mtu: int = 1500,
+                 gso_max_size: int | None = None, burst: int | None = None) -> None:
         if not isinstance(n, int) or not 1 <= n <= 250:
             raise ValueError(f"n must be an int in [1, 250], got {n!r}")
         if not rate_mbit > 0:
             raise ValueError(f"rate_mbit must be > 0, got {rate_mbit!r}")
         if not delay_ms >= 0:
             raise ValueError(f"delay_ms must be >= 0, got {delay_ms!r}")
+        if not isinstance(mtu, int) or not 68 <= mtu <= 65535:
+            raise ValueError(f"mtu must be an int in [68, 65535], got {mtu!r}")
+        if gso_max_size is not None and (not isinstance(gso_max_size, int)
+                                         or not 1 <= gso_max_size <= 65536):
+            raise ValueError(f"gso_max_size must be an int in [1, 65536], got {gso_max_size!r}")
+        if burst is not None and (not isinstance(burst, int) or burst < mtu + 14):
+            raise ValueError(f"burst must be an int >= mtu + 14 = {mtu + 14} bytes (one frame), "
+                             f"got {burst!r}")
         why = unavailable()
         if why is not None:
             raise RuntimeError(why)
@@ -130,6 +148,9 @@ class ShapedLan:
         self.n = n
         self.rate_mbit = rate_mbit
         self.delay_ms = delay_ms
+        self.mtu = mtu
+        self.gso_max_size = gso_max_size
+        self.burst = burst if burst is not None else default_burst(rate_mbit)
         self.tag = f"{PREFIX}-{os.getpid()}-{secrets.token_hex(3)}"
         self.bridge_ns = f"{self.tag}-br"
         self.namespaces = [f"{self.tag}-r{i}" for i in range(n)]
@@ -169,6 +190,11 @@ class ShapedLan:
             # created directly between the two namespaces: never visible in the root namespace
             _run("ip", "link", "add", "eth0", "netns", ns, "type", "veth",
                  "peer", "name", port, "netns", br)
+            for where, dev in ((br, port), (ns, "eth0")):
+                _run("ip", "-n", where, "link", "set", "dev", dev, "mtu", str(self.mtu))
+                if self.gso_max_size is not None:
+                    _run("ip", "-n", where, "link", "set", "dev", dev, "gso_max_size",
+                         str(self.gso_max_size))
             _run("ip", "-n", br, "link", "set", port, "master", "br0")
             _run("ip", "-n", br, "link", "set", port, "up")
             _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "eth0")
@@ -176,10 +202,10 @@ class ShapedLan:
             if self.delay_ms > 0:
                 _run("tc", "-n", ns, "qdisc", "add", "dev", "eth0", "root", "handle", "1:",
                      "netem", "delay", f"{self.delay_ms}ms")
-                _tbf(ns, "eth0", self.rate_mbit, ("parent", "1:1", "handle", "10:"))
+                _tbf(ns, "eth0", self.rate_mbit, ("parent", "1:1", "handle", "10:"), self.burst)
             else:
-                _tbf(ns, "eth0", self.rate_mbit, ("root",))
-            _tbf(br, port, self.rate_mbit, ("root",))
+                _tbf(ns, "eth0", self.rate_mbit, ("root",), self.burst)
+            _tbf(br, port, self.rate_mbit, ("root",), self.burst)
 
     def command(self, rank: int, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside rank ``rank``'s namespace."""

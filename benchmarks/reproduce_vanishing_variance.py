@@ -75,15 +75,14 @@ def rounds_to(records: Sequence[dict[str, Any]], thresholds: Sequence[float], *,
             if r.get("accuracy_mean") is not None]
     out: dict[str, int | None] = {}
     for t in thresholds:
-        hit = None
-        for rnd, acc in reversed(accs) if sustained else accs:
+        if not sustained:
+            out[f"{t:g}"] = next((rnd for rnd, acc in accs if acc >= t), None)
+            continue
+        hit = None  # walk back from the last evaluation while it stays at or above t
+        for rnd, acc in reversed(accs):
             if acc < t:
-                if sustained:
-                    break
-                continue
-            hit = rnd
-            if not sustained:
                 break
+            hit = rnd
         out[f"{t:g}"] = hit
     return out
 

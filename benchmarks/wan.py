@@ -23,7 +23,18 @@ overlapped sync (``overlap=True``: the exchange started at one segment's sync is
 next one's). A sample is the mean over ``--repeats`` consecutive segments with no barrier between
 them (a barrier would wait for the exchange in flight), so it is the steady state; ``/compute``
 is its ratio to the ``compute`` case (the issue's target for ``+overlap``: <= 1.1 whenever the
-H steps take longer than the transfer).
+H steps take longer than the transfer). ``diloco:int8+overlap`` has its compressed all-reduce in
+flight on the communicator's worker thread (:mod:`gossip.comm.background`).
+
+Where the CPU of a segment goes: every rank reads :mod:`benchmarks.cpu_probe` before and after
+the timed segments (its threads' user/kernel seconds and context switches, the machine's CPU by
+kind, softirqs, its veth's packets); a row carries every rank's reading (``probe``) and
+``cpu_per_segment`` (:func:`summarize`), from the last round. ``--rounds R`` runs the case list R
+times over, interleaved, so that the machine's load drifting between cases hits them alike;
+``/compute`` is then the median of the R paired ratios (``/compute_by_round``). Variants of
+the measured condition, each reported as such: ``--inner-sleep-ms`` (inner steps that leave
+the CPU idle, as an accelerator's do), ``--mtu 9000`` (jumbo frames), ``--gso-max-size``
+(smaller GSO segments: more packets through the stack and the tbf), ``--tbf-burst``.
 
 One sample is the wall time of the slowest rank for one sync (barrier, sync, all_reduce MAX);
 each case is warmed up and timed ``--repeats`` times, one case after the other (each case's
@@ -40,8 +51,8 @@ min/max, the model's seconds, measured/model, bytes per node. Needs root and ``i
     python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 100 --repeats 3
     python benchmarks/wan.py --world-sizes 4,8 --rate-mbit 1000 --repeats 3
     python benchmarks/wan.py --quick      # 2 ranks, 0.25M parameters, 4 cases, 1 repeat
-    python benchmarks/wan.py --world-sizes 2 --params 1 --repeats 5 \
-        --cases compute,diloco+steps,diloco+overlap,noloco+steps,noloco+overlap
+    python benchmarks/wan.py --world-sizes 2 --params 1 --repeats 8 --inner-steps 60 \
+        --cases compute,diloco+steps,diloco+overlap,noloco+overlap,diloco:int8+overlap
 """
 
 from __future__ import annotations
@@ -67,7 +78,14 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.netns import ShapedLan, cleanup_stale, netem_available, unavailable
+from benchmarks.cpu_probe import difference, snapshot
+from benchmarks.netns import (
+    ShapedLan,
+    cleanup_stale,
+    default_burst,
+    netem_available,
+    unavailable,
+)
 from benchmarks.sync_overhead import raw_exchange, time_once
 from gossip.algorithms import build_algorithm, make_config, needs_topology
 from gossip.allocator import reuse_freed_memory
@@ -266,13 +284,20 @@ def worker(opts: dict[str, Any]) -> None:
         inner = opts.get("inner_size", INNER_SIZE)
         a, b = torch.randn(inner, inner), torch.randn(inner, inner)
 
+        sleep = opts.get("inner_sleep_ms", 0.0) / 1e3
+
         def inner_steps() -> None:  # stand-in for H steps of local training
             for _ in range(opts.get("inner_steps", INNER_STEPS)):
-                torch.mm(a, b)
+                if sleep > 0:  # an accelerator's step: the CPU is idle meanwhile
+                    time.sleep(sleep)
+                else:
+                    torch.mm(a, b)
 
         # one case at a time, its algorithm (model, anchor, momentum, residuals) freed before
         # the next: all of them at once would hold ~3.5 GiB per rank at 16M parameters
-        for case in opts["cases"]:
+        # --rounds: every case once per round, so that a drift of the machine's load between
+        # cases hits them alike (overlap cases: a sample per round, each warmed up)
+        for case in [c for _ in range(opts.get("rounds", 1)) for c in opts["cases"]]:
             base, mode = split_segment(case)
             if base == "compute" or mode is not None:
                 flat = None
@@ -281,10 +306,11 @@ def worker(opts: dict[str, Any]) -> None:
                     algo, codec = parse_case(base)
                     flat = FlatParams.from_stacked({"w": torch.randn(1, numel)})
                     sync = build_sync(algo, codec, flat, comm, n, overlap=mode == "overlap")
-                samples[case] = []
+                samples.setdefault(case, [])
                 for i in range(opts["warmup"] + 1):
                     dist.barrier()
                     ru0, proc0 = resource.getrusage(RUSAGE_THREAD), time.process_time()
+                    probe0 = snapshot()
                     sync_user = sync_sys = 0.0
                     t0 = time.perf_counter()
                     for _ in range(opts["repeats"]):
@@ -301,6 +327,7 @@ def worker(opts: dict[str, Any]) -> None:
                             sync_sys += s1.ru_stime - s0.ru_stime
                     dt = (time.perf_counter() - t0) / opts["repeats"]
                     ru1, proc1 = resource.getrusage(RUSAGE_THREAD), time.process_time()
+                    probe = difference(probe0, snapshot(), opts["repeats"])
                     main = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
                     # CPU seconds per segment (this rank): the main thread's user and kernel time
                     # outside the sync call, the sync call's, and the process's other threads'
@@ -312,6 +339,9 @@ def worker(opts: dict[str, Any]) -> None:
                             proc1 - proc0 - main)]
                     if sync is not None and hasattr(sync, "flush"):
                         sync.flush()  # the last exchange, outside the timing
+                    probes: list[Any] = [None] * n
+                    dist.all_gather_object(probes, probe)
+                    samples[f"{case}:probe"] = probes  # type: ignore[assignment]
                     worst = torch.tensor([dt], dtype=torch.float64)
                     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                     if i >= opts["warmup"]:
@@ -326,7 +356,7 @@ def worker(opts: dict[str, Any]) -> None:
                 algo, codec = parse_case(case)
                 flat = FlatParams.from_stacked({"w": torch.randn(1, numel)})
                 fn = build_sync(algo, codec, flat, comm, n).step
-            samples[case] = []
+            samples.setdefault(case, [])
             for i in range(opts["warmup"] + opts["repeats"]):
                 step += 1
                 if flat is not None:  # stand-in for local training: the average has work
@@ -348,9 +378,35 @@ def worker(opts: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def summarize(probes: list[dict[str, Any]]) -> dict[str, float]:
+    """One segment's CPU from every rank's probe (:func:`benchmarks.cpu_probe.difference`):
+    seconds summed over the ranks' compute (main) threads, Gloo threads and other threads (the
+    compressed all-reduce's worker), the machine's busy,
+    kernel, softirq and steal seconds (both cores, every process: rank 0's reading), the busy
+    seconds outside the ranks' threads (others' processes, ksoftirqd), the compute threads'
+    involuntary and Gloo threads' voluntary context switches, and rank 0's veth packets."""
+    def total(kind: str, *fields: str) -> float:
+        return sum(p["threads"].get(kind, {}).get(f, 0.0) for p in probes for f in fields)
+
+    machine = probes[0]["machine"]
+    busy = sum(v for k, v in machine.items() if k not in ("idle", "iowait"))
+    ranks = sum(t["user"] + t["kernel"] for p in probes for t in p["threads"].values())
+    net = probes[0]["net"]
+    return {k: round(v, 3) for k, v in {
+        "main_user": total("main", "user"), "main_kernel": total("main", "kernel"),
+        "gloo": total("gloo", "user", "kernel"), "other_threads": total("other", "user", "kernel"),
+        "machine_busy": busy,
+        "machine_system": machine["system"], "machine_softirq": machine["softirq"],
+        "machine_steal": machine["steal"], "outside_ranks": busy - ranks,
+        "main_involuntary_switches": total("main", "involuntary"),
+        "gloo_voluntary_switches": total("gloo", "voluntary"),
+        "packets_rank0": net["tx_packets"] + net["rx_packets"]}.items()}
+
+
 def run_world(n: int, opts: dict[str, Any], timeout: float) -> dict[str, list[float]]:
     """Build the shaped LAN, run the ranks in it, tear it down; the timed samples."""
-    with ShapedLan(n, opts["rate_mbit"], delay_ms=opts["delay_ms"]) as lan, \
+    with ShapedLan(n, opts["rate_mbit"], delay_ms=opts["delay_ms"], mtu=opts.get("mtu", 1500),
+                   gso_max_size=opts.get("gso_max_size"), burst=opts.get("burst")) as lan, \
             tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "samples.json")
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1",
@@ -389,6 +445,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="overlap cases: stand-in inner steps H per segment")
     parser.add_argument("--inner-size", type=int, default=INNER_SIZE,
                         help="overlap cases: one inner step is a square matmul of this size")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the case list this many times over, interleaved (overlap "
+                             "cases: /compute is the median of each round's ratio)")
+    parser.add_argument("--inner-sleep-ms", type=float, default=0.0,
+                        help="overlap cases: an inner step sleeps this long instead of the "
+                             "matmul (an accelerator's step: the CPU idles meanwhile)")
+    parser.add_argument("--mtu", type=int, default=1500,
+                        help="every veth's MTU (1500: the measured default; 9000: a variant)")
+    parser.add_argument("--gso-max-size", type=int, default=None,
+                        help="largest GSO segment on every veth (default: the kernel's 64 KiB)")
+    parser.add_argument("--tbf-burst", type=int, default=None,
+                        help="tbf bucket in bytes (default: netns.default_burst)")
     parser.add_argument("--timeout", type=float, default=1800.0,
                         help="seconds one world size may take in all")
     parser.add_argument("--quick", action="store_true",
@@ -411,6 +479,10 @@ def main(argv: list[str] | None = None) -> None:
             parse_case(case)
         except ValueError as e:
             parser.error(str(e))
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if not args.inner_sleep_ms >= 0:  # (a negative one silently ran the matmul instead)
+        parser.error(f"--inner-sleep-ms must be >= 0, got {args.inner_sleep_ms}")
     if args.repeats < 1 or args.warmup < 0 or not args.params > 0 or not args.rate_mbit > 0:
         parser.error("--repeats must be >= 1, --warmup >= 0, --params and --rate-mbit > 0")
     why = unavailable()
@@ -424,9 +496,11 @@ def main(argv: list[str] | None = None) -> None:
     numel = int(args.params * 1e6)
     opts = {"numel": numel, "cases": cases, "repeats": args.repeats, "warmup": args.warmup,
             "rate_mbit": args.rate_mbit, "delay_ms": delay, "inner_steps": args.inner_steps,
-            "inner_size": args.inner_size}
+            "inner_size": args.inner_size, "inner_sleep_ms": args.inner_sleep_ms,
+            "rounds": args.rounds,
+            "mtu": args.mtu, "gso_max_size": args.gso_max_size, "burst": args.tbf_burst}
     # the model's bandwidth is payload bytes/s; the tbf's rate counts Ethernet frames
-    bandwidth = tcp_payload_bandwidth(args.rate_mbit * 1e6)
+    bandwidth = tcp_payload_bandwidth(args.rate_mbit * 1e6, args.mtu)
     model = NetworkModel(latency=delay / 1e3, bandwidth=bandwidth, compute_time=0.0)
     print(json.dumps({
         "benchmark": "wan", "torch": torch.__version__, "cpu_count": os.cpu_count(),
@@ -435,6 +509,9 @@ def main(argv: list[str] | None = None) -> None:
         "model_bandwidth_bytes_per_s": round(bandwidth), "params": numel,
         "bytes": 4 * numel, "world_sizes": sizes, "repeats": args.repeats,
         "warmup": args.warmup, "inner_steps": args.inner_steps, "inner_size": args.inner_size,
+        "inner_sleep_ms": args.inner_sleep_ms, "mtu": args.mtu, "gso_max_size": args.gso_max_size,
+        "rounds": args.rounds,
+        "tbf_burst": args.tbf_burst or default_burst(args.rate_mbit),
         "load_average": [round(x, 2) for x in os.getloadavg()]}), flush=True)
     for n in sizes:
         samples = run_world(n, opts, args.timeout)
@@ -453,11 +530,20 @@ def main(argv: list[str] | None = None) -> None:
                    "measured/model": round(measured / seconds, 3) if seconds > 0 else None,
                    "bytes_per_node": int(sent)}
             if split_segment(case)[1] is not None and compute:
-                row["/compute"] = round(measured / compute, 3)
+                # paired by round: each round's sample over that round's compute
+                row["/compute"] = round(statistics.median(
+                    m / c for m, c in zip(samples[case], samples["compute"], strict=True)), 3)
+                if len(samples[case]) > 1:
+                    row["/compute_by_round"] = [
+                        round(m / c, 3)
+                        for m, c in zip(samples[case], samples["compute"], strict=True)]
             if f"{case}:cpu" in samples:  # rank 0's CPU seconds per segment
                 row["cpu_rank0"] = dict(zip(("compute_user", "compute_sys", "sync_call",
                                              "other_threads"), samples[f"{case}:cpu"],
                                             strict=True))
+            if f"{case}:probe" in samples:  # every rank's threads, the machine, the veth
+                row["probe"] = samples[f"{case}:probe"]
+                row["cpu_per_segment"] = summarize(row["probe"])
             print(json.dumps(row), flush=True)
 
 

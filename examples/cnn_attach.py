@@ -18,6 +18,8 @@ parser.add_argument("--steps", type=int, default=400)
 parser.add_argument("--sync-every", type=int, default=20)
 parser.add_argument("--out", help="a folder: each rank saves its final model there")
 args = parser.parse_args()
+if args.steps < 1 or args.sync_every < 1:
+    parser.error(f"--steps and --sync-every must be >= 1, got {args.steps} and {args.sync_every}")
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 x, y = load_digits(return_X_y=True)

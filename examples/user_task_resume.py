@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--out", default="runs/user_task_resume")
     args = p.parse_args(argv)
+    if args.steps < 2 or args.steps % 2 or args.nproc < 1:
+        p.error(f"--steps must be even and >= 2 and --nproc >= 1, got {args.steps} and "
+                f"{args.nproc}")
     half = args.steps // 2
     out = Path(args.out)
     resumed, straight = out / "resumed", out / "straight"

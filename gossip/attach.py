@@ -16,8 +16,9 @@ Like torchft's ``LocalSGD``/``DiLoCo`` context managers and torch's ``PeriodicMo
 The three ways a hand-written loop silently goes wrong, and what happens instead:
 
 - ranks that start from different models: FedAvg, DiLoCo and NoLoCo need one shared start, so
-  rank 0's parameters and buffers are broadcast at attach time; gossip compares a checksum with
-  point-to-point messages only and raises naming the ranks that differ (or pass
+  rank 0's parameters (frozen ones too) and buffers are broadcast at attach time; gossip
+  compares a checksum with point-to-point messages only and raises naming the ranks that
+  differ (or pass
   ``init="independent"``: Tian et al.'s setting, each node its own init);
 - a parameter that no longer views the flat buffer (``model.double()``, ``model.to(...)``,
   ``load_state_dict(..., assign=True)`` after attach) raises before the next sync, naming it;
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import weakref
 from types import TracebackType
 from typing import Any, Literal
 
@@ -58,6 +60,10 @@ AlgorithmConfig = FedAvgConfig | DiLoCoConfig | NoLoCoConfig | GossipConfig | Ch
 
 _BUFFER_MODES = ("average", "local")
 _INIT_MODES = ("shared", "independent")
+
+#: The open :class:`Attached` of each model and optimizer, by ``id`` (the entry checks identity,
+#: so a reused id never matches): a second attach of either is refused while the first is open.
+_OPEN: weakref.WeakValueDictionary[int, Attached] = weakref.WeakValueDictionary()
 
 
 def _algo_name(config: object) -> str:
@@ -103,9 +109,10 @@ def attach(
             variance correction). ``"local"``: buffers stay per node. Integer buffers
             (``num_batches_tracked``) are never averaged.
         init: ``"shared"`` (default): one shared start. FedAvg, DiLoCo and NoLoCo broadcast rank
-            0's parameters and persistent buffers now; gossip, which sends no collective,
-            compares a checksum of them by point-to-point messages and raises ``ValueError``
-            naming the ranks that differ from rank 0. ``"independent"``: gossip only, each
+            0's parameters (frozen ones too: they are never averaged) and persistent buffers
+            now; gossip, which sends no collective, compares a checksum of them by
+            point-to-point messages and raises ``ValueError`` naming the ranks that differ from
+            rank 0. ``"independent"``: gossip only, each
             node keeps its own init (the setting variance correction is designed for).
 
     Returns:
@@ -126,7 +133,8 @@ def attach(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError(f"optimizer must be a torch.optim.Optimizer, got "
                          f"{type(optimizer).__name__}")
-    _check_optimizer(model, optimizer)
+    _check_not_attached(model, optimizer)
+    _check_optimizer(model, optimizer, ValueError)
     if cls.needs_topology and topology is None:
         raise ValueError(f"topology is required for {type(config).__name__}: a gossip.Topology "
                          "or a spec such as 'ring'")
@@ -147,10 +155,13 @@ def attach(
         raise ValueError(f"topology has n={topology.n} nodes, the run has {n}")
     if isinstance(config, NoLoCoConfig) and n % config.group_size:
         raise ValueError(f"group_size={config.group_size} must divide the number of nodes N={n}")
+    _check_same_config(comm, algo, config, buffers, init, topology,
+                       next((p.device for p in model.parameters()), torch.device("cpu")))
     params = FlatParams.from_module(model)
     flat_buffers = FlatParams.from_buffers(model) if buffers == "average" else None
-    if init == "shared":
-        state = [*params.buffers(), *persistent_buffers(model).values()]
+    if init == "shared":  # frozen parameters too: never averaged, so they must start equal
+        frozen = [q for q in model.parameters() if not q.requires_grad]
+        state = [*params.buffers(), *frozen, *persistent_buffers(model).values()]
         if cls.same_init:
             for t in state:
                 _broadcast_from_rank0_(comm, t)
@@ -166,16 +177,30 @@ def attach(
                     buffer_sync, config.sync_every)
 
 
-def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def _check_not_attached(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A second attach would re-flatten the parameters under the first one (whose check then
+    fails with a misleading message) and run two algorithms per step: refused."""
+    for obj, what in ((model, "model"), (optimizer, "optimizer")):
+        prev = Attached.of(obj)
+        if prev is not None:
+            raise ValueError(f"{what} is already attached ({prev.algo}, step {prev.step}) and "
+                             "that Attached still syncs at every optimizer.step(), also when no "
+                             "variable holds it any more: close it before attaching again "
+                             f"(leave its with block, or gossip.Attached.of({what}).close())")
+
+
+def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                     error: type[Exception]) -> None:
     """Every tensor the optimizer steps must be one of the model's parameters."""
     own = {id(p) for p in model.parameters()}
     for i, group in enumerate(optimizer.param_groups):
         for j, p in enumerate(group["params"]):
             if id(p) not in own:
-                raise ValueError(
+                raise error(
                     f"optimizer.param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)}) is not "
                     "a parameter of model: build the optimizer over model.parameters() of the "
-                    "model you attach (not a copy)")
+                    "model you attach (not a copy), and add no other tensor to it afterwards "
+                    "(add_param_group): it would never be averaged")
 
 
 def _buffer_sync_config(algo: str, config: AlgorithmConfig) -> tuple[str, Any]:
@@ -215,23 +240,51 @@ def _digest(tensors: list[Tensor]) -> Tensor:
     return torch.frombuffer(bytearray(h.digest()), dtype=torch.int64).reshape(1, 4)
 
 
-def _check_same_start(comm: Communicator, tensors: list[Tensor], device: torch.device) -> None:
-    """Raise ``ValueError`` naming the ranks whose model differs from rank 0's.
+def _differ_from_rank0(comm: Communicator, digest: Tensor, what: str) -> list[int]:
+    """The ranks whose ``digest`` [1, 4] differs from rank 0's.
 
-    Every node sends its checksum to every other (point to point, no collective), so every
-    rank sees all checksums and raises the same error.
+    Every node sends its digest to every other (point to point, no collective), so every rank
+    sees all of them and returns the same list.
     """
     n = comm.world_size
-    mine = _digest(tensors).to(device)  # where the transport sends from (NCCL: the GPU)
     peers = torch.tensor([[j for j in range(n) if j != i] for i in range(n)], dtype=torch.long)
-    received, arrived = comm.exchange(mine, peers)
+    received, arrived = comm.exchange(digest, peers)
     rank = int(comm.nodes[0])
-    digests: dict[int, Tensor] = {rank: mine[0].cpu()}
+    digests: dict[int, Tensor] = {rank: digest[0].cpu()}
     for slot, j in enumerate(peers[rank].tolist()):
         if not bool(arrived[0, slot]):
-            raise RuntimeError(f"rank {rank} got no model checksum from rank {j}")
+            raise RuntimeError(f"rank {rank} got no {what} checksum from rank {j}")
         digests[j] = received[0, slot].cpu()
-    differ = [r for r in range(n) if not torch.equal(digests[r], digests[0])]
+    return [r for r in range(n) if not torch.equal(digests[r], digests[0])]
+
+
+def _check_same_config(comm: Communicator, algo: str, config: AlgorithmConfig, buffers: str,
+                       init: str, topology: Topology | None, device: torch.device) -> None:
+    """Raise ``ValueError`` on every rank if any rank attaches another algorithm, config,
+    buffer or init mode, or topology than rank 0: their syncs would not pair up (a sync_every
+    that differs paired the wrong steps silently; another algorithm aborted Gloo)."""
+    if comm.world_size == 1:
+        return
+    text = f"{algo}|{config!r}|buffers={buffers}|init={init}"
+    tensors = [torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)]
+    if topology is not None:  # the graph, not its name (a ring of 2 is every 2-node graph)
+        text += f"|topology={topology.spec}"
+        tensors += list(topology.peer_table(0))
+        if topology.time_varying:  # later steps' graphs follow from the spec
+            tensors.append(torch.frombuffer(bytearray(topology.spec.encode()), dtype=torch.uint8))
+    differ = _differ_from_rank0(comm, _digest(tensors).to(device), "config")
+    if differ:
+        raise ValueError(
+            f"ranks {differ} attach with another configuration than rank 0 (the algorithm, its "
+            f"config, buffers, init and topology must agree on every rank); this rank has "
+            f"{text}")
+
+
+def _check_same_start(comm: Communicator, tensors: list[Tensor], device: torch.device) -> None:
+    """Raise ``ValueError`` naming the ranks whose model differs from rank 0's (every rank
+    raises the same error)."""
+    # where the transport sends from (NCCL: the GPU)
+    differ = _differ_from_rank0(comm, _digest(tensors).to(device), "model")
     if differ:
         raise ValueError(
             f"ranks {differ} start from a different model than rank 0 (checksums of the "
@@ -272,6 +325,17 @@ class Attached:
         self.last_stats: SyncStats | None = None
         self.bytes_sent = 0
         self._handle: Any = optimizer.register_step_post_hook(self._after_step)
+        _OPEN[id(model)] = _OPEN[id(optimizer)] = self
+
+    @classmethod
+    def of(cls, obj: nn.Module | torch.optim.Optimizer) -> Attached | None:
+        """The open Attached of a model or optimizer (None if it has none), e.g. to close one
+        whose handle was dropped: the optimizer's hook keeps it syncing (like a torch hook whose
+        handle is dropped), so dropping it neither stops the syncs nor frees the model."""
+        found = _OPEN.get(id(obj))
+        if found is not None and found.attached and obj in (found.model, found.optimizer):
+            return found
+        return None
 
     @property
     def attached(self) -> bool:
@@ -290,6 +354,9 @@ class Attached:
         self._handle = None
 
     def __enter__(self) -> Attached:
+        if self._handle is None:  # its steps would train locally, silently never synced
+            raise RuntimeError("this Attached is closed: optimizer.step() no longer syncs; "
+                               "call gossip.attach again to sync again")
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -298,8 +365,11 @@ class Attached:
 
     def check(self) -> None:
         """Raise ``RuntimeError`` naming any parameter or buffer that no longer views the flat
-        buffers (see :meth:`gossip.flat.FlatParams.check_views`). Runs before every sync."""
+        buffers (see :meth:`gossip.flat.FlatParams.check_views`), or any tensor the optimizer
+        steps that is not one of the model's parameters (``add_param_group`` after attach).
+        Runs before every sync."""
         self.params.check_views(dict(self.model.named_parameters()))
+        _check_optimizer(self.model, self.optimizer, RuntimeError)
         if self._flat_buffers is not None:
             self._flat_buffers.check_views()
 

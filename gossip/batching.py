@@ -41,9 +41,11 @@ def steps_per_epoch(num_samples: int, batch_size: int) -> int:
 
 
 def _mul32(x: Array, c: int) -> Array:
-    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) and a constant ``c`` < 2**32, in two
-    16-bit halves so that no product leaves int64."""
-    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _M32
+    """``x * c mod 2**32`` for int64 ``x`` in [0, 2**32) and a constant ``c`` < 2**32. The int64
+    product may overflow: NumPy arrays and torch tensors then wrap modulo 2**64 (two's
+    complement), which keeps the low 32 bits exact (a test checks them against Python's
+    integers on both, at the extremes)."""
+    return (x * c) & _M32
 
 
 def _mix(x: Array) -> Array:
@@ -63,20 +65,39 @@ def _node_hash(seed: int, nodes: Array) -> Array:
     return h
 
 
+def _epoch_hash(node_hash: Array, epochs: Array) -> Array:
+    """``h(seed, node, epoch)``: :func:`_node_hash` of the nodes chained with the epochs."""
+    return _mix(_mix(node_hash ^ (epochs & _M32)) ^ ((epochs >> 32) & _M32))
+
+
+def _position_keys(epoch_hash: Array, positions: Array) -> Array:
+    """The sort key of each position in a shard, given its row's :func:`_epoch_hash`."""
+    return _mix(epoch_hash ^ _mul32(positions + 1, _GOLDEN))
+
+
 def _epoch_orders(node_hash: Array, epochs: Array, sizes: Array, width: int) -> Array:
     """[L, width] int64: row ``l`` starts with the positions ``0 .. sizes[l] - 1`` of its node's
     shard in the order of epoch ``epochs[l]`` (padding after them); ``node_hash`` [L] is
     :func:`_node_hash` of the nodes. NumPy arrays (fewer overheads on the host) or tensors on
     any device: the same integer arithmetic, the same orders."""
-    h = _mix(_mix(node_hash ^ (epochs & _M32)) ^ ((epochs >> 32) & _M32))
+    h = _epoch_hash(node_hash, epochs)
     if isinstance(h, Tensor):
         pos = torch.arange(width, device=h.device)
-        keys = _mix(h[:, None] ^ _mul32(pos + 1, _GOLDEN))
+        keys = _position_keys(h[:, None], pos)
         return keys.masked_fill_(pos >= sizes[:, None], _ABSENT).argsort(dim=1)
     pos = np.arange(width, dtype=np.int64)
-    keys = _mix(h[:, None] ^ _mul32(pos + 1, _GOLDEN))
+    keys = _position_keys(h[:, None], pos)
     keys[pos >= sizes[:, None]] = _ABSENT
     return keys.argsort(axis=1)
+
+
+def _check_steps(step: object) -> None:
+    """A step is an integer (or an integer tensor): 2.5 is refused, not truncated."""
+    integral = (isinstance(step, Tensor) and not step.is_floating_point()
+                and not step.is_complex() and step.dtype != torch.bool) or (
+        isinstance(step, int | np.integer) and not isinstance(step, bool))
+    if not integral:
+        raise ValueError(f"step must be an integer, got {step!r}")
 
 
 def node_batch(indices: np.ndarray, batch_size: int, *, seed: int, node: int,
@@ -86,6 +107,7 @@ def node_batch(indices: np.ndarray, batch_size: int, *, seed: int, node: int,
         raise ValueError(f"node {node} has no samples")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_steps(step)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     n = len(indices)
@@ -98,13 +120,18 @@ def node_batch(indices: np.ndarray, batch_size: int, *, seed: int, node: int,
 class StackedBatches:
     """:func:`node_batch` for many nodes at once: ``batch(step)`` -> int64 [L, B] on ``device``.
 
-    Keeps each node's current epoch permutation in one padded table (NumPy on the host, a
-    tensor on a GPU, where nothing is copied back), so a step costs one gather; the rows whose
-    epoch changed are redrawn together (:func:`_epoch_orders`).
+    Keeps each node's current epoch permutation, so a step costs one gather, and redraws the
+    rows whose epoch changed together. On the host the shards lie end to end in one flat array
+    and a redraw sorts the changed rows' positions by (row, key) at once: no padding, whose cost
+    grows with the largest shard where most are small (non-IID splits of many nodes). On a GPU
+    they lie in one padded table (:func:`_epoch_orders`), whose kernels keep one shape, and
+    nothing is copied back. ``tensor_path`` takes the GPU's tensor path on the CPU too (the
+    same batches; for tests).
     """
 
     def __init__(self, shards: Sequence[np.ndarray], nodes: Sequence[int], batch_size: int,
-                 *, seed: int, device: torch.device | str = "cpu") -> None:
+                 *, seed: int, device: torch.device | str = "cpu",
+                 tensor_path: bool = False) -> None:
         if len(shards) != len(nodes):
             raise ValueError(f"got {len(shards)} shards for {len(nodes)} nodes")
         if batch_size < 1:
@@ -118,44 +145,74 @@ class StackedBatches:
         self.seed = seed
         self._sizes = np.array([len(s) for s in shards], dtype=np.int64)
         self._m = (self._sizes + batch_size - 1) // batch_size  # steps per epoch
-        padded = np.zeros((len(shards), int(self._sizes.max())), dtype=np.int64)
-        starts = np.cumsum(self._sizes) - self._sizes
-        padded[np.repeat(np.arange(len(shards)), self._sizes),
-               np.arange(int(self._sizes.sum())) - np.repeat(starts, self._sizes)] = \
-            np.concatenate(shards)
+        self._starts = np.cumsum(self._sizes) - self._sizes
+        # element -> its position in its own shard
+        self._position = (np.arange(int(self._sizes.sum()))
+                          - np.repeat(self._starts, self._sizes))
         self._node_hash = _node_hash(seed, np.asarray(self.nodes, dtype=np.int64))
         self._epoch = np.full(len(shards), -1, dtype=np.int64)
         self._offsets = np.arange(batch_size)
-        self._host = self.device.type == "cpu"
-        self._shards = padded if self._host else torch.from_numpy(padded).to(self.device)
-        self._table = np.zeros_like(padded) if self._host else torch.empty_like(self._shards)
-        if not self._host:
-            self._dev = {"hash": torch.from_numpy(self._node_hash).to(self.device),
-                         "sizes": torch.from_numpy(self._sizes).to(self.device),
-                         "offsets": torch.from_numpy(self._offsets).to(self.device)}
+        self._host = self.device.type == "cpu" and not tensor_path
+        flat = np.concatenate(shards).astype(np.int64)
+        if self._host:
+            self._flat, self._order = flat, np.empty_like(flat)  # the epoch's order, row by row
+            return
+        padded = np.zeros((len(shards), int(self._sizes.max())), dtype=np.int64)
+        padded[np.repeat(np.arange(len(shards)), self._sizes), self._position] = flat
+        self._shards = torch.from_numpy(padded).to(self.device)
+        self._table = torch.empty_like(self._shards)
+        self._dev = {"hash": torch.from_numpy(self._node_hash).to(self.device),
+                     "sizes": torch.from_numpy(self._sizes).to(self.device),
+                     "offsets": torch.from_numpy(self._offsets).to(self.device)}
 
     def batch(self, step: int | Tensor) -> Tensor:
         """Sample indices [L, B] at local step ``step`` (an int, or one step per node [L])."""
+        ej, redraw = self.advance(step)
+        if not self._host:  # one host-to-device copy per step; nothing waits for the device
+            return self.draw(to_device(ej, self.device), redraw)
+        epoch, j = ej.numpy()
+        if len(redraw):
+            self._redraw_host(redraw, epoch[redraw])
+        sizes = self._sizes[:, None]
+        pos = (j[:, None] * self.batch_size + self._offsets) % sizes + self._starts[:, None]
+        return torch.from_numpy(self._order[pos])
+
+    def _redraw_host(self, rows: np.ndarray, epochs: np.ndarray) -> None:
+        """The epoch orders of the rows ``rows`` (ascending) into their segments of the flat
+        order: their positions sorted by (row, key), keys distinct within a row."""
+        sizes = self._sizes[rows]
+        if len(rows) == len(self.nodes):
+            elems: np.ndarray | slice = slice(None)
+        else:  # the rows' segments, in row order
+            lengths = np.cumsum(sizes)
+            elems = np.arange(int(lengths[-1])) + np.repeat(self._starts[rows] - lengths + sizes,
+                                                             sizes)
+        owner = np.repeat(np.arange(len(rows), dtype=np.int64), sizes)
+        keys = _position_keys(_epoch_hash(self._node_hash[rows], epochs)[owner],
+                              self._position[elems])
+        self._order[elems] = self._flat[elems][np.argsort((owner << 32) | keys)]
+
+    def advance(self, step: int | Tensor) -> tuple[Tensor, np.ndarray]:
+        """The host's half of :meth:`batch`: each row's epoch and batch within it at ``step``
+        (int64 [2, L], on the host) and the rows whose epoch changed (they are redrawn)."""
+        _check_steps(step)
         steps = torch.as_tensor(step, dtype=torch.long).cpu().expand(len(self.nodes)).numpy()
         if steps.min() < 0:
             raise ValueError(f"step must be >= 0, got {int(steps.min())}")
         epoch, j = steps // self._m, steps % self._m
         redraw = np.flatnonzero(epoch != self._epoch)
         self._epoch = epoch.copy()
-        width = self._table.shape[1]
-        if self._host:
-            if len(redraw):
-                order = _epoch_orders(self._node_hash[redraw], epoch[redraw],
-                                      self._sizes[redraw], width)
-                self._table[redraw] = np.take_along_axis(self._shards[redraw], order, axis=1)
-            pos = (j[:, None] * self.batch_size + self._offsets) % self._sizes[:, None]
-            return torch.from_numpy(np.take_along_axis(self._table, pos, axis=1))
-        # one host-to-device copy per step; nothing here waits for the device
-        dev = self._dev
-        ej = to_device(torch.from_numpy(np.stack([epoch, j])), self.device)
-        if len(redraw) == len(steps):
-            self._table = self._shards.gather(1, _epoch_orders(dev["hash"], ej[0], dev["sizes"],
-                                                               width))
+        return torch.from_numpy(np.stack([epoch, j])), redraw
+
+    def draw(self, ej: Tensor, redraw: np.ndarray) -> Tensor:
+        """The device's half of :meth:`batch` (not on the host path): ``ej`` is
+        :meth:`advance`'s [2, L] on the device. Issues no host-device synchronisation, and
+        keeps the permutation table at one address, so a CUDA graph may record it."""
+        assert not self._host
+        dev, width = self._dev, self._table.shape[1]
+        if len(redraw) == len(self.nodes):
+            order = _epoch_orders(dev["hash"], ej[0], dev["sizes"], width)
+            torch.gather(self._shards, 1, order, out=self._table)
         elif len(redraw):
             rows = to_device(torch.from_numpy(redraw), self.device)
             order = _epoch_orders(dev["hash"][rows], ej[0][rows], dev["sizes"][rows], width)

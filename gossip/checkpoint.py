@@ -4,7 +4,8 @@ Layout under a run directory::
 
     checkpoints/step_<s>/rank_<r>.pt    one per rank (torch.save, loaded with weights_only=True)
     checkpoints/latest                  JSON {"step", "world_size", "algo", "task", "config",
-                                        "files": {"step_<s>/rank_<r>.pt": SHA-256, ...}}
+                                        "files": {"step_<s>/rank_<r>.pt": SHA-256, ...}
+                                        [, "absent": [ranks dead when it was written]]}
 
 Every file is written to a temporary file in the same directory, fsynced and renamed over its
 final name, so a reader sees either the old file or the complete new one. The ``latest`` marker
@@ -12,7 +13,12 @@ is written (by rank 0) only after every rank has written its file, so a crash in
 checkpoint never leaves a half checkpoint marked latest. The marker is also the checkpoint's
 manifest: the SHA-256 of every rank file, written in the same atomic rename, and checked by
 :func:`load_rank_state` before it unpickles anything, so a file whose bytes changed after it was
-written (a flipped bit, a copy gone wrong) is refused naming it.
+written (a flipped bit, a copy gone wrong) is refused naming it. After ranks died (a run that
+survives failures) a checkpoint is complete without them: the marker lists them as ``absent``.
+
+:func:`prune` keeps the newest K checkpoints (``--keep-checkpoints``): it never touches the marked
+one or a newer one (still being written), and a step directory is renamed out of the way before
+it is removed, so a prune killed midway leaves every checkpoint it did not remove intact.
 
 :func:`check_resume` compares the configuration a checkpoint was written with and the one
 resuming it: a change of anything that alters the trajectory is refused unless overridden.
@@ -29,6 +35,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import zipfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -51,10 +58,12 @@ __all__ = [
     "file_sha256",
     "load_rank_state",
     "params_state",
+    "prune",
     "rank_file",
     "read_latest",
     "restore_params",
     "restore_rng",
+    "stand_in",
     "write_latest",
 ]
 
@@ -86,18 +95,66 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def write_latest(root: str | os.PathLike[str], step: int, meta: Mapping[str, Any], *,
-                 ranks: int) -> None:
+                 ranks: int | Collection[int]) -> None:
     """Mark ``step`` as the latest complete checkpoint (call once all ``ranks`` have written).
 
-    The marker holds the SHA-256 of every rank file of the step (the manifest)."""
+    ``ranks``: how many ranks wrote (0..ranks-1), or which ranks did (the survivors, after
+    deaths: the others of ``meta["world_size"]`` are recorded as ``"absent"``). The marker holds
+    the SHA-256 of every rank file of the step (the manifest)."""
     base = checkpoint_dir(root)
+    present = range(ranks) if isinstance(ranks, int) else sorted(ranks)
     files = {}
-    for r in range(ranks):
+    for r in present:
         path = rank_file(root, step, r)
         files[path.relative_to(base).as_posix()] = file_sha256(path)
     record = {**meta, "step": int(step), "files": files}
+    world = meta.get("world_size")
+    absent = sorted(set(range(world)) - set(present)) if isinstance(world, int) else []
+    if absent:
+        record["absent"] = absent
     text = json.dumps(record, sort_keys=True) + "\n"
     atomic_write_text(base / "latest", text)
+
+
+def stand_in(latest: Mapping[str, Any], rank: int) -> int:
+    """The rank whose file of the marked checkpoint ``rank`` resumes from: its own, or, for a
+    rank ``absent`` from it (dead when it was written), the lowest rank that wrote one."""
+    if rank not in latest.get("absent", ()):
+        return rank
+    present = sorted(set(range(int(latest["world_size"]))) - set(latest["absent"]))
+    if not present:
+        raise ValueError(f"checkpoint marker of step {latest['step']} lists no rank's file")
+    return present[0]
+
+
+def prune(root: str | os.PathLike[str], keep: int) -> list[int]:
+    """Remove all but the newest ``keep`` checkpoints up to the marked one; returns the steps
+    removed (oldest first).
+
+    The marked checkpoint counts as one of the ``keep`` and is never removed, nor is any newer
+    step directory (being written). Each removed directory is first renamed to
+    ``.pruning_step_<s>`` (atomic), then deleted; leftovers of a prune that was killed midway
+    are deleted by the next one, and nothing a resume reads is touched in between."""
+    if keep < 1:
+        raise ValueError(f"keep={keep!r} is invalid: expected an integer >= 1")
+    base = checkpoint_dir(root)
+    latest = read_latest(root)
+    if latest is None:
+        return []
+    newest = int(latest["step"])
+    steps = sorted(int(p.name[5:]) for p in base.glob("step_*") if p.name[5:].isdigit())
+    older = [s for s in steps if s < newest]
+    doomed = older[: max(len(older) - (keep - 1), 0)]
+    for trash in base.glob(".pruning_step_*"):  # a killed prune's
+        shutil.rmtree(trash, ignore_errors=True)
+    for s in doomed:
+        trash = base / f".pruning_step_{s}"
+        try:
+            os.rename(base / f"step_{s}", trash)
+        except FileNotFoundError:  # another process pruned it first
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
 
 
 def read_latest(root: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -132,8 +189,8 @@ def expected_sha256(root: str | os.PathLike[str], latest: Mapping[str, Any],
 #: writes, how it talks and waits); every other field does, and so does the world size.
 NEUTRAL_FIELDS = frozenset({
     "out", "resume", "resume_override", "overwrite", "steps", "timeout", "eval_every",
-    "checkpoint_every", "survive_failures", "dead_after", "backend", "device", "config",
-    "tensorboard"})
+    "checkpoint_every", "keep_checkpoints", "survive_failures", "dead_after", "backend", "device",
+    "config", "tensorboard"})
 
 
 def check_resume(old: Mapping[str, Any], new: Mapping[str, Any],

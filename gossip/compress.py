@@ -19,6 +19,12 @@ that row, so a payload travels as one message and its byte count is exact), and 
 
 Padding to a multiple of 4 bytes keeps every fp32/int32 part aligned; it counts as sent.
 
+Non-finite input (a diverged model) stays non-finite, entry by entry, and spoils nothing else:
+an inf or NaN decodes as itself with none/bf16/fp16/topk/randk, and as NaN with int8, int8-sr
+and fp8 (which have no infinity), while the finite entries of its block keep their precision
+(the block's scale is the absmax of its finite entries; int8 marks the entry with the code -128,
+which no finite value uses). Empty rows (width 0) and zero rows encode to zero bytes.
+
 :class:`ErrorFeedback` keeps a node's residual, what compression has not sent yet, and adds it
 to the next input (Seide et al. 2014; Karimireddy et al. 2019, arXiv 1901.09847): over any number
 of calls, the sum of what was sent plus the final residual equals the sum of the inputs.
@@ -39,12 +45,18 @@ __all__ = ["COMPRESSORS", "Codec", "Compressor", "ErrorFeedback", "parse_codec"]
 COMPRESSORS = ("none", "bf16", "fp16", "int8", "int8-sr", "fp8", "topk", "randk")
 
 _INT8_MAX = 127.0
+_INT8_NAN = -128.0  # the int8 code no finite value uses: a non-finite entry
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _MASK32 = 0xFFFFFFFF
 
 
 def _pad4(n: int) -> int:
     return -n % 4
+
+
+def _cheap_to_read(device: torch.device) -> bool:
+    """Whether the host may read a flag off ``device`` without waiting for it (a CPU)."""
+    return device.type == "cpu"
 
 
 def _hash_uniform(seed: int, rows: Tensor, width: int, device: torch.device) -> Tensor:
@@ -63,11 +75,15 @@ def _hash_uniform(seed: int, rows: Tensor, width: int, device: torch.device) -> 
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def _part(wire: Tensor, start: int, count: int, dtype: torch.dtype) -> Tensor:
-    """Bytes ``[start, start + count * size)`` of every wire row [M, B] read (or written) as
-    ``count`` elements of ``dtype``: a view where the alignment allows, else a copy."""
+def _part(wire: Tensor, start: int, count: int, dtype: torch.dtype, *,
+          write: bool = False) -> Tensor:
+    """Bytes ``[start, start + count * size)`` of every wire row [M, B] as ``count`` elements of
+    ``dtype``: a view where the alignment allows, else (reading only) a copy. A ``write`` is
+    always a view: a write into a copy would be lost, so misalignment raises instead."""
     size = torch.empty((), dtype=dtype).element_size()
     piece = wire[:, start : start + count * size]
+    if write:
+        return piece.view(dtype)
     try:
         return piece.view(dtype)
     except RuntimeError:  # misaligned for dtype (a slot of a bigger buffer): read a copy
@@ -92,8 +108,8 @@ class Codec:
         return self.kind == "int8-sr"
 
     def k(self, width: int) -> int:
-        """Entries kept per row by topk/randk."""
-        return max(1, min(width, math.ceil(self.ratio * width)))
+        """Entries kept per row by topk/randk (none of an empty row)."""
+        return max(min(1, width), min(width, math.ceil(self.ratio * width)))
 
     def nbytes(self, width: int) -> int:
         """Bytes on the wire for one row of ``width`` elements (padding included)."""
@@ -124,6 +140,8 @@ class Codec:
             raise ValueError(f"x must be 2-D [rows, width], got shape {tuple(x.shape)}")
         m, width = x.shape
         x = x.to(torch.float32)
+        if m == 0 or width == 0:
+            return torch.zeros(m, self.nbytes(width), dtype=torch.uint8, device=x.device)
         if self.kind in ("int8", "int8-sr", "fp8"):
             return self._encode_scaled(x, seed, rows)
         if self.kind == "none":
@@ -154,20 +172,35 @@ class Codec:
         blocks = padded.view(m, nb, self.block)
         top = _INT8_MAX if self.kind != "fp8" else _FP8_MAX
         scale = blocks.abs().amax(dim=2).div_(top)  # [m, nb] (aminmax is 4x slower here)
+        # an inf or NaN makes its block's absmax non-finite: then scale each block by its finite
+        # entries. Checking costs nothing on a CPU; on an accelerator reading the flag would wait
+        # for the device, so the safe path (the same bits for finite input) always runs there.
+        finite = _cheap_to_read(x.device) and bool(torch.isfinite(scale).all())
+        if not finite:
+            scale = blocks.nan_to_num(0.0, 0.0, 0.0).abs().amax(dim=2).div_(top)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale)).unsqueeze(2)
         y = (blocks / safe).view(m, -1)[:, :width]
         wire = torch.empty(m, self.nbytes(width), dtype=torch.uint8, device=x.device)
         wire[:, 4 * nb + width :].zero_()  # the padding
-        _part(wire, 0, nb, torch.float32).copy_(scale)
-        if self.kind == "fp8":
-            _part(wire, 4 * nb, width, torch.float8_e4m3fn).copy_(y)
+        if self.kind == "fp8":  # e4m3 has no infinity (a cast saturates inf to 448): NaN
+            if not finite:
+                y = y.masked_fill(~torch.isfinite(y), torch.nan)
+            _part(wire, 0, nb, torch.float32, write=True).copy_(scale)
+            _part(wire, 4 * nb, width, torch.float8_e4m3fn, write=True).copy_(y)
             return wire
         if self.stochastic:
             ids = torch.arange(m) if rows is None else rows
             y = torch.floor(y + _hash_uniform(seed, ids, width, x.device))
         else:
             y = y.round_()
-        _part(wire, 4 * nb, width, torch.int8).copy_(y.clamp_(-_INT8_MAX, _INT8_MAX))
+        y.clamp_(-_INT8_MAX, _INT8_MAX)
+        if not finite:  # the unused code -128 marks a non-finite entry; a negative scale the
+            # blocks holding one, so decoding looks for the mark only there
+            y = y.masked_fill_(~torch.isfinite(x), _INT8_NAN)
+            marked = torch.nn.functional.pad(y, (0, nb * self.block - width)) == _INT8_NAN
+            scale = torch.where(marked.view(m, nb, self.block).any(dim=2), -scale, scale)
+        _part(wire, 0, nb, torch.float32, write=True).copy_(scale)
+        _part(wire, 4 * nb, width, torch.int8, write=True).copy_(y)
         return wire
 
     def decode(self, wire: Tensor, width: int, *, seed: int = 0) -> Tensor:
@@ -177,6 +210,8 @@ class Codec:
             raise ValueError(f"wire must be uint8 [rows, {self.nbytes(width)}], got "
                              f"{wire.dtype} {tuple(wire.shape)}")
         m = wire.shape[0]
+        if m == 0 or width == 0:
+            return torch.zeros(m, width, dtype=torch.float32, device=wire.device)
 
         def part(start: int, count: int, dtype: torch.dtype) -> Tensor:
             return _part(wire, start, count, dtype)
@@ -190,6 +225,13 @@ class Codec:
             nb = math.ceil(width / self.block)
             scale = part(0, nb, torch.float32).unsqueeze(2)
             q = part(4 * nb, width, torch.float8_e4m3fn if self.kind == "fp8" else torch.int8)
+            if self.kind != "fp8" and (not _cheap_to_read(wire.device)
+                                       or bool(scale.signbit().any())):  # non-finite entries
+                # (and always on an accelerator, where reading the flag would wait: same bits)
+                y = torch.nn.functional.pad(q.to(torch.float32), (0, nb * self.block - width))
+                y = y.view(m, nb, self.block)
+                y = torch.where(y == _INT8_NAN, torch.nan, y * scale.abs())
+                return y.view(m, -1)[:, :width].contiguous()
             if nb * self.block == width:  # one pass: the codes times their scales
                 out = torch.empty(m, width, dtype=torch.float32, device=wire.device)
                 # (a copy then an in-place product: faster than a mixed-dtype mul, and float8

@@ -57,6 +57,15 @@ def _as_labels(labels: torch.Tensor | np.ndarray | Sequence[int]) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of a 1-D array: ``np.unique(values)`` without its check for
+    masked arrays, which imports ``numpy.ma`` (~25 ms of a run's start-up)."""
+    ordered = np.sort(values)
+    if ordered.size == 0:
+        return ordered
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+
+
 def _finish(parts: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
@@ -102,7 +111,7 @@ def dirichlet(
     _check_enough(len(y), num_nodes)
     rng = np.random.default_rng(seed)
     samples, owners = [], []  # every class's samples and the node each goes to, class by class
-    for c in np.unique(y):
+    for c in distinct(y):
         idx = rng.permutation(np.flatnonzero(y == c))
         sizes = _sizes_from_proportions(len(idx), _dirichlet_sample(rng, alpha, num_nodes))
         samples.append(idx)

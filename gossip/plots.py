@@ -114,6 +114,22 @@ def _margins(fig: Any, *, left: float, wspace: float = 0.2) -> None:
     fig.subplots_adjust(left=left, right=0.97, bottom=0.12, top=0.9, wspace=wspace)
 
 
+def _log_scale(ax: Any, which: str) -> None:
+    """Axis ``which`` ("x" or "y") of ``ax`` on a log scale with plain-text tick labels ("0.1",
+    "2", "1e-05"): matplotlib's default labels (``10^{-1}`` as mathtext) are parsed by
+    pyparsing, ~0.1 s per figure. Which ticks get a label is still ``LogFormatter``'s choice."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+            return f"{x:g}"
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _draw_eval(ax: Any, curves: _Curves, key: str, label: str, color: str, *,
                x: dict[int, float] | None = None, linestyle: str = "-") -> None:
     """The mean of ``key`` over each step's eval rows, with each node's line (few nodes) or the
@@ -186,7 +202,7 @@ def plot_run(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike[st
         values = [v for vs in curves.train.values() for v in vs] + \
             [s[2] for s in curves.stats["loss"].values()]
         if all(v > 0 for v in values):
-            ax.set_yscale("log")
+            _log_scale(ax, "y")
         written.append(_finish(fig, ax, out / "loss.png", title=f"{prefix}loss", xlabel="step",
                                ylabel="loss", left=0.13))
 
@@ -196,7 +212,7 @@ def plot_run(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike[st
         fig = _sized_figure(6, 4)
         ax = fig.add_subplot(1, 1, 1)
         ax.plot(steps, [max(y, 1e-30) for y in ys], color="tab:red", label="consensus distance")
-        ax.set_yscale("log")
+        _log_scale(ax, "y")
         written.append(_finish(fig, ax, out / "consensus.png",
                                title=f"{prefix}consensus distance", xlabel="step",
                                ylabel="(1/n) Σ‖x_i − x̄‖²", left=0.15))
@@ -248,7 +264,7 @@ def plot_comparison_seeds(runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]
         ax.set_ylabel("mean test accuracy")
         ax.grid(alpha=0.3)
         ax.axhline(0.9, color="grey", lw=0.8, ls="--")
-    axes[1].set_xscale("log")
+    _log_scale(axes[1], "x")
     axes[0].legend(fontsize="small", loc="lower right")
     fig.suptitle(title)
     fig.tight_layout()

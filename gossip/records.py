@@ -21,9 +21,9 @@ figures in a ``round`` record are over all nodes.
   ``detected_at_step``, ``unix_time``, ``reason``.
 - ``round``, the simulator, one per round, after its eval rows: ``round``, ``alive``,
   ``node_steps``, ``train_loss``, ``bytes_total``, ``bytes_per_node``, ``bytes_per_node_max``,
-  ``sim_seconds``, ``round_sim_seconds``, ``wall_seconds``; an evaluated round adds
-  ``consensus_distance``, ``eval_nodes`` and ``loss_``/``accuracy_`` ``mean``/``min``/``max``
-  (over the eval rows).
+  ``sim_seconds``, ``round_sim_seconds``, ``wall_seconds`` (since the first round began); an
+  evaluated round adds ``consensus_distance``, ``eval_nodes`` and ``loss_``/``accuracy_``
+  ``mean``/``min``/``max`` (over the eval rows).
 
 :func:`summarize` turns any such stream into the figures of ``summary.json`` that both
 executors share; :func:`table` prints a summary, :func:`runs_table` several side by side.
@@ -95,7 +95,8 @@ class Summarizer:
         self.rows.append(record)
 
     def _values(self, key: str) -> list[float]:
-        return [r[key] for r in self.rows if r.get(key) is not None]
+        """The finite ``key`` figures of the last evaluation's rows."""
+        return [r[key] for r in self.rows if r.get(key) is not None and math.isfinite(r[key])]
 
     def _close(self) -> None:
         acc = _mean(self._values("accuracy"))
@@ -112,6 +113,11 @@ class Summarizer:
             out[f"final_{key}_min"] = min(values) if values else None
             out[f"final_{key}_max"] = max(values) if values else None
         at_final = {k: v for k, (step, v) in self.other.items() if step == self.step}
+        # a diverged node's loss (NaN, inf: null in metrics.jsonl) is left out of the figures
+        # above, and counted here, so that a mean over the others does not hide it
+        out["final_loss_nonfinite"] = sum(
+            1 for r in self.rows
+            if "loss" in r and (r["loss"] is None or not math.isfinite(r["loss"])))
         out["final_train_loss_mean"] = _mean(self._values("train_loss")) \
             if self._values("train_loss") else at_final.get("train_loss")
         out["final_consensus_distance"] = at_final.get("consensus_distance")
@@ -124,7 +130,9 @@ def summarize(records: Iterable[Mapping[str, Any]], **fields: Any) -> dict[str, 
 
     - ``final_step``, ``evaluations``, ``final_eval_nodes`` (rows of the last evaluation);
     - ``final_loss_mean``/``min``/``max`` and ``final_accuracy_mean``/``min``/``max`` over the
-      last evaluation's rows (None where absent);
+      last evaluation's rows (None where absent), finite values only;
+    - ``final_loss_nonfinite``: how many of those rows have a NaN or infinite loss (a diverged
+      node; ``null`` in ``metrics.jsonl``);
     - ``final_train_loss_mean``: the last evaluation's rows' ``train_loss``, else the
       ``train_loss`` another record gives at that step;
     - ``final_consensus_distance``: the one recorded at the last evaluation's step, if any;
@@ -138,6 +146,17 @@ def summarize(records: Iterable[Mapping[str, Any]], **fields: Any) -> dict[str, 
 
 def _f(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _loss(s: Mapping[str, Any]) -> str:
+    """The final mean test loss, saying how many nodes diverged (a non-finite loss)."""
+    bad = s.get("final_loss_nonfinite") or 0
+    if not bad:
+        return _f(s["final_loss_mean"], ".4f")
+    if s["final_loss_mean"] is None:
+        return f"nan ({bad} of {s['final_eval_nodes']} non-finite)"
+    return (f"{s['final_loss_mean']:.4f} over the finite; {bad} of {s['final_eval_nodes']} "
+            "non-finite")
 
 
 def table(s: Mapping[str, Any]) -> str:
@@ -158,7 +177,7 @@ def table(s: Mapping[str, Any]) -> str:
     lines += [
         f"  test accuracy  mean {_f(s['final_accuracy_mean'], '.4f')}  min "
         f"{_f(s['final_accuracy_min'], '.4f')}  max {_f(s['final_accuracy_max'], '.4f')}   "
-        f"test loss {_f(s['final_loss_mean'], '.4f')} (mean; step {s['final_step']}, "
+        f"test loss {_loss(s)} (mean; step {s['final_step']}, "
         f"{s['final_eval_nodes']} evaluated)",
         f"  steps to 90%   {_f(s['steps_to_90'], 'd')}"
         + (f" (round {_f(s.get('rounds_to_90'), 'd')})" if not real else "")

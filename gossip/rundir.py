@@ -13,11 +13,13 @@ Used by the real launcher (rank 0) and the simulator alike::
 - A fresh run into a directory that holds another run (its config, metrics, summary,
   checkpoints or per-rank records) is refused unless ``overwrite``, which removes those files
   first (and nothing else). ``resume`` continues the run there; with nothing to resume from
-  (no checkpoint) and another run's files there, it is refused too.
+  (no checkpoint) and another run's files there, it is refused too. An executor that cannot
+  resume (the simulator) leaves ``resume`` at None, and its refusals do not suggest it.
 - Every file is written with the same mode: 0666 less the umask (see
   :func:`gossip.metrics.atomic_write`).
 
 Every refusal is a ValueError naming the directory, raised before anything is written.
+:func:`interrupted_report` is the one line a command prints on Ctrl-C: what it kept.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gossip.metrics import atomic_write_text, to_jsonable
+from gossip.metrics import atomic_write_text, iter_jsonl, to_jsonable
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "RunDir", "run_files"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "RunDir", "interrupted_report", "run_files"]
 
 LOCK_NAME = ".lock"
 #: What a run writes in its directory (plots are ``*.png``); ``--overwrite`` removes these only.
@@ -53,29 +55,40 @@ class RunDir:
 
     Args:
         path: the directory (created if missing).
-        resume: the run continues the one in ``path`` (from its checkpoints).
+        resume: the run continues the one in ``path`` (from its checkpoints); None (the
+            default): the executor cannot resume (the simulator), so a refusal does not
+            suggest ``--resume``.
         overwrite: the run replaces the one in ``path`` (its files are removed at acquire).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, resume: bool = False,
+    def __init__(self, path: str | os.PathLike[str], *, resume: bool | None = None,
                  overwrite: bool = False) -> None:
         if resume and overwrite:
             raise ValueError("resume=True and overwrite=True exclude each other: continue the "
                              f"run in {path} or replace it, not both")
         self.path = Path(path)
-        self.resume = resume
+        self.resume = bool(resume)
+        self.resumable = resume is not None
         self.overwrite = overwrite
         self._fd: int | None = None
 
     # ------------------------------------------------------------------ ownership
 
+    def check(self) -> None:
+        """The refusals :meth:`acquire` would give for what the directory holds (a file in its
+        place, another run's files), creating and locking nothing: for a caller to check
+        before work that takes long (a simulation's build), then :meth:`acquire`."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"out={str(self.path)!r} is invalid: it is a file, expected a "
+                             "directory")
+        if self.path.is_dir():
+            self._check()
+
     def acquire(self) -> RunDir:
         """Lock the directory and check what it holds; ValueError (nothing written) if refused."""
         if self._fd is not None:
             return self
-        if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"out={str(self.path)!r} is invalid: it is a file, expected a "
-                             "directory")
+        self.check()  # (again below, under the lock)
         self.path.mkdir(parents=True, exist_ok=True)
         lock = self.path / LOCK_NAME
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -110,8 +123,9 @@ class RunDir:
         names = ", ".join(p.name for p in found)
         if not self.resume:
             what = "a finished run" if (self.path / "summary.json").exists() else "another run"
-            raise ValueError(f"out={str(self.path)!r} holds {what} ({names}): pass --resume to "
-                             "continue it, --overwrite to replace it, or choose another --out")
+            advice = "--resume to continue it, " if self.resumable else ""
+            raise ValueError(f"out={str(self.path)!r} holds {what} ({names}): pass {advice}"
+                             "--overwrite to replace it, or choose another --out")
         if not (self.path / "checkpoints" / "latest").exists():
             raise ValueError(f"out={str(self.path)!r} holds a run without a checkpoint to "
                              f"resume from ({names}): pass --overwrite to replace it, or choose "
@@ -150,3 +164,36 @@ class RunDir:
         """summary.json of a run stopped by Ctrl-C or SIGTERM after ``last_step``."""
         self._write_json("summary.json", {**extra, "status": "interrupted",
                                           "last_step": int(last_step)})
+
+
+def interrupted_report(paths: Iterable[str | os.PathLike[str]]) -> str:
+    """The one line a command prints when Ctrl-C stopped it: each run directory it kept, with
+    its status (``summary.json``), the records in its ``metrics.jsonl`` and the checkpoint a
+    ``--resume`` would continue from; "nothing was written" when there is none."""
+    parts = []
+    for path in paths:
+        root = Path(path)
+        if not (root / "summary.json").exists() and not (root / "metrics.jsonl").exists():
+            continue
+        try:
+            summary = json.loads((root / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+        status = summary.get("status", "unfinished")
+        if status == "interrupted":
+            unit = "step" if "steps" in summary else "round"
+            total = summary.get("steps", summary.get("rounds"))
+            status = f"marked interrupted at {unit} {summary.get('last_step')} of {total}"
+        metrics = root / "metrics.jsonl"
+        records = sum(1 for _ in iter_jsonl(metrics)) if metrics.exists() else 0
+        latest = root / "checkpoints" / "latest"
+        resume = ""
+        if latest.exists():
+            try:
+                resume = f", --resume continues from step {json.loads(latest.read_text())['step']}"
+            except (OSError, ValueError, KeyError):
+                resume = ""
+        parts.append(f"{root} ({status}, {records} records{resume})")
+    if not parts:
+        return "interrupted: nothing was written"
+    return "interrupted: kept " + "; ".join(parts)

@@ -122,8 +122,28 @@ class StaticTopology(Topology):
 
     @classmethod
     def from_matrix(cls, w: torch.Tensor, *, spec: str) -> StaticTopology:
-        """The topology whose mixing matrix is ``w`` (its off-diagonal support = the edges)."""
+        """The topology whose mixing matrix is ``w`` (its off-diagonal support = the edges;
+        ``w[i, j]`` is what node i takes from node j, so a directed graph is allowed).
+
+        Raises ValueError for a non-finite or negative entry (naming it) and for a graph that
+        is not strongly connected (some node never hears from some other, so the models never
+        reach consensus), as :func:`make_topology` refuses disconnected graphs. Row and column
+        sums are the algorithm's to check (D-PSGD and CHOCO need doubly stochastic weights).
+        """
+        import networkx as nx
+
         w = _as_square(w, "W")
+        bad = ~torch.isfinite(w) | (w < 0)
+        if bool(bad.any()):
+            i, j = (int(v) for v in torch.nonzero(bad)[0])
+            raise ValueError(f"topology {spec!r}: W[{i}, {j}]={float(w[i, j])!r} is invalid: "
+                             "mixing weights are finite and >= 0")
+        graph = nx.from_numpy_array((w != 0).T.numpy().astype(np.int8), create_using=nx.DiGraph)
+        if w.shape[0] >= 2 and not nx.is_strongly_connected(graph):
+            parts = nx.number_strongly_connected_components(graph)
+            raise ValueError(f"topology {spec!r} with n={w.shape[0]}: W's graph is not strongly "
+                             f"connected ({parts} components): some nodes never hear from "
+                             "others, so the models never reach consensus")
         off = w != 0
         off.fill_diagonal_(False)
         nbrs = [torch.nonzero(row).flatten().numpy() for row in off]
@@ -280,7 +300,8 @@ def make_topology(spec: str, n: int, *, seed: int = 0, weights: str = "metropoli
     import networkx as nx
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise ValueError(f"n must be an int >= 2, got n={n!r}")
+        raise ValueError(f"topology {spec!r} needs n >= 2 nodes (one node has no neighbour to "
+                         f"gossip with: run more ranks or nodes), got n={n!r}")
     if weights not in _WEIGHT_SCHEMES:
         raise ValueError(f"weights must be one of {_WEIGHT_SCHEMES}, got weights={weights!r}")
     spec = spec.strip()

@@ -50,6 +50,9 @@ class TrainConfig(RunSpec):
         "steps between test-set evaluations (default: every sync if 10 <= H <= 50, else 50)"))
     checkpoint_every: int = field(default=0, metadata=help_text(
         "steps between checkpoints, plus one at the end (0 = never)"))
+    keep_checkpoints: int | None = field(default=None, metadata=help_text(
+        "keep only the newest K checkpoints, deleting older ones once a newer one is complete "
+        "(default: keep every checkpoint)"))
     resume: bool = field(default=False, metadata=help_text(
         "resume from the latest checkpoint in --out (start fresh if there is none)"))
     survive_failures: bool = field(default=False, metadata=help_text(
@@ -66,6 +69,15 @@ class TrainConfig(RunSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive("steps", self.steps)
+        if self.warmup_steps >= self.steps:  # (warmup_steps > 0 needs a warm-up schedule)
+            bad("warmup_steps", self.warmup_steps,
+                f"fewer than steps={self.steps} (the warm-up would never end)")
+        if self.resume and self.overwrite:  # RunDir refuses it too, but only on rank 0, later
+            bad("overwrite", self.overwrite, "False with resume=True: continue the run in out "
+                "or replace it, not both")
+        if self.resume_override and not self.resume:  # a flag that would do nothing
+            bad("resume_override", self.resume_override, "None without resume=True (it names "
+                "the fields a resume may change)")
         if self.out is not None and not self.out:
             bad("out", self.out, "a non-empty path")
         if self.partition.strip().startswith("sample:"):
@@ -87,6 +99,13 @@ class TrainConfig(RunSpec):
         check_positive("eval_every", self.eval_every)
         if self.checkpoint_every < 0:
             bad("checkpoint_every", self.checkpoint_every, "an integer >= 0 (0 = never)")
+        if self.keep_checkpoints is not None:
+            if self.keep_checkpoints < 1:
+                bad("keep_checkpoints", self.keep_checkpoints, "an integer >= 1 (or unset: "
+                    "keep every checkpoint)")
+            if not self.checkpoint_every:  # a flag that would do nothing
+                bad("keep_checkpoints", self.keep_checkpoints, "unset without checkpoint_every "
+                    "(no checkpoint is written)")
         h = self.algorithm_config().sync_every
         if h > self.steps:
             raise ValueError(f"sync_every={h} is invalid with steps={self.steps}: the run would "

@@ -20,14 +20,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gossip.batching import StackedBatches
-from gossip.comm import TorchCommunicator, init_from_env
+from gossip.comm import CommTimeout, TorchCommunicator, init_from_env
+from gossip.comm.torch_comm import STORE_PREFIX_ENV
 from gossip.flat import FlatParams
 from gossip.tasks import Task, TaskData
 from launch.config import TrainConfig
 
-__all__ = ["RunError", "ShardStream", "agree", "configure_logging", "consensus", "derived_seed",
-           "evaluate", "free_port", "interrupt", "join_process_group", "leave", "pick_device",
-           "single_process_env", "test_set"]
+__all__ = ["LOCAL_FIELDS", "RunError", "ShardStream", "agree", "check_same_config",
+           "configure_logging", "consensus", "derived_seed", "evaluate", "free_port", "interrupt",
+           "join_process_group", "leave", "pick_device", "roll_call", "single_process_env",
+           "test_set"]
 
 
 class RunError(ValueError):
@@ -128,6 +130,32 @@ def consensus(params: FlatParams, comm: TorchCommunicator) -> tuple[float, Tenso
     return distance, mean
 
 
+#: Fields a rank may set for itself: its machine's paths and device, how long it waits.
+LOCAL_FIELDS = frozenset({"out", "device", "timeout", "dead_after"})
+
+
+def check_same_config(config: dict[str, Any]) -> None:
+    """Raise :class:`RunError` on every rank if any rank got other flags than rank 0 (a field
+    outside :data:`LOCAL_FIELDS`): ``launch.spawn`` on several machines takes the flags once
+    per machine, and ranks that disagree on, say, ``sync_every`` pair the wrong steps' syncs
+    until Gloo aborts on a size mismatch."""
+    configs: list[dict[str, Any] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, config)
+    ref = configs[0]
+    assert ref is not None
+    differ: dict[str, list[int]] = {}
+    for rank, theirs in enumerate(configs):
+        assert theirs is not None
+        for name in sorted(set(theirs) | set(ref)):
+            if name not in LOCAL_FIELDS and theirs.get(name) != ref.get(name):
+                differ.setdefault(name, []).append(rank)
+    if differ:
+        listed = "; ".join(f"{name}: rank 0 has {ref.get(name)!r}, ranks {ranks} differ"
+                           for name, ranks in differ.items())
+        raise RunError(f"the ranks were started with different flags ({listed}): give every "
+                       "rank the same ones")
+
+
 def agree(fn: Any) -> Any:
     """Run ``fn`` on every rank; if any rank raises ValueError, every rank raises RunError."""
     error: str | None = None
@@ -146,7 +174,13 @@ def agree(fn: Any) -> Any:
 
 def join_process_group(backend: str | None, timeout: float, *, survive: bool = False,
                        dead_after: float = 5.0) -> TorchCommunicator:
-    """``init_from_env``, made safe for ``torchrun --max-restarts`` on one node.
+    """``init_from_env`` after a roll call that names the ranks that never arrive, made safe for
+    ``torchrun --max-restarts`` on one node.
+
+    Roll call: before the process group forms, each rank sets a key of its own in the rendezvous
+    store (:func:`roll_call`); a rank that has not seen every key within ``timeout`` raises
+    :class:`gossip.comm.CommTimeout` naming the ranks that never joined (frozen, dead or never
+    started), where Gloo would time out naming none.
 
     torchrun's workers share the rendezvous TCPStore across restarts (TORCHELASTIC_USE_AGENT_STORE),
     so after a restart a rank can read a dead peer's address left by the previous attempt and
@@ -155,25 +189,79 @@ def join_process_group(backend: str | None, timeout: float, *, survive: bool = F
     Across nodes the counts can differ: set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun.
     """
     env = os.environ
-    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-    shared = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    one_node = env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE")
-    if shared and one_node and restart != "0" and not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() and not survive else "gloo"
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        wait = timedelta(seconds=timeout)
-        base = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world,
-                             is_master=False, timeout=wait)
-        kwargs: dict[str, Any] = {}
-        if backend == "nccl":
-            local_rank = int(env.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            kwargs["device_id"] = torch.device("cuda", local_rank)
-        dist.init_process_group(backend, store=dist.PrefixStore(f"gossip/restart_{restart}", base),
-                                rank=rank, world_size=world, timeout=wait, **kwargs)
+    world = int(env.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        rank = int(env["RANK"])
+        store, own = _rendezvous_store(rank, world, timeout)
+        roll_call(store, rank, world, timeout)
+        if own:  # the group forms on this store (init_from_env then finds it formed)
+            if backend is None:
+                backend = "nccl" if torch.cuda.is_available() and not survive else "gloo"
+            kwargs: dict[str, Any] = {}
+            if backend == "nccl":
+                local_rank = int(env.get("LOCAL_RANK", "0"))
+                torch.cuda.set_device(local_rank)
+                kwargs["device_id"] = torch.device("cuda", local_rank)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout), **kwargs)
     return init_from_env(backend, timeout=timeout, survive_peer_failures=survive,
                          dead_after=dead_after)
+
+
+def _rendezvous_store(rank: int, world: int, timeout: float) -> tuple[dist.Store, bool]:
+    """The store of this attempt's rendezvous, and whether the group must be formed on it here.
+
+    A launcher's hosted store (launch.spawn, Ray: :data:`STORE_PREFIX_ENV`) and torchrun's agent
+    store are joined as a client (``init_from_env`` forms the group on them, except after a
+    torchrun restart on one node: see :func:`join_process_group`); otherwise rank 0 hosts it, as
+    ``env://`` would."""
+    env = os.environ
+    addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    wait = timedelta(seconds=timeout)
+    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    try:
+        if STORE_PREFIX_ENV in env:
+            client = dist.TCPStore(addr, port, is_master=False, timeout=wait)
+            return dist.PrefixStore(env[STORE_PREFIX_ENV], client), False
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            client = dist.TCPStore(addr, port, is_master=False, timeout=wait)
+            one_node = env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE")
+            return dist.PrefixStore(f"gossip/restart_{restart}", client), (
+                one_node and restart != "0")
+        base = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=wait,
+                             wait_for_workers=False)
+        return dist.PrefixStore(f"gossip/restart_{restart}", base), True
+    except (RuntimeError, OSError) as e:  # DistStoreError / DistNetworkError are RuntimeErrors
+        host = "rank 0" if STORE_PREFIX_ENV not in env and env.get(
+            "TORCHELASTIC_USE_AGENT_STORE") != "True" else "the launcher"
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        what = ("cannot serve the rendezvous store on" if host == "rank 0" and rank == 0 else
+                f"cannot reach the rendezvous store (hosted by {host}) at")
+        raise CommTimeout(f"start-up: {what} {addr}:{port} within timeout={timeout:g} s: "
+                          f"{first}", rank=rank, peers=(0,) if host == "rank 0" and rank else (),
+                          step=0) from None
+
+
+def roll_call(store: dist.Store, rank: int, world: int, timeout: float) -> None:
+    """Say this rank has arrived (key ``gossip/joined/<rank>``) and wait until all ``world`` ranks
+    have; past ``timeout`` s raise :class:`gossip.comm.CommTimeout` naming the ranks that never
+    arrived (one wait on the store, then one check per rank only on the way out)."""
+    keys = [f"gossip/joined/{r}" for r in range(world)]
+    store.set(keys[rank], str(os.getpid()))
+    try:
+        store.wait(keys, timedelta(seconds=timeout))
+        return
+    except RuntimeError:  # DistStoreError: a timeout
+        pass
+    missing = tuple(r for r, key in enumerate(keys) if not store.check([key]))
+    if not missing:  # the last arrived as the wait ended
+        return
+    shown = (f"{list(missing)}" if len(missing) <= 20
+             else f"{list(missing[:20])} and {len(missing) - 20} more")
+    raise CommTimeout(f"start-up: rank(s) {shown} of {world} never joined the process group "
+                      f"within timeout={timeout:g} s (frozen, dead or never started); every "
+                      "rank must be started with the same WORLD_SIZE and rendezvous address",
+                      rank=rank, peers=missing, step=0)
 
 
 def free_port() -> int:
@@ -202,13 +290,15 @@ def interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def leave(status: int, *, at_once: bool) -> NoReturn:
-    """Exit the process with ``status``; ``at_once`` skips the interpreter's teardown, which can
-    hang on a dead peer's connections (measured: a NoLoCo survivor that had written everything
-    never exited)."""
-    if at_once:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    sys.exit(status)
+def leave(status: int) -> NoReturn:
+    """Exit the process with ``status`` once its logs are flushed, skipping the interpreter's
+    teardown: everything the run writes is closed by then, and the teardown of torch's
+    distributed objects has failed two ways. It hung on a dead peer's connections (a NoLoCo
+    survivor that had written everything never exited), and it aborted a finished rank
+    ("terminate called without an active exception", exit -6) once in a loaded CI run, after
+    which torchrun stopped rank 0 while it wrote its summary, and the run was marked interrupted
+    at its last step."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

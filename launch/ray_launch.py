@@ -13,8 +13,13 @@ in this directory (when it exists on their node), so a relative ``--out`` means 
 Rank 0's output (the progress log and the summary table) appears here, prefixed ``(rank0 ...)``.
 
 The driver hosts the rendezvous store (a TCPStore on a free port of this machine), so it outlives
-every rank. The exit status is 0 when every rank returns 0. A rank that raises, dies or outlives
-``--run-timeout-s`` stops all of them and the error names the rank.
+every rank. The exit status is 0 when every rank returns 0. A rank that raises, dies, freezes (its
+heartbeat silent for 30 s: :mod:`raytools.workers`) or outlives
+``--run-timeout-s`` stops all of them and the error names the rank. With ``--survive-failures``
+the others carry on instead, as under ``launch.spawn``: a dead or raising rank is reported when
+the survivors are done, a frozen one is killed then, and the exit status is 0 when every
+survivor returned 0 (:func:`launch.spawn.exit_status`; a dead rank counts as killed by SIGKILL, a
+frozen one by SIGSTOP).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gossip.comm.torch_comm import STORE_PREFIX_ENV
+from launch.spawn import exit_status
 from launch.store import host_store
 from raytools.workers import WorkerGroup, WorkerGroupConfig, WorkerGroupError
 
@@ -39,6 +45,9 @@ log = logging.getLogger("launch.ray_launch")
 
 DEFAULT_ENTRY = "launch.train:main"
 _LOG_FLUSH_S = 1.0  # Ray's log monitor polls actor logs every 0.1 s
+SURVIVE_FLAG = "--survive-failures"
+#: the exit status a failed rank counts as (launch.spawn's: minus the signal that ended it)
+_FAILED_CODES = {"died": -9, "frozen": -19}
 
 
 def _resolve(entry: str) -> Callable[[list[str]], Any]:
@@ -94,13 +103,30 @@ def _run(group: WorkerGroup, entry: str, train_argv: Sequence[str]) -> list[int]
     group.run(_set_env, {"MASTER_ADDR": ray.util.get_node_ip_address(),
                          "MASTER_PORT": str(server.port),
                          STORE_PREFIX_ENV: f"ray-{uuid.uuid4().hex[:12]}"})
+    per_rank = [(entry, list(train_argv))] * group.world_size
     try:
-        codes = group.run_each(_run_entry, [(entry, list(train_argv))] * group.world_size,
-                               what=entry)
+        if not _survives(entry, train_argv):
+            codes = group.run_each(_run_entry, per_rank, what=entry)
+        else:  # the survivors carry on without a rank that dies, freezes or raises
+            done, failed = group.run_survivors(_run_entry, per_rank, what=entry)
+            for rank, why in sorted(failed.items()):
+                log.warning("rank %d: %s", rank, why)
+            codes = [done[r] if r in done else _FAILED_CODES.get(failed[r], 1)
+                     for r in range(group.world_size)]
         time.sleep(_LOG_FLUSH_S)  # Ray forwards the actors' last lines before they may be killed
     finally:
         del server
     return codes
+
+
+def _survives(entry: str, train_argv: Sequence[str]) -> bool:
+    """Whether the run carries on past a lost rank: ``--survive-failures`` as ``launch.train``
+    reads it (an abbreviation, a ``--config`` file), or the flag itself for another entry."""
+    if entry == DEFAULT_ENTRY:
+        from launch.config import from_args
+
+        return from_args(list(train_argv)).survive_failures
+    return SURVIVE_FLAG in train_argv
 
 
 def _train_flags_help() -> str:
@@ -178,8 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         print(f"ray_launch: ranks exited with non-zero status: {failed}", file=sys.stderr,
               flush=True)
-        return max(failed.values())
-    return 0
+    return exit_status(dict(enumerate(codes)))
 
 
 if __name__ == "__main__":

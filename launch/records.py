@@ -7,7 +7,8 @@
   wait on a dead peer. Each rank appends its own ``ranks/rank_<r>.jsonl`` and leaves its final
   record in ``ranks/rank_<r>.final.json``; the lowest live rank merges them (bounded wait) and
   writes ``metrics.jsonl`` and gets the final records and the dead; checkpoints are counted in the
-  store, so the marker moves only when every rank wrote its file.
+  store, so the marker moves only when every rank wrote its file or is dead (the marker lists
+  the dead as absent, see :func:`gossip.checkpoint.write_latest`).
 
 Both give ``metrics.jsonl`` in one order (:func:`gossip.records.sorted_records`), in the one
 record schema of :mod:`gossip.records`; the rank that gets the final records writes
@@ -88,9 +89,11 @@ class Collective:
     def consensus(self, params: FlatParams) -> tuple[float | None, Tensor | None]:
         return consensus(params, self.comm)
 
-    def checkpoint_complete(self, step: int) -> bool:
+    def checkpoint_complete(self, step: int) -> list[int] | None:
+        """On the rank that moves the ``latest`` marker to ``step``: the ranks whose file of it
+        is on disk, once they all are; None on the others."""
         self.comm.barrier()  # every rank's file is on disk before the marker moves
-        return True
+        return list(range(self.n)) if self.rank == 0 else None
 
     def finish(self, mine: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
         per_rank: list[Any] | None = [None] * self.n if self.rank == 0 else None
@@ -127,21 +130,30 @@ class PerRankFiles(Collective):
     def consensus(self, params: FlatParams) -> tuple[float | None, Tensor | None]:
         return None, None  # an all-reduce would wait on dead ranks
 
-    def checkpoint_complete(self, step: int) -> bool:
-        """Count this rank's checkpoint in the store; True once all ranks have (bounded wait).
-        After a death a checkpoint can never be complete, so ``latest`` stays at the last one
-        every rank wrote."""
+    def checkpoint_complete(self, step: int) -> list[int] | None:
+        """Say in the store that this rank's file of ``step`` is on disk; wait (bounded) until
+        every rank has said so or is dead. The lowest live rank then gets the ranks whose file
+        is in (the survivors', after deaths: their checkpoints stay the resume point); the others
+        and a wait past the timeout get None (the marker stays where it is)."""
         store = PeerMonitor.default_store()
-        key = f"gossip/checkpoint/{step}"
-        store.add(key, 1)
+        count, keys = f"gossip/checkpoint/{step}", [f"gossip/checkpoint/{step}/{r}"
+                                                     for r in range(self.n)]
+        store.set(keys[self.rank], "1")
+        store.add(count, 1)
         deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if store.add(key, 0) >= self.n:
-                return True
-            if self._dead():
-                return False
+        while True:
+            dead = self._dead()
+            if store.add(count, 0) >= self.n:  # one call while nobody died
+                break
+            if dead and all(r in dead or store.check([keys[r]]) for r in range(self.n)):
+                break
+            if time.monotonic() > deadline:
+                return None
             time.sleep(0.01)
-        return False
+        if min(set(range(self.n)) - dead - {self.rank} | {self.rank}) != self.rank:
+            return None
+        # the ranks whose file is in: a rank that wrote its file and then died too
+        return [r for r in range(self.n) if r not in dead or store.check([keys[r]])]
 
     def finish(self, mine: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
         """Leave this rank's final record; the lowest live rank waits (bounded) for the live

@@ -42,7 +42,9 @@ class Counters:
 def load(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any]) -> dict[str, Any] | None:
     """This rank's state from the latest checkpoint in ``out`` (None = start fresh), checked
     against the marker's manifest (SHA-256) and config (:func:`gossip.checkpoint.check_resume`);
-    ``"changes"`` lists the accepted trajectory changes."""
+    ``"changes"`` lists the accepted trajectory changes. A rank the checkpoint lacks (dead when
+    the survivors wrote it) resumes from the lowest surviving rank's state
+    (:func:`gossip.checkpoint.stand_in`), as a replacement node copies a live one."""
     latest = ckpt.read_latest(out)
     if not cfg.resume:
         if latest is not None:
@@ -65,9 +67,10 @@ def load(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any]) -> dict[s
     overrides = [f for f in (cfg.resume_override or "").split(",") if f]
     changes = ckpt.check_resume({**latest.get("config", {}), "world_size": latest.get(
         "world_size")}, {**cfg.to_dict(), "world_size": meta["world_size"]}, overrides)
-    path = ckpt.rank_file(out, step, rank)
+    source = ckpt.stand_in(latest, rank)  # a rank dead when it was written: a survivor's file
+    path = ckpt.rank_file(out, step, source)
     state = ckpt.load_rank_state(path, sha256=ckpt.expected_sha256(out, latest, path),
-                                 expect={**meta, "rank": rank})
+                                 expect={**meta, "rank": source})
     return {**state, "path": str(path), "changes": [{**c, "step": step} for c in changes]}
 
 
@@ -86,8 +89,17 @@ def resume(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any], params:
         stream.load_state(state["data"])
         ckpt.restore_rng(state["rng"], device)
         return int(state["step"]), Counters(**state["launcher"]), state["changes"]
-    except (KeyError, RuntimeError, TypeError) as e:
-        raise ValueError(f"checkpoint file {state['path']} does not fit this run: {e}") from e
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # ValueError: the algorithm's
+        # load_state_dict names what differs (another algorithm, shape, compression, overlap)
+        what = f"it holds no {e}" if isinstance(e, KeyError) else str(e)
+        hint = ""
+        if state["changes"]:  # overridden fields that shape the saved state (compress, ...)
+            listed = ", ".join(f"{c['field']}: {c['old']!r} -> {c['new']!r}"
+                               for c in state["changes"])
+            hint = (f"; the accepted change(s) {listed} alter the state the algorithm saved, "
+                    "which a resume cannot change: resume without them")
+        raise ValueError(f"checkpoint file {state['path']} does not fit this run ({what}){hint}"
+                         ) from e
 
 
 def resume_changes(out: Path, start: int, new: list[dict[str, Any]]) -> list[dict[str, Any]]:

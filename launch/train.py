@@ -20,15 +20,25 @@ import dataclasses
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    def _startup_interrupt(*_: object) -> None:  # Ctrl-C while torch imports: no traceback
+        print("interrupted during start-up: nothing was written", file=sys.stderr, flush=True)
+        os._exit(130)  # at once: an import's `except BaseException` could swallow an exception
+
+    signal.signal(signal.SIGINT, _startup_interrupt)  # main() takes Ctrl-C over
+
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from gossip import checkpoint as ckpt
+from gossip.algorithms import same_init
 from gossip.allocator import reuse_freed_memory
 from gossip.comm import CommError, TorchCommunicator
 from gossip.flat import FlatParams, scope_from_spec
@@ -36,12 +46,13 @@ from gossip.metrics import read_jsonl
 from gossip.plots import plot_run
 from gossip.records import summarize, table
 from gossip.run import build
-from gossip.rundir import RunDir
+from gossip.rundir import RunDir, interrupted_report
 from launch.config import TrainConfig, build_parser, check_out, default_out, from_args
 from launch.rank import (
     RunError,
     ShardStream,
     agree,
+    check_same_config,
     configure_logging,
     derived_seed,
     evaluate,
@@ -75,14 +86,17 @@ def train(cfg: TrainConfig, comm: TorchCommunicator) -> dict[str, Any] | None:
         names = [default_out() if comm.rank == 0 else None]
         dist.broadcast_object_list(names, src=0)
         cfg = dataclasses.replace(cfg, out=names[0])
+    check_same_config(cfg.to_dict())  # before rank 0 takes the directory
     run_dir = RunDir(str(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite)
     agree(lambda: run_dir.acquire() if comm.rank == 0 else None)
     progress = [0]  # the last step done
     try:
         return _train(cfg, comm, run_dir, progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if comm.rank == 0:
             run_dir.write_interrupted(progress[0], algo=cfg.algo, steps=cfg.steps)
+            log.warning("%s", interrupted_report([run_dir.path]))
+            e.reported = True  # type: ignore[attr-defined]  # main prints nothing more
         raise
     finally:
         run_dir.release()
@@ -99,7 +113,8 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
     torch.manual_seed(derived_seed(cfg.seed, rank, 1))
     shards = agree(lambda: build.make_shards(cfg, task, n))
     shard = shards[rank]
-    model = task.make_model(build.init_seed(cfg, rank)).to(device).train()
+    model = build.node_model(task, cfg.seed, rank, same_init=same_init(cfg.algo))
+    model = model.to(device).train()
     params = FlatParams.from_module(model, scope_from_spec(cfg.vc_scope or "weights"))
     opt = agree(lambda: build.make_optimizer(cfg, params.params))
     topology = agree(lambda: build.make_topology_for(cfg, n))
@@ -116,6 +131,11 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
     progress[0] = start
     if start:
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(out), start)
+        latest = ckpt.read_latest(out) or {}
+        if rank == 0 and latest.get("absent"):
+            log.warning("the checkpoint of step %d has no file of rank(s) %s (dead when the "
+                        "survivors wrote it): they resume from rank %d's state", start,
+                        latest["absent"], ckpt.stand_in(latest, latest["absent"][0]))
     elif cfg.resume:
         log.info("no checkpoint in %s: starting from step 0", out)
     config_record = {
@@ -219,8 +239,11 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
                 flush()
             if saving:
                 save(out, step, rank, meta, params, opt, algo, stream, device, c)
-                if records.checkpoint_complete(step) and rank == 0:  # config: check_resume's
-                    ckpt.write_latest(out, step, {**meta, "config": cfg.to_dict()}, ranks=n)
+                written = records.checkpoint_complete(step)  # on the marker's writer only
+                if written is not None:  # config: check_resume's
+                    ckpt.write_latest(out, step, {**meta, "config": cfg.to_dict()}, ranks=written)
+                    if cfg.keep_checkpoints:
+                        ckpt.prune(out, cfg.keep_checkpoints)
             progress[0] = step
             if step == fault_step:
                 log.warning("%s=%d: exiting on purpose", FAULT_ENV, step)
@@ -263,37 +286,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))  # exits with status 2
     single_process_env()  # plain `python -m launch.train`: a world of one process
-    comm = join_process_group(None if cfg.backend == "auto" else cfg.backend, cfg.timeout,
-                              survive=cfg.survive_failures, dead_after=cfg.dead_after)
-    configure_logging(comm.rank)
-    warning = torchrun_store_warning(os.environ, cfg.survive_failures)
-    if warning and comm.rank == 0:
-        log.warning("%s", warning)
+    rank = int(os.environ["RANK"])
+    configure_logging(rank)
     signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends the run like Ctrl-C
+    comm: TorchCommunicator | None = None
     try:
+        comm = join_process_group(None if cfg.backend == "auto" else cfg.backend, cfg.timeout,
+                                  survive=cfg.survive_failures, dead_after=cfg.dead_after)
+        warning = torchrun_store_warning(os.environ, cfg.survive_failures)
+        if warning and rank == 0:
+            log.warning("%s", warning)
         train(cfg, comm)
-    except KeyboardInterrupt:
-        log.warning("rank %d: interrupted", comm.rank)
+    except KeyboardInterrupt as e:  # one line (rank 0's), no traceback
+        if rank == 0 and not getattr(e, "reported", False):
+            log.warning("interrupted before the run started: nothing was written")
         return 130
     except RunError as e:
-        if comm.rank == 0:
+        if rank == 0:
             log.error("%s", e)
         return 2
     except CommError as e:
-        log.error("rank %d stops: %s", comm.rank, e)
+        log.error("rank %d stops: %s", rank, e)
         return 3
     finally:
-        if comm.monitor is not None:
-            comm.monitor.close()
-        if dist.is_initialized() and not comm.deaths:
-            dist.destroy_process_group()  # with dead peers it could wait on them: just exit
-        _DEAD_PEERS.update(comm.deaths)
+        if comm is not None:
+            if comm.monitor is not None:
+                comm.monitor.close()
+            if dist.is_initialized() and not comm.deaths:
+                dist.destroy_process_group()  # with dead peers it could wait on them: just exit
     return 0
 
 
-#: Peers this process saw die (its exit then skips the interpreter's teardown, see
-#: :func:`launch.rank.leave`).
-_DEAD_PEERS: set[int] = set()
-
 if __name__ == "__main__":
-    leave(main(), at_once=bool(_DEAD_PEERS))
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C is main()'s from here
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    leave(main())  # (no interpreter teardown: see launch.rank.leave)

@@ -9,7 +9,14 @@ therefore runs unchanged, as in Ray Train's torch backend.
 
 Every wait is bounded: if a rank raises or its actor dies, the whole group is killed at once and
 :class:`WorkerGroupError` names the rank; a run that outlives its timeout fails the same way with
-the ranks that had not finished. Nothing ever blocks forever on a dead peer.
+the ranks that had not finished. A rank that is *frozen* (stopped with SIGSTOP, swapped out, or
+hung holding Python's lock) is not dead to Ray and may never finish: every actor counts a
+heartbeat into Ray's key-value store once a second from a thread of its own, and a rank whose
+count stands still for ``heartbeat_s`` while a call runs is named as frozen and the group torn
+down, long before its peers' collectives time out (where the error would name a peer). (Not a
+ping through a concurrency group of the actor: that would run every call off the actor's main
+thread, where code that installs signal handlers, as ``launch.train`` does, fails.) Nothing ever
+blocks forever on a dead or frozen peer.
 
 With whole GPUs per actor, the actors of one node all see the node's GPUs of the group (in
 LOCAL_RANK order, as under torchrun), so ``cuda:LOCAL_RANK`` is the actor's own GPU. With a
@@ -24,12 +31,15 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import ray
+from ray.experimental import internal_kv
 from ray.util.placement_group import (
     PlacementGroup,
     placement_group,
@@ -55,6 +65,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _POLL_S = 1.0  # how often a wait wakes up to notice dead actors and deadlines
+_BEAT_S = 1.0  # how often an actor counts a heartbeat
+_KV_NAMESPACE = "raytools-heartbeats"
 _GRACE_S = 2.0  # after a first failure, how long to wait for its cause to surface
 
 
@@ -88,6 +100,11 @@ class WorkerGroupConfig:
         working_dir: the actors' working directory (default: the driver's, when it exists on
             the actor's node).
         placement_strategy: "PACK" (fill nodes one by one, like torchrun) or "SPREAD".
+        heartbeat_s: how long a rank running a call may go without a heartbeat before it is
+            declared frozen (None: never). A busy rank beats on time (the beat runs on its own
+            thread; torch and NumPy release Python's lock in their kernels, and Python code
+            yields it every 5 ms), so only a stopped process or one stuck in native code that
+            holds the lock misses beats.
     """
 
     num_workers: int
@@ -99,6 +116,7 @@ class WorkerGroupConfig:
     env: Mapping[str, str] = field(default_factory=dict)
     working_dir: str | None = None
     placement_strategy: str = "PACK"
+    heartbeat_s: float | None = 30.0
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:
@@ -114,6 +132,8 @@ class WorkerGroupConfig:
             raise ValueError(f"start_timeout_s must be > 0, got {self.start_timeout_s}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0 or None, got {self.timeout_s}")
+        if self.heartbeat_s is not None and not self.heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s must be > 0 or None, got {self.heartbeat_s}")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ValueError("placement_strategy must be PACK, SPREAD, STRICT_PACK or "
                              f"STRICT_SPREAD, got {self.placement_strategy!r}")
@@ -174,11 +194,24 @@ def cuda_device_index() -> int:
     return visible.index(gpu_ids[0]) if gpu_ids[0] in visible else 0
 
 
+def _beat(key: bytes) -> None:
+    """An actor's heartbeat: a count in Ray's key-value store, one more every second."""
+    count = 0
+    while True:
+        count += 1
+        with contextlib.suppress(Exception):  # (a beat lost now and then is no verdict)
+            internal_kv._internal_kv_put(key, str(count).encode(), overwrite=True,
+                                         namespace=_KV_NAMESPACE)
+        time.sleep(_BEAT_S)
+
+
 class _Worker:
     """One rank. A plain class; :class:`WorkerGroup` wraps it with ``ray.remote``."""
 
-    def __init__(self, rank: int, working_dir: str | None) -> None:
+    def __init__(self, rank: int, working_dir: str | None, beat_key: bytes) -> None:
         self.rank = rank
+        threading.Thread(target=_beat, args=(beat_key,), daemon=True,
+                         name="raytools-heartbeat").start()
         reuse_freed_memory()  # as launch.train does (gossip.allocator)
         if working_dir is not None and os.path.isdir(working_dir):
             os.chdir(working_dir)
@@ -228,6 +261,7 @@ class WorkerGroup:
         )
         self._actors: list[Any] = []
         self._pg: PlacementGroup | None = None
+        self._beats = f"{uuid.uuid4().hex}/"  # this group's heartbeat keys
         self.workers: list[WorkerInfo] = []
         try:
             self._start()
@@ -260,12 +294,12 @@ class WorkerGroup:
             self._actors.append(actor_cls.options(
                 num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
                 scheduling_strategy=strategy, max_restarts=0, max_task_retries=0,
-            ).remote(rank, working_dir))
+            ).remote(rank, working_dir, self._beat_key(rank)))
 
-        infos = self._gather([a.info.remote() for a in self._actors], cfg.start_timeout_s,
-                             "start")
-        port = self._gather([self._actors[0].free_port.remote()], cfg.start_timeout_s,
-                            "start", ranks=[0])[0]
+        infos = self._gather_all([a.info.remote() for a in self._actors], cfg.start_timeout_s,
+                                 "start")
+        port = self._gather_all([self._actors[0].free_port.remote()], cfg.start_timeout_s,
+                                "start", ranks=[0])[0]
         by_node: dict[str, list[int]] = {}
         for rank, (node_id, _, _, _) in enumerate(infos):
             by_node.setdefault(node_id, []).append(rank)
@@ -307,8 +341,8 @@ class WorkerGroup:
         if not self._actors:
             raise WorkerGroupError("the worker group has been shut down")
         timeout = self.config.start_timeout_s
-        port = int(self._gather([self._actors[0].free_port.remote()], timeout, "new_master_port",
-                                ranks=[0])[0])
+        port = int(self._gather_all([self._actors[0].free_port.remote()], timeout,
+                                    "new_master_port", ranks=[0])[0])
         self._gather([a.set_env.remote({"MASTER_PORT": str(port)}) for a in self._actors],
                      timeout, "new_master_port")
         return port
@@ -319,6 +353,8 @@ class WorkerGroup:
             with contextlib.suppress(Exception):  # already dead is fine
                 ray.kill(actor, no_restart=True)
         self._actors = []
+        with contextlib.suppress(Exception):  # (Ray may be down already)
+            internal_kv._internal_kv_del(self._beats, del_by_prefix=True, namespace=_KV_NAMESPACE)
         if self._pg is not None:
             with contextlib.suppress(Exception):
                 remove_placement_group(self._pg)
@@ -358,6 +394,31 @@ class WorkerGroup:
                  what: str | None = None) -> list[T]:
         """Like :meth:`run`, with its own positional arguments for each rank; ``what`` names the
         call in errors (default: the function's name)."""
+        refs, bound, name = self._submit(fn, args_per_rank, timeout_s, kwargs, what)
+        results, _ = self._gather(refs, bound, name, heartbeat=self.config.heartbeat_s)
+        return [results[r] for r in range(self.world_size)]
+
+    def run_survivors(self, fn: Callable[..., T], args_per_rank: Sequence[tuple[Any, ...]], *,
+                      timeout_s: float | None = None, kwargs: Mapping[str, Any] | None = None,
+                      what: str | None = None) -> tuple[dict[int, T], dict[int, str]]:
+        """Like :meth:`run_each` for work that survives the loss of ranks (``launch.train
+        --survive-failures``): a rank that raises, dies or freezes does not stop the others.
+
+        Returns the results of the ranks that finished and, for each other rank, why it did
+        not ("died", "raised: ...", "frozen"). A frozen rank (no heartbeat for ``heartbeat_s``)
+        is killed once every other rank is done, as ``launch.spawn`` does; the
+        timeout still tears everything down. If any rank failed, the group is shut down at the
+        end (its dead actors could not run another call)."""
+        refs, bound, name = self._submit(fn, args_per_rank, timeout_s, kwargs, what)
+        results, failures = self._gather(refs, bound, name, heartbeat=self.config.heartbeat_s,
+                                         keep_going=True)
+        if failures:
+            self.shutdown()
+        return results, failures
+
+    def _submit(self, fn: Callable[..., Any], args_per_rank: Sequence[tuple[Any, ...]],
+                timeout_s: float | None, kwargs: Mapping[str, Any] | None, what: str | None
+                ) -> tuple[list[Any], float | None, str]:
         if not self._actors:
             raise WorkerGroupError("the worker group has been shut down")
         if len(args_per_rank) != self.world_size:
@@ -367,23 +428,32 @@ class WorkerGroup:
         refs = [a.execute.remote(fn_ref, tuple(args), dict(kwargs or {}))
                 for a, args in zip(self._actors, args_per_rank, strict=True)]
         bound = timeout_s if timeout_s is not None else self.config.timeout_s
-        name = what or getattr(fn, "__qualname__", repr(fn))
-        return self._gather(refs, bound, name)
+        return refs, bound, what or getattr(fn, "__qualname__", repr(fn))
+
+    def _gather_all(self, refs: list[Any], timeout_s: float | None, what: str,
+                    ranks: Sequence[int] | None = None) -> list[Any]:
+        """:meth:`_gather`'s results in the order of ``ranks`` (the start-up calls)."""
+        results, _ = self._gather(refs, timeout_s, what, ranks)
+        return [results[r] for r in (range(len(refs)) if ranks is None else ranks)]
 
     def _gather(self, refs: list[Any], timeout_s: float | None, what: str,
-                ranks: Sequence[int] | None = None) -> list[Any]:
+                ranks: Sequence[int] | None = None, heartbeat: float | None = None,
+                keep_going: bool = False) -> tuple[dict[int, Any], dict[int, str]]:
+        """Wait for ``refs`` (one per rank of ``ranks``): their results, and (``keep_going``
+        only; otherwise the first failure raises) why the failed ranks failed."""
         ranks = list(range(len(refs))) if ranks is None else list(ranks)
         rank_of = {ref: r for ref, r in zip(refs, ranks, strict=True)}
         results: dict[int, Any] = {}
         failures: list[tuple[int, BaseException]] = []
         pending = list(refs)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        beats: dict[int, tuple[bytes | None, float]] = {}  # rank -> (its count, seen when)
         while pending:
             wait_s = _POLL_S if deadline is None else max(0.0, min(_POLL_S,
                                                                    deadline - time.monotonic()))
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=wait_s)
             self._collect(done, rank_of, results, failures)
-            if failures:
+            if failures and not keep_going:
                 # a dead rank's peers often fail first ("connection reset"): give the cause a
                 # moment to arrive, then report it
                 grace_end = time.monotonic() + _GRACE_S
@@ -392,13 +462,49 @@ class WorkerGroup:
                                              timeout=max(0.0, grace_end - time.monotonic()))
                     self._collect(done, rank_of, results, failures)
                 self._fail(what, failures)
+            if pending and heartbeat is not None:
+                frozen = self._silent([rank_of[r] for r in pending], beats, heartbeat)
+                if frozen and not keep_going:
+                    self.shutdown()
+                    raise WorkerGroupError(f"{what}: {_frozen_message(frozen, heartbeat)}; the "
+                                           f"worker group was shut down", ranks=frozen)
+                if frozen and len(frozen) == len(pending):  # the others are done: kill them
+                    for rank in frozen:
+                        with contextlib.suppress(Exception):
+                            ray.kill(self._actors[rank], no_restart=True)
+                    log.warning("%s: %s; killed them once every other rank was done", what,
+                                _frozen_message(frozen, heartbeat))
+                    failures += [(r, _Frozen()) for r in frozen]
+                    pending = []
             if pending and deadline is not None and time.monotonic() >= deadline:
                 late = sorted(rank_of[r] for r in pending)
                 self.shutdown()
                 raise WorkerGroupError(f"{what}: rank(s) {late} did not finish within "
                                        f"{timeout_s} s; the worker group was shut down",
                                        ranks=late)
-        return [results[r] for r in ranks]
+        return results, {rank: _why(err) for rank, err in failures}
+
+    def _beat_key(self, rank: int) -> bytes:
+        return f"{self._beats}{rank}".encode()
+
+    def _silent(self, ranks: list[int], beats: dict[int, tuple[bytes | None, float]],
+                heartbeat: float) -> list[int]:
+        """The ranks in ``ranks`` whose heartbeat count has not moved for ``heartbeat`` seconds
+        of this driver's clock (``beats``: each rank's last count and when it was first seen)."""
+        now = time.monotonic()
+        silent = []
+        for rank in ranks:
+            try:
+                count = internal_kv._internal_kv_get(self._beat_key(rank),
+                                                     namespace=_KV_NAMESPACE)
+            except Exception:  # the store did not answer this time: no verdict on anyone
+                return []
+            last = beats.get(rank)
+            if last is None or last[0] != count:
+                beats[rank] = (count, now)
+            elif now - last[1] >= heartbeat:
+                silent.append(rank)
+        return silent
 
     @staticmethod
     def _collect(done: list[Any], rank_of: Mapping[Any, int], results: dict[int, Any],
@@ -421,6 +527,26 @@ class WorkerGroup:
         also = f" (also failed: ranks {others})" if others else ""
         raise WorkerGroupError(f"{what}: rank {rank} {verb}{also}; the worker group was shut "
                                f"down.\n{detail}", ranks=[rank, *others]) from err
+
+
+class _Frozen(Exception):
+    """A rank that stopped answering heartbeats (for :meth:`WorkerGroup.run_survivors`)."""
+
+
+def _frozen_message(ranks: list[int], heartbeat: float) -> str:
+    return (f"rank(s) {ranks} stopped answering: no heartbeat for {heartbeat} s "
+            f"while the call ran (the process is frozen, e.g. stopped with SIGSTOP, or stuck in "
+            f"native code holding Python's lock)")
+
+
+def _why(err: BaseException) -> str:
+    """How a rank failed, in a word and its cause: "died", "frozen" or "raised: ..."."""
+    if isinstance(err, _Frozen):
+        return "frozen"
+    if isinstance(err, ray.exceptions.RayActorError):
+        return "died"
+    cause = getattr(err, "cause", err)
+    return f"raised: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
 
 
 _PEER_SYMPTOMS = ("Connection reset by peer", "Connection closed by peer", "gloo/transport",

@@ -9,8 +9,25 @@ D-PSGD and variance-corrected gossip on one non-IID task. The pieces: :mod:`.con
 seeded sample of nodes in one vectorized forward), :mod:`.network` (simulated time),
 :mod:`.faults`, :mod:`.memory` (the size estimate checked before a build), :mod:`.threads`
 (the automatic torch thread count); plots are in :mod:`gossip.plots`.
+
+Importing this package imports nothing else (``SimConfig`` is loaded on first use), so that
+``python -m simulations.run`` can pause the garbage collector before torch is imported
+(:mod:`simulations.run`).
 """
 
-from simulations.config import SimConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from simulations.config import SimConfig
 
 __all__ = ["SimConfig"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SimConfig":
+        from simulations.config import SimConfig
+
+        return SimConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import sys
 import time
@@ -29,12 +31,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+    def _startup_interrupt(*_: object) -> None:  # Ctrl-C while torch imports: no traceback
+        print("interrupted during start-up: nothing was written", file=sys.stderr, flush=True)
+        os._exit(130)  # at once: an import's `except BaseException` could swallow an exception
+
+    signal.signal(signal.SIGINT, _startup_interrupt)  # main() takes Ctrl-C over
+
+
 from gossip.algorithms import needs_topology
 from gossip.allocator import reuse_freed_memory
 from gossip.configs import parse_seeds
 from gossip.metrics import atomic_write_text, to_jsonable
 from gossip.plots import plot_comparison, plot_comparison_seeds
 from gossip.records import runs_table
+from gossip.rundir import interrupted_report
 from simulations.config import SimConfig
 from simulations.run import run
 
@@ -181,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the runs a previous comparison left in --out")
     args = parser.parse_args(argv)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
     shared = dict(task=args.task, nodes=args.nodes, rounds=args.rounds, partition=args.partition,
                   topology=args.topology, local_epochs=args.local_epochs,
@@ -195,6 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line naming the run directories kept, no traceback
+        kept = sorted(p.parent for p in Path(args.out).glob("**/metrics.jsonl")
+                      if p.stat().st_mtime >= started)  # this comparison's, not older ones
+        print(interrupted_report(kept), file=sys.stderr)
+        return 130
     if args.seeds is not None:
         first = next(iter(per_algo.values()))[0]
         print(f"{first['task']}: {first['nodes']} nodes, partition {first['partition']}, "
@@ -216,4 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C is main()'s from here
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -24,6 +24,7 @@ from typing import Any
 from gossip import configs
 from gossip.configs import bad, check_positive, help_text
 from gossip.run.spec import RunSpec, check_finite
+from simulations.faults import nodes_for
 from simulations.network import ALLREDUCE_ALGOS
 
 __all__ = ["SimConfig", "build_parser", "from_args"]
@@ -86,6 +87,9 @@ class SimConfig(RunSpec):
     address: str | None = field(default=None, metadata=help_text(
         "Ray cluster address (default: start a local one)"))
     device: str = field(default="cpu", metadata=help_text("cpu | cuda"))
+    cuda_graphs: bool = field(default=True, metadata=help_text(
+        "on a GPU, record the local step and a global model's evaluation once and replay them "
+        "(CUDA graphs, where their kernels repeat); --no-cuda-graphs issues every kernel"))
     eval_every: int = field(default=1, metadata=help_text(
         "rounds between test-set evaluations (the last round is always evaluated)"))
     eval_samples: int | None = field(default=None, metadata=help_text(
@@ -129,6 +133,8 @@ class SimConfig(RunSpec):
             _fraction(name, getattr(self, name))
         if not 0.0 <= self.crash_fraction < 1.0:
             bad("crash_fraction", self.crash_fraction, "a number in [0, 1)")
+        for name in ("crash_fraction", "churn_fraction", "straggler_fraction"):
+            nodes_for(name, getattr(self, name), self.nodes)  # > 0 but no node: refused
         if not 0.0 <= self.drop_prob < 1.0:
             bad("drop_prob", self.drop_prob, "a number in [0, 1)")
         if not self.straggler_slowdown >= 1.0:
@@ -136,6 +142,10 @@ class SimConfig(RunSpec):
         if self.straggler_policy not in STRAGGLER_POLICIES:
             bad("straggler_policy", self.straggler_policy, f"one of {list(STRAGGLER_POLICIES)}")
         _at_least("crash_round", self.crash_round, 0)
+        if self.crash_fraction > 0 and self.crash_round is not None \
+                and self.crash_round >= self.rounds:  # no node would crash
+            bad("crash_round", self.crash_round, f"in [0, rounds={self.rounds}) with "
+                f"crash_fraction={self.crash_fraction}")
         _at_least("churn_rounds", self.churn_rounds, 1)
         _at_least("actors", self.actors, 1)
         if self.save_models and (self.out is None or self.actors > 1):

@@ -30,10 +30,11 @@ the runner.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,12 +62,15 @@ from gossip.topology import Topology, spectral_gap
 from simulations.config import SimConfig
 from simulations.evaluate import eval_sample, evaluate_rows
 from simulations.faults import FaultSchedule
+from simulations.graphs import Graphs
 from simulations.memory import check_fits, simulation_estimate
 from simulations.network import NetworkModel, SimClock
 from simulations.threads import auto_threads
 from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
 
 __all__ = ["RunRecorder", "Runner", "Simulation", "describe", "drive", "set_threads"]
+
+log = logging.getLogger(__name__)
 
 #: Rows per chunk when reducing over the stacked parameters (bounds float64 temporaries).
 _ROW_CHUNK = 256
@@ -85,6 +89,9 @@ class Simulation:
     def __init__(self, cfg: SimConfig, nodes: Sequence[int] | Tensor | None = None,
                  group: dist.ProcessGroup | None = None, *, task: Task | None = None) -> None:
         t_start = time.perf_counter()
+        if cfg.device == "cuda" and not torch.cuda.is_available():  # here: a Ray actor may have one
+            raise ValueError("device='cuda' needs CUDA, which is not available to this process "
+                             f"(torch {torch.__version__}, a CPU build?); use device='cpu'")
         task = build.with_init(task, cfg.init) if task is not None \
             else build.load_task(cfg.task, seed=cfg.seed, init=cfg.init)
         # every node's batch is gathered from one tensor: a Dataset is read into memory once
@@ -134,7 +141,13 @@ class Simulation:
             optimizer=cfg.optimizer or "sgd", lr=cfg.lr or 0.0, momentum=cfg.momentum,
             weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip,
             extra=optimizer_kwargs(cfg.optimizer_args))
+        self.graphs = Graphs(self.batches, self.trainer, self.device)  # GPU: replayed work
+        self.graphs.enabled &= cfg.cuda_graphs
         self.total_steps = cfg.rounds * self.steps_per_round
+        if cfg.warmup_steps and cfg.warmup_steps >= self.total_steps:
+            raise ValueError(f"warmup_steps={cfg.warmup_steps} is invalid: expected fewer than "
+                             f"the run's {self.total_steps} local steps ({cfg.rounds} rounds of "
+                             f"{self.steps_per_round}; the warm-up would never end)")
         self.comm = StackedCommunicator(n, ids, group=group, seed=cfg.seed)
         self.topology: Topology | None = build.make_topology_for(cfg, n)
         self.algorithm, _ = build.make_algorithm(
@@ -204,6 +217,17 @@ class Simulation:
         """Run round ``r`` (0-based): local steps, one sync, time and metrics (global): the
         ``round`` record, holding an evaluated round's ``eval`` rows under ``"eval_rows"``
         (:class:`RunRecorder` writes them before the round record)."""
+        return self.start_round(r)()
+
+    def start_round(self, r: int) -> Callable[[], dict[str, Any]]:
+        """Round ``r`` up to its figures: returns what gives its record (:meth:`run_round`).
+
+        On a GPU the round's work is queued and its figures that live on the device (the
+        train loss, the evaluation) are copied to the host without waiting; the record waits
+        for that copy alone. :func:`drive` starts round ``r + 1`` before it asks for round
+        ``r``'s record, so the host queues the next round while the device runs this one.
+        Everything else the record holds is taken here, before the next round can change it.
+        """
         cfg = self.cfg
         alive = self.faults.alive(r)
         slow = self.faults.slowdown(r)
@@ -223,13 +247,15 @@ class Simulation:
         for s in range(int(local_steps.max()) if len(local_steps) else 0):
             act = local_steps > s
             everyone = bool(act.all())
-            idx = self.batches.batch(self.local_step)
             lr = None
             if cfg.schedule != "constant":  # each node at its own step of the schedule
                 assert cfg.lr is not None
                 lr = cfg.lr * lr_factors(cfg.schedule, self.local_step, self.total_steps,
                                          cfg.warmup_steps)
-            losses = self.trainer.step(idx, None if everyone else act, lr)
+            losses = self.graphs.step(self.local_step) if everyone and lr is None else None
+            if losses is None:
+                idx = self.batches.batch(self.local_step)
+                losses = self.trainer.step(idx, None if everyone else act, lr)
             loss_sum += losses.double() if everyone else losses.double() * (on_device > s)
             self.local_step += act
         node_steps = int(steps.sum())
@@ -246,31 +272,53 @@ class Simulation:
                     self.algorithm.flush()
         events = self.comm.events[first:]
         del self.comm.events[:]
+        evaluated = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
+        ev = self._evaluate(alive, r) if evaluated else None  # queued on the device
         before = self.clock.now
         self.clock.compute(r, steps, slow)
         for k, event in enumerate(events):
             self.clock.communicate(r, k, event, alive)
         self.clock.end_round(alive)
 
-        per_node = self.comm.bytes_per_node
-        trained = self._sum(torch.stack([loss_sum.sum().cpu(),
-                                         local_steps.sum().double()]))
+        per_node = self.comm.bytes_per_node.clone()
+        consensus = None
+        if ev is not None and not self.algorithm.global_model:
+            consensus = self.consensus_distance(alive[self.nodes])
+        # the round's one wait for the device: its loss and its evaluation, in one copy
+        queued = [loss_sum.sum().reshape(1)]
+        if ev is not None:
+            queued += [v.to(torch.float64) for v in ev[2].values()]
+        copied, done = _to_host(torch.cat(queued))
         record: dict[str, Any] = {
             "kind": "round",
             "round": r + 1,
             "step": (r + 1) * self.steps_per_round,
             "alive": int(alive.sum()),
             "node_steps": node_steps,
-            "train_loss": float(trained[0] / trained[1]) if trained[1] > 0 else None,
+            "train_loss": None,
             "bytes_total": float(per_node.sum()),
             "bytes_per_node": float(per_node.mean()),
             "bytes_per_node_max": float(per_node.max()),
             "sim_seconds": self.clock.now,
             "round_sim_seconds": self.clock.now - before,
         }
-        if (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds:
-            record.update(self._eval_record(alive, r))
-        return record
+        trained_steps = local_steps.sum().double()
+
+        def finish() -> dict[str, Any]:
+            if done is not None:
+                done.synchronize()
+            host = copied.split([len(v) for v in queued])
+            trained = self._sum(torch.stack([host[0][0], trained_steps]))
+            if trained[1] > 0:
+                record["train_loss"] = float(trained[0] / trained[1])
+            if ev is not None:
+                chosen, rows, values = ev
+                figures = dict(zip(values, host[1:], strict=True))
+                record.update(self._eval_record(r, chosen, rows, figures, per_node,
+                                                consensus))
+            return record
+
+        return finish
 
     @contextmanager
     def _freeze_down(self, up: Tensor | None) -> Iterator[None]:
@@ -322,37 +370,45 @@ class Simulation:
             total += float(self._sum(sq.reshape(1)))
         return total / count
 
-    def _eval_record(self, alive: Tensor, r: int) -> dict[str, Any]:
-        """Test metrics of round ``r``, right after its sync (:mod:`simulations.evaluate`):
-        one model where the algorithm has a global one, else a seeded sample of the up nodes
-        in one vectorized forward. A global model's consensus distance is 0: every row holds
-        it."""
-        global_model = self.algorithm.global_model
-        chosen = alive if global_model else eval_sample(
+    def _evaluate(self, alive: Tensor, r: int) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Round ``r``'s test evaluation, right after its sync (:mod:`simulations.evaluate`),
+        queued on the device: one model where the algorithm has a global one, else a seeded
+        sample of the up nodes in one vectorized forward. Returns the chosen nodes (a global
+        mask), their local rows and the per-row figures (on the device)."""
+        chosen = alive if self.algorithm.global_model else eval_sample(
             alive, self.cfg.eval_nodes, seed=self.cfg.seed, round_index=r)
         rows = chosen[self.nodes].nonzero().flatten()
-        ev = evaluate_rows(self.model, self.x_test, self.y_test, rows,
-                           global_model=global_model)
+        return chosen, rows, evaluate_rows(self.model, self.x_test, self.y_test, rows,
+                                           global_model=self.algorithm.global_model,
+                                           graphs=self.graphs)
+
+    def _eval_record(self, r: int, chosen: Tensor, rows: Tensor, ev: dict[str, Tensor],
+                     per_node: Tensor, consensus: float | None) -> dict[str, Any]:
+        """The test metrics of round ``r`` from :meth:`_evaluate` (``ev`` now on the host),
+        reduced over every shard, with the round's bytes ``per_node`` and consensus distance
+        (None: a global model, whose consensus distance is 0, since every row holds it)."""
+        global_model = self.algorithm.global_model
         step = (r + 1) * self.steps_per_round
-        up = alive[self.nodes]
-        out: dict[str, Any] = {
-            "consensus_distance": 0.0 if global_model else self.consensus_distance(up)}
+        out: dict[str, Any] = {"consensus_distance": 0.0 if consensus is None else consensus}
         out["eval_nodes"] = int(self._sum(torch.tensor([float(len(rows))], dtype=torch.float64)))
         # the same keys on every shard, one with no row included (the reductions must match)
         keys = ["loss"] + (["accuracy"] if self.task.data.kind != "regression" else [])
         for key in keys:
             v = ev.get(key, torch.zeros(0, dtype=torch.float64))
-            stats = self._sum(torch.tensor([float(v.sum()), float(v.numel())],
-                                           dtype=torch.float64))
-            lo = self._reduce(torch.tensor([float(v.min()) if v.numel() else math.inf],
-                                           dtype=torch.float64), dist.ReduceOp.MIN)
-            hi = self._reduce(torch.tensor([float(v.max()) if v.numel() else -math.inf],
-                                           dtype=torch.float64), dist.ReduceOp.MAX)
+            if global_model and v.numel():  # one row's figure stands for every row
+                one = float(v[0])
+                total, count, least, most = one * len(rows), float(len(rows)), one, one
+            else:
+                total, count = float(v.sum()), float(v.numel())
+                least = float(v.min()) if v.numel() else math.inf
+                most = float(v.max()) if v.numel() else -math.inf
+            stats = self._sum(torch.tensor([total, count], dtype=torch.float64))
+            lo = self._reduce(torch.tensor([least], dtype=torch.float64), dist.ReduceOp.MIN)
+            hi = self._reduce(torch.tensor([most], dtype=torch.float64), dist.ReduceOp.MAX)
             if stats[1] > 0:
                 out[f"{key}_mean"] = float(stats[0] / stats[1])
                 out[f"{key}_min"] = float(lo[0])
                 out[f"{key}_max"] = float(hi[0])
-        per_node = self.comm.bytes_per_node
         if global_model:  # one model, which every node holds: one row
             if "loss_mean" in out:
                 out["eval_rows"] = eval_rows(
@@ -381,6 +437,18 @@ class Simulation:
             t = t.cuda()
         dist.all_reduce(t, op=op, group=self.group)
         return t.to(device)
+
+
+def _to_host(t: Tensor) -> tuple[Tensor, torch.cuda.Event | None]:
+    """``t`` copied to the host without waiting, and the event that marks the copy done (None:
+    ``t`` was on the host already)."""
+    if t.device.type != "cuda":
+        return t.cpu(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -470,17 +538,22 @@ class RunRecorder:
             try:
                 self.run_dir.write_summary(summary)
                 if self.plots:  # after the summary: a failing plot cannot lose the results
-                    from gossip.plots import plot_label_distribution, plot_run
-
-                    if self.label_counts is not None:
-                        plot_label_distribution(self.label_counts,
-                                                self.run_dir.path / "label_distribution.png")
-                    plot_run(iter_jsonl(self.run_dir.path / "metrics.jsonl"), self.run_dir.path,
-                             title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, "
-                             f"{self.cfg.partition}")
+                    try:
+                        self._plot(self.run_dir.path)
+                    except Exception:  # the run has finished: say so, and go on
+                        log.exception("plotting failed; the results are in %s",
+                                      self.run_dir.path)
             finally:
                 self.run_dir.release()
         return summary
+
+    def _plot(self, path: Path) -> None:
+        from gossip.plots import plot_label_distribution, plot_run
+
+        if self.label_counts is not None:
+            plot_label_distribution(self.label_counts, path / "label_distribution.png")
+        plot_run(iter_jsonl(path / "metrics.jsonl"), path,
+                 title=f"{self.cfg.algo}, {self.cfg.nodes} nodes, {self.cfg.partition}")
 
     def interrupted(self) -> None:
         """Ctrl-C: summary.json says so, with the last round recorded; the directory is freed."""
@@ -501,7 +574,6 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     shard 0's record (every shard returns the same global record)."""
     cfg = runner.cfg
     out = cfg.out if out is None else out
-    t0, cpu0 = time.perf_counter(), time.process_time()
     info = runner.info()
     recorder = RunRecorder(cfg, out, label_counts=runner.label_counts() if out else None,
                            plots=plots, info=info)
@@ -513,17 +585,37 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
 
         bar = tqdm(total=cfg.rounds, desc=f"{cfg.algo} N={cfg.nodes}", unit="round",
                    file=sys.stderr)
+    # wall_seconds and cpu_seconds: the rounds (training, syncs, evaluation, records), from the
+    # first round's start; the set-up before it is start-up
+    t0, cpu0 = time.perf_counter(), time.process_time()
+
+    def log(record: dict[str, Any]) -> None:
+        record["wall_seconds"] = time.perf_counter() - t0
+        recorder.log(record)
+        if bar is not None:
+            bar.update(1)
+            if record.get("accuracy_mean") is not None:
+                bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}",
+                                sim_s=f"{record['sim_seconds']:.1f}")
+
+    # a Simulation starts round r + 1 before it reads round r's figures (start_round)
+    start = getattr(runner, "start_round", None)
+    pending: Callable[[], dict[str, Any]] | None = None
     try:
         for r in range(cfg.rounds):
-            record = runner.run_round(r)
-            record["wall_seconds"] = time.perf_counter() - t0
-            recorder.log(record)
-            if bar is not None:
-                bar.update(1)
-                if record.get("accuracy_mean") is not None:
-                    bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}",
-                                    sim_s=f"{record['sim_seconds']:.1f}")
+            if start is None:
+                log(runner.run_round(r))
+                continue
+            started = start(r)
+            finish, pending = pending, started
+            if finish is not None:
+                log(finish())
+        if pending is not None:
+            finish, pending = pending, None
+            log(finish())
     except BaseException as e:
+        if pending is not None and isinstance(e, KeyboardInterrupt):
+            log(pending())  # the last round that ran to its end, recorded
         if isinstance(e, KeyboardInterrupt):
             recorder.interrupted()
         elif recorder.run_dir is not None:

@@ -18,9 +18,14 @@ nodes and their number (``eval_nodes``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from simulations.graphs import Graphs
 
 __all__ = ["DEFAULT_EVAL_NODES", "eval_sample", "evaluate_rows"]
 
@@ -48,23 +53,24 @@ def eval_sample(up: Tensor, eval_nodes: int | None, *, seed: int, round_index: i
     return mask
 
 
-def evaluate_rows(model: object, x: Tensor, y: Tensor, rows: Tensor, *, global_model: bool
-                  ) -> dict[str, Tensor]:
+def evaluate_rows(model: object, x: Tensor, y: Tensor, rows: Tensor, *, global_model: bool,
+                  graphs: Graphs | None = None) -> dict[str, Tensor]:
     """Evaluate the local rows ``rows`` [K] of ``model`` (a
     :class:`simulations.training.StackedModel`) on ``(x, y)``.
 
-    Returns ``{"loss": [K], "accuracy": [K] (not for regression)}``, float64 on the CPU. With
-    ``global_model`` every row holds the same model, so only the first is evaluated and its
-    figures stand for all ``K``.
+    Returns ``{"loss": [K], "accuracy": [K] (not for regression)}``, float64 on ``x``'s device
+    (queued there: the caller copies them to the host with whatever else it waits for). With
+    ``global_model`` every row holds the same model, so only the first is evaluated: one entry
+    each, which stands for all ``K``; ``graphs`` (a :class:`simulations.graphs.Graphs`) then
+    replays that evaluation on a GPU.
     """
     rows = torch.as_tensor(rows, dtype=torch.long)
     if len(rows) == 0:
-        return {"loss": torch.zeros(0, dtype=torch.float64)}
-    chosen = rows[:1] if global_model else rows
-    loss, acc = model.evaluate(x, y, chosen)  # type: ignore[attr-defined]
-    out = {"loss": loss.cpu()}
-    if acc is not None:
-        out["accuracy"] = acc.cpu()
-    if global_model:
-        out = {k: v.expand(len(rows)) for k, v in out.items()}
-    return out
+        return {"loss": torch.zeros(0, dtype=torch.float64, device=x.device)}
+    first = int(rows[0])  # a global model: its first row, read in place (no gather)
+    if global_model and graphs is not None:
+        loss, acc = graphs.evaluate(model, x, y, first)  # type: ignore[arg-type]
+    else:
+        chosen = slice(first, first + 1) if global_model else rows
+        loss, acc = model.evaluate(x, y, chosen)  # type: ignore[attr-defined]
+    return {"loss": loss} if acc is None else {"loss": loss, "accuracy": acc}

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["FaultSchedule"]
+__all__ = ["FaultSchedule", "nodes_for"]
 
 # stream tags that keep the draws of each fault kind independent
 _CRASH, _CHURN, _STRAGGLE = 0xC4A5, 0xC0A1, 0x5713
@@ -67,6 +67,9 @@ class FaultSchedule:
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
         if churn_rounds < 1:
             raise ValueError(f"churn_rounds must be >= 1, got {churn_rounds!r}")
+        if crash_fraction > 0 and not 0 <= crash_round < rounds:  # else no crash would happen
+            raise ValueError(f"crash_round must be in [0, rounds={rounds}) with crash_fraction="
+                             f"{crash_fraction}, got {crash_round!r}")
         if straggler_slowdown < 1.0:
             raise ValueError(f"straggler_slowdown must be >= 1, got {straggler_slowdown!r}")
         self.n = n
@@ -77,10 +80,12 @@ class FaultSchedule:
         self.straggler_slowdown = straggler_slowdown
         never = rounds + 1
         self.crash_at = np.full(n, never, dtype=np.int64)
-        crashed = _choose(n, crash_fraction, np.random.default_rng([seed, _CRASH]))
+        nodes_for("straggler_fraction", straggler_fraction, n)  # refused now, not at round r
+        crashed = _choose("crash_fraction", n, crash_fraction,
+                          np.random.default_rng([seed, _CRASH]))
         self.crash_at[crashed] = crash_round
         rng = np.random.default_rng([seed, _CHURN])
-        churned = _choose(n, churn_fraction, rng)
+        churned = _choose("churn_fraction", n, churn_fraction, rng)
         start = np.full(n, never, dtype=np.int64)
         start[churned] = rng.integers(0, max(1, rounds - churn_rounds + 1), size=len(churned))
         self.churn = _Periods(start, start + churn_rounds)
@@ -94,12 +99,24 @@ class FaultSchedule:
         """[N] float64: compute-time factor of each node in round ``r``."""
         out = np.ones(self.n)
         if self.straggler_fraction > 0 and self.straggler_slowdown > 1:
-            slow = _choose(self.n, self.straggler_fraction,
+            slow = _choose("straggler_fraction", self.n, self.straggler_fraction,
                            np.random.default_rng([self.seed, _STRAGGLE, r]))
             out[slow] = self.straggler_slowdown
         return torch.from_numpy(out)
 
 
-def _choose(n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+def nodes_for(name: str, fraction: float, n: int) -> int:
+    """How many of ``n`` nodes ``fraction`` (the field ``name``) picks: ``round(fraction * n)``.
+    A fraction above 0 that picks no node (0.01 of 10 nodes) is a ValueError naming the field,
+    the value and the node count: it would silently run without the fault."""
     m = round(fraction * n)
+    if fraction > 0 and m == 0:
+        raise ValueError(f"{name}={fraction!r} is invalid with nodes={n}: {fraction!r} x {n} "
+                         f"rounds to 0 nodes, so no node would be affected; use at least "
+                         f"{1 / n:.4g} (one node) or 0")
+    return m
+
+
+def _choose(name: str, n: int, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    m = nodes_for(name, fraction, n)
     return np.sort(rng.choice(n, size=m, replace=False)) if m else np.zeros(0, dtype=np.int64)

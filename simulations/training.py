@@ -44,6 +44,7 @@ from torch.func import functional_call
 from gossip.algorithms._common import frozen_rows
 from gossip.flat import FlatParams, ScopeFn, default_vc_scope
 from gossip.ops import to_device
+from gossip.run.build import node_model
 from gossip.run.spec import optimizer_class
 from gossip.scratch import Scratch
 from gossip.tasks import Task
@@ -164,7 +165,8 @@ class StackedModel:
         self.nodes = nodes
         self.rows = len(nodes)
         self.device = torch.device(device)
-        base = task.make_model(seed if same_init else seed + nodes[0]).to(self.device)
+        # (frozen parameters: the run's one set, held once for every row; node_model's doc)
+        base = node_model(task, seed, nodes[0], same_init=same_init).to(self.device)
         self.base = base
         self.impl = choose_impl(base, impl)
         self.plan = mlp_plan(base) if self.impl == "matmul" else None
@@ -188,6 +190,7 @@ class StackedModel:
                         self.buffers[n][row].copy_(b)
         self._vmapped: Callable[..., Tensor] | None = None
         self._vmapped_shared: Callable[..., Tensor] | None = None
+        self._widest: int | None = None
 
     @property
     def parameters(self) -> list[nn.Parameter]:
@@ -233,17 +236,23 @@ class StackedModel:
     # --------------------------------------------------------------------- evaluation
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, y: Tensor, rows: Tensor | None = None
+    def evaluate(self, x: Tensor, y: Tensor, rows: Tensor | slice | None = None
                  ) -> tuple[Tensor, Tensor | None]:
-        """The rows ``rows`` (local indices; default all) on the shared set ``(x, y)``: mean
-        loss and accuracy (None for regression), float64, one entry per row. One vectorized
-        forward per chunk of rows and samples, each chunk's activations about
-        :data:`EVAL_BUDGET` floats on a CPU (sized to stay in cache) and 64 times that on a GPU
-        (fewer, larger kernels)."""
+        """The rows ``rows`` (local indices, or a slice of them, read in place; default all) on
+        the shared set ``(x, y)``: mean loss and accuracy (None for regression), float64, one
+        entry per row. One vectorized forward per chunk of rows and samples, each chunk's
+        activations about :data:`EVAL_BUDGET` floats on a CPU (sized to stay in cache) and 64
+        times that on a GPU (fewer, larger kernels)."""
         kind = self.task.data.kind
-        index = None if rows is None else to_device(torch.as_tensor(rows, dtype=torch.long),
-                                                    self.device)
-        count_rows = self.rows if index is None else len(index)
+        start, index = 0, None
+        if isinstance(rows, slice):
+            start, stop, step = rows.indices(self.rows)
+            assert step == 1, "a slice of rows is contiguous"
+            count_rows = max(0, stop - start)
+        else:
+            if rows is not None:
+                index = to_device(torch.as_tensor(rows, dtype=torch.long), self.device)
+            count_rows = self.rows if index is None else len(index)
         n = x.shape[0]
         per_sample = self._width() * max(1, y[0].numel() if y.dim() > 1 else 1)
         budget = EVAL_BUDGET * (1 if self.device.type == "cpu" else 64)
@@ -253,21 +262,23 @@ class StackedModel:
         hits = torch.zeros_like(loss)
         count = 0
         was_training = self.base.training
-        self.base.eval()
+        if self.plan is None:  # a plain MLP (the matmul impl) behaves the same in both modes
+            self.base.eval()
         try:
             for s0 in range(0, n, samples):
                 xs, ys = x[s0:s0 + samples], y[s0:s0 + samples]
                 count += ys.numel()
                 for r0 in range(0, count_rows, nodes):
                     r1 = min(count_rows, r0 + nodes)
-                    sel = slice(r0, r1) if index is None else index[r0:r1]
+                    sel = slice(start + r0, start + r1) if index is None else index[r0:r1]
                     out = self._eval_forward(xs, sel)
                     lsum, hsum = _per_node_sums(kind, out, ys)
                     loss[r0:r1] += lsum
                     if hsum is not None:
                         hits[r0:r1] += hsum
         finally:
-            self.base.train(was_training)
+            if self.plan is None:
+                self.base.train(was_training)
         return loss / count, (hits / count if kind != "regression" else None)
 
     def _eval_forward(self, x: Tensor, sel: slice | Tensor) -> Tensor:
@@ -287,9 +298,13 @@ class StackedModel:
                        {n: t[i] for n, t in buffers.items()}, x) for i in range(rows)])
 
     def _width(self) -> int:
-        widths = [m.out_features for m in self.base.modules() if isinstance(m, nn.Linear)]
-        widths += [m.embedding_dim for m in self.base.modules() if isinstance(m, nn.Embedding)]
-        return max(widths, default=64)
+        """The widest layer's output (sizes activation chunks); the architecture is fixed."""
+        if self._widest is None:
+            widths = [m.out_features for m in self.base.modules() if isinstance(m, nn.Linear)]
+            widths += [m.embedding_dim for m in self.base.modules()
+                       if isinstance(m, nn.Embedding)]
+            self._widest = max(widths, default=64)
+        return self._widest
 
 
 def _per_node_loss(task: Task, out: Tensor, y: Tensor) -> Tensor:
@@ -762,10 +777,11 @@ def _sgd_(p: Tensor, buf: Tensor | None, hyper: tuple[float, float, float],
     the batched product ``g_t @ a`` (fused into the update)."""
     lr, momentum, wd = hyper
     if buf is None:  # p <- p - lr (grad + wd p)
-        if grad is None and not p.is_contiguous():
-            # torch's in-place baddbmm_ on a strided self (a chunk of the flat [L, P] buffer)
-            # loops over the batch one addmm at a time: form the product with one batched
-            # GEMM into a contiguous scratch instead
+        if grad is None and not p.is_contiguous() and p.device.type == "cpu":
+            # on a CPU, torch's in-place baddbmm_ on a strided self (a chunk of the flat [L, P]
+            # buffer) loops over the batch one addmm at a time: form the product with one
+            # batched GEMM into a contiguous scratch instead (cuBLAS takes the strided self
+            # as it is)
             grad = torch.bmm(g_t, a, out=scratch) if scratch is not None else g_t @ a
         if grad is None:
             p.baddbmm_(g_t, a, beta=1.0 - lr * wd, alpha=-lr)

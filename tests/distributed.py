@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -113,3 +114,23 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0,
         for p in procs:
             p.join(timeout=10)
     return [outs[r] for r in range(world_size)]
+
+
+def signal_when(ready: Callable[[], bool], pid: Callable[[], int], sig: int, *,
+                timeout: float = 240.0) -> threading.Event:
+    """Send ``sig`` to the process ``pid()`` as soon as ``ready()`` (polled every 50 ms, on a
+    daemon thread, for at most ``timeout`` seconds); the returned event is set once it is sent.
+    For faults injected mid-run: a rank frozen (SIGSTOP) or killed after its N-th step."""
+    sent = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                os.kill(pid(), sig)
+                sent.set()
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return sent

@@ -29,6 +29,7 @@ from gossip.algorithms import (
     GossipConfig,
     NoLoCo,
     NoLoCoConfig,
+    make_config,
 )
 from gossip.comm import Communicator, Received, StackedCommunicator, Traffic
 from gossip.flat import FlatParams
@@ -210,8 +211,10 @@ def test_fedavg_is_the_sample_weighted_mean_of_sampled_nodes():
     alg2.step(1, active=active)
     ref = (counts[active, None] * x[active]).sum(0) / counts[active].sum()
     torch.testing.assert_close(alg2.params.groups[0].buffer[1], ref, rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="weight must be 10 non-negative"):
-        FedAvg(FedAvgConfig(), stacked(x), StackedCommunicator(n), weight=-counts)
+    for bad in (-counts, counts.where(torch.arange(n) != 2, float("nan")),
+                counts.where(torch.arange(n) != 2, float("inf"))):
+        with pytest.raises(ValueError, match="weight must be 10 finite non-negative"):
+            FedAvg(FedAvgConfig(), stacked(x), StackedCommunicator(n), weight=bad)
 
 
 # ----------------------------------------------------------------------------- DiLoCo
@@ -610,6 +613,69 @@ def _advance(alg: Any, steps: range) -> list[Tensor]:
         alg.step(t)
         out.append(buf.clone())
     return out
+
+
+def test_make_config_refuses_a_field_that_contradicts_the_algorithm() -> None:
+    """make_config("gossip-vc", variance_correction=False) used to return variance correction
+    on, and make_config("dpsgd", merge="beta") the mixing merge: the preset won silently."""
+    with pytest.raises(ValueError, match="variance_correction=False contradicts "
+                                         "algo='gossip-vc', which sets variance_correction=True"):
+        make_config("gossip-vc", variance_correction=False)
+    with pytest.raises(ValueError, match="merge='beta' contradicts algo='dpsgd'"):
+        make_config("dpsgd", merge="beta")
+    assert make_config("gossip", merge="beta", self_weight=0.3).self_weight == 0.3
+    assert make_config("dpsgd", merge=None).merge == "mixing"  # None: the default
+
+
+NAMES = ("fedavg", "diloco", "noloco", "gossip", "choco")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_counts_from_one_and_step_zero_is_refused(name):
+    """A sync "before any step" (step 0) used to sync in FedAvg and CHOCO (FedAvg sampling
+    round -1), pass silently in DiLoCo/NoLoCo and fail in gossip blaming a topology step -1."""
+    x = init_row(5).expand(4, 5).clone()
+    alg = _build(name, x)
+    for bad in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match=rf"step must be an integer >= 1 .*step={bad!r}"):
+            alg.step(bad)
+    assert torch.equal(alg.params.groups[0].buffer, x)
+    alg.step(1)  # the first inner step is fine
+
+
+def test_load_state_dict_names_what_differs():
+    """Loading another algorithm's state, or one from another model shape or with another
+    compression / error-feedback / overlap setting, used to raise KeyError or a bare size
+    mismatch, or (compressed state into an uncompressed algorithm) load silently."""
+    x = init_row(6).expand(4, 6).clone()
+    states = {n: _build(n, x, "int8:4" if n != "choco" else "none").state_dict() for n in NAMES}
+    for saver in NAMES:
+        for loader in NAMES:
+            if loader != saver:
+                with pytest.raises(ValueError, match=rf"saved by algorithm '{saver}', this is "
+                                                     rf"'{loader}'"):
+                    _build(loader, x, "int8:4" if loader != "choco" else "none"
+                           ).load_state_dict(states[saver])
+    wide = init_row(7).expand(4, 7).clone()
+    for name, key in (("diloco", "phi"), ("noloco", "phi"), ("choco", "x_hat")):
+        with pytest.raises(ValueError, match=rf"state\['{key}'\]\[0\] has shape \(4, 6\), "
+                                             rf"this {name} has \(4, 7\)"):
+            _build(name, wide).load_state_dict(_build(name, x).state_dict())
+    with pytest.raises(ValueError, match=r"residual of shape \(4, 6\), .* is \(4, 7\)"):
+        _build("fedavg", wide, "int8:4").load_state_dict(states["fedavg"])
+    with pytest.raises(ValueError, match="saved with compression, this gossip has compress=none"):
+        _build("gossip", x).load_state_dict(states["gossip"])
+    with pytest.raises(ValueError, match="saved without compression, this noloco has compress="):
+        _build("noloco", x, "int8:4").load_state_dict(_build("noloco", x).state_dict())
+    no_ef = DiLoCo(DiLoCoConfig(sync_every=1, compress="int8:4"), stacked(x),
+                   StackedCommunicator(4))
+    with pytest.raises(ValueError, match="saved with error_feedback=True, this diloco has "
+                                         "error_feedback=False"):
+        no_ef.load_state_dict(states["diloco"])
+    overlapped = DiLoCo(DiLoCoConfig(sync_every=1, overlap=True), stacked(x),
+                        StackedCommunicator(4))
+    with pytest.raises(ValueError, match="saved with overlap=False, this diloco has overlap=True"):
+        overlapped.load_state_dict(_build("diloco", x).state_dict())
 
 
 @pytest.mark.parametrize(("name", "compress"), [

@@ -84,9 +84,11 @@ def _averaging(comm: Any, config: Any, buffers: str) -> dict[str, Any]:
                       sum(b.numel() for b in model.buffers() if b.is_floating_point()))}
 
 
-def _start(comm: Any, config: Any, seed: int, shift: int = 0, **kw: Any) -> dict[str, Any]:
-    """Attach a model seeded ``seed``, its BatchNorm statistics moved by ``shift``."""
-    model = _start_model(seed, shift)
+def _start(comm: Any, config: Any, seed: int, shift: int = 0, frozen_shift: float = 0.0,
+           **kw: Any) -> dict[str, Any]:
+    """Attach a model seeded ``seed``, its BatchNorm statistics moved by ``shift`` and its
+    frozen bias by ``frozen_shift``."""
+    model = _start_model(seed, shift, frozen_shift)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     try:
         gossip.attach(model, opt, config, comm, **kw).close()
@@ -94,16 +96,20 @@ def _start(comm: Any, config: Any, seed: int, shift: int = 0, **kw: Any) -> dict
         return {"error": str(e)}
     got = model.state_dict()
     rank0s = _start_model(100, 0).state_dict()
-    own = _start_model(seed, shift).state_dict()
+    own = _start_model(seed, shift, frozen_shift).state_dict()
     return {"state_is_rank0s": all(torch.equal(got[k], v) for k, v in rank0s.items()),
             "state_is_own": all(torch.equal(got[k], v) for k, v in own.items())}
 
 
-def _start_model(seed: int, shift: int) -> nn.Module:
+def _start_model(seed: int, shift: int, frozen_shift: float = 0.0) -> nn.Module:
+    """BatchNorm statistics moved by ``shift``; the last layer's bias frozen (never averaged,
+    so only the shared start makes it equal), moved by ``frozen_shift``."""
     model = _model(seed, bn=True)
+    model[3].bias.requires_grad_(False)
     with torch.no_grad():
         model[1].running_mean.add_(shift)
         model[1].num_batches_tracked.add_(shift)  # an integer buffer
+        model[3].bias.add_(frozen_shift)
     return model
 
 
@@ -188,12 +194,22 @@ def _rank_main(comm: Any) -> dict[str, Any]:
     for name, config in [("fedavg", gossip.FedAvgConfig(sync_every=H)),
                          ("diloco", gossip.DiLoCoConfig(sync_every=H)),
                          ("noloco", gossip.NoLoCoConfig(sync_every=H))]:
-        out[f"start-{name}"] = _start(comm, config, 100 + comm.rank, shift=comm.rank)
+        out[f"start-{name}"] = _start(comm, config, 100 + comm.rank, shift=comm.rank,
+                                      frozen_shift=float(comm.rank))
     ring = gossip.make_topology("ring", n)
     out["start-gossip-apart"] = _start(comm, gossip.GossipConfig(), odd_seed, topology=ring)
     out["start-gossip-same"] = _start(comm, gossip.GossipConfig(), 100, topology="ring")
+    out["start-gossip-frozen-apart"] = _start(comm, gossip.GossipConfig(), 100, topology=ring,
+                                              frozen_shift=float(comm.rank % 2))
     out["start-gossip-independent"] = _start(comm, gossip.GossipConfig(), odd_seed,
                                              topology=ring, init="independent")
+    # odd ranks attach another config: their syncs would pair the wrong steps (or abort Gloo)
+    odd = comm.rank % 2
+    out["config-sync-every"] = _start(comm, gossip.FedAvgConfig(sync_every=H + odd), 100)
+    out["config-algo"] = _start(comm, gossip.DiLoCoConfig(sync_every=H) if odd
+                                else gossip.FedAvgConfig(sync_every=H), 100)
+    out["config-topology"] = _start(comm, gossip.GossipConfig(), 100,
+                                    topology="exponential" if odd else "ring")
     out["hand-noloco"] = _attach_vs_hand(comm, "noloco", gossip.NoLoCoConfig(sync_every=H,
                                                                             gamma=0.3))
     out["hand-diloco"] = _attach_vs_hand(comm, "diloco", gossip.DiLoCoConfig(sync_every=H))
@@ -285,6 +301,20 @@ def test_differently_seeded_ranks_get_rank_0s_parameters_and_buffers(ranks, algo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", ["config-sync-every", "config-algo", "config-topology"])
+def test_ranks_that_attach_another_config_are_named_on_every_rank(ranks, case):
+    odd = [r for r in range(len(ranks)) if r % 2]
+    if case == "config-topology" and len(ranks) < 4:  # on 2 ranks both graphs are one edge
+        odd = []
+    for r in ranks:
+        got = r[case]
+        if not odd:
+            assert "error" not in got
+            continue
+        assert f"ranks {odd} attach with another configuration than rank 0" in got["error"]
+
+
+@pytest.mark.slow
 def test_gossip_names_the_ranks_that_start_apart(ranks):
     n = len(ranks)
     odd = [r for r in range(n) if r % 2]
@@ -292,6 +322,9 @@ def test_gossip_names_the_ranks_that_start_apart(ranks):
         assert f"ranks {odd} start from a different model than rank 0" in \
             r["start-gossip-apart"]["error"]
         assert "error" not in r["start-gossip-same"]
+        # the same trainable parameters and buffers, a frozen bias apart: still refused
+        assert f"ranks {odd} start from a different model than rank 0" in \
+            r["start-gossip-frozen-apart"]["error"]
         got = r["start-gossip-independent"]
         assert "error" not in got and got["state_is_own"]
 
@@ -390,6 +423,44 @@ def test_a_parameter_added_after_attach_raises():
     with pytest.raises(RuntimeError, match="parameter 'extra' is trainable but was not "
                                            "flattened"):
         attached.check()
+
+
+def test_a_second_attach_is_refused_while_the_first_is_open():
+    """Attaching again would re-flatten the parameters under the first Attached (whose check
+    then blamed a model.double() that never happened) and run two algorithms per step."""
+    model = _model(0)
+    opt, first = _solo(model)
+    other_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for args in ((model, other_opt), (_model(1), opt)):
+        with pytest.raises(ValueError, match=r"(model|optimizer) is already attached \(fedavg"):
+            gossip.attach(*args, gossip.FedAvgConfig(sync_every=2), StackedCommunicator(1))
+    first.check()  # untouched: the refusal flattened nothing
+    _train(model, opt, 0, range(1, 3))
+    assert first.step == 2 and first.last_stats is not None
+    first.close()
+    second = gossip.attach(model, opt, gossip.FedAvgConfig(sync_every=2), StackedCommunicator(1))
+    _train(model, opt, 0, range(3, 5))
+    assert (first.step, second.step) == (2, 2)
+
+
+def test_a_tensor_added_to_the_optimizer_after_attach_raises_before_the_sync():
+    model = _model(0)
+    opt, attached = _solo(model)
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
+    _train(model, opt, 0, range(1, 2))  # step 1 does not sync
+    with pytest.raises(RuntimeError, match=r"optimizer.param_groups\[1\]\['params'\]\[0\] "
+                                           r"\(shape \(3,\)\) is not a parameter of model"):
+        _train(model, opt, 0, range(2, 3))
+    assert attached.last_stats is None
+
+
+def test_a_closed_attached_refuses_a_new_with_block():
+    model = _model(0)
+    opt, attached = _solo(model)
+    with attached:
+        _train(model, opt, 0, range(1, 3))
+    with pytest.raises(RuntimeError, match="this Attached is closed"):
+        attached.__enter__()  # a second with block: its steps would never sync
 
 
 def test_optimizer_built_before_attach_keeps_training_the_flat_buffer():

@@ -77,10 +77,14 @@ def test_epoch_permutations_are_uniform():
     assert sum((c - expected) ** 2 / expected for c in counts.values()) < 49.73
 
 
-def test_stacked_batches_redraw_only_the_rows_whose_epoch_changed():
+@pytest.mark.parametrize("tensor_path", [False, True])
+def test_stacked_batches_redraw_only_the_rows_whose_epoch_changed(tensor_path):
+    """Both paths (NumPy on the host; the tensors a GPU runs) against :func:`node_batch`, through
+    every redraw case: all rows, some, none."""
     shards = [np.arange(10 * i, 10 * i + n) for i, n in enumerate([3, 17, 1, 40])]
-    batches = StackedBatches(shards, [4, 5, 6, 7], 8, seed=2)
-    for steps in ([0, 0, 0, 0], [1, 2, 1, 3], [1, 3, 9, 5], [7, 3, 9, 6]):
+    batches = StackedBatches(shards, [4, 5, 6, 7], 8, seed=2, tensor_path=tensor_path)
+    for steps in ([0, 0, 0, 0], [1, 2, 1, 3], [1, 3, 9, 5], [1, 3, 9, 5], [7, 3, 9, 6],
+                  [14, 6, 18, 12]):
         got = batches.batch(torch.tensor(steps))
         for i, s in enumerate(steps):
             assert got[i].tolist() == node_batch(shards[i], 8, seed=2, node=4 + i,
@@ -101,9 +105,32 @@ def test_host_and_tensor_arithmetic_give_the_same_orders():
         assert sorted(host[row, :n].tolist()) == list(range(n))
 
 
+def test_a_step_that_is_not_an_integer_is_refused():
+    batches = StackedBatches([np.arange(5), np.arange(3)], [0, 1], 2, seed=0)
+    for step in (2.5, True, torch.tensor([0.5, 1.0])):
+        with pytest.raises(ValueError, match="step must be an integer"):
+            batches.batch(step)
+    with pytest.raises(ValueError, match=r"step must be an integer, got 2\.5"):
+        node_batch(np.arange(5), 2, seed=0, node=0, step=2.5)
+
+
 def test_a_negative_step_is_refused():
     with pytest.raises(ValueError, match="step must be >= 0, got -1"):
         node_batch(np.arange(5), 2, seed=0, node=0, step=-1)
     batches = StackedBatches([np.arange(5), np.arange(3)], [0, 1], 2, seed=0)
     with pytest.raises(ValueError, match="step must be >= 0, got -2"):
         batches.batch(torch.tensor([0, -2]))
+
+
+def test_mul32_is_exact_where_the_int64_product_overflows():
+    """``_mul32``'s int64 product wraps modulo 2**64 on NumPy and torch; its low 32 bits are the
+    exact product's, checked against Python's integers at and near the extremes."""
+    from gossip.batching import _GOLDEN, _LOWBIAS, _mul32
+
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([[0, 1, 2**31 - 1, 2**31, 2**32 - 2, 2**32 - 1],
+                         rng.integers(0, 2**32, size=2000)]).astype(np.int64)
+    for c in (_GOLDEN, *_LOWBIAS, 2**32 - 1):
+        want = [(int(x) * c) & 0xFFFFFFFF for x in xs]
+        assert _mul32(xs, c).tolist() == want
+        assert _mul32(torch.from_numpy(xs), c).tolist() == want

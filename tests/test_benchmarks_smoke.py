@@ -38,9 +38,11 @@ def _json_lines(text: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Both scripts started together (they are mostly imports and waiting)."""
+    """The scripts started together (they are mostly imports and waiting)."""
     out = tmp_path_factory.mktemp("vv")
     procs = {"throughput": _start("sim_throughput.py", "--quick"),
+             "profile": _start("sim_profile.py", "--nodes", "12", "--rounds", "2",
+                               "--first-rounds", "2", "--top", "3"),
              "variance": _start("reproduce_vanishing_variance.py", "--quick", "--out", str(out))}
     return {"out": out, **{k: _finish(p) for k, p in procs.items()}}
 
@@ -59,6 +61,17 @@ def test_sim_throughput_quick(quick_runs: dict) -> None:
     for mem in mems.values():
         assert "error" not in mem, mem
         assert mem["peak_bytes_per_node"] > 0 and mem["state_bytes_per_node"] > 0
+
+
+def test_sim_profile_quick(quick_runs: dict) -> None:
+    rc, out, err = quick_runs["profile"]
+    assert rc == 0, err
+    [rec] = _json_lines(out)
+    for key in ("eval_every_round", "no_eval"):
+        assert rec[key]["ms_per_round"] > 0 and rec[key]["client_steps_per_s"] > 0
+    assert {k: len(v) for k, v in rec["first_rounds_ms"].items()} == {
+        "cuda_graphs=True": 2, "cuda_graphs=False": 2}
+    assert "function calls" in out  # the profile's table follows
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA guard")

@@ -249,3 +249,12 @@ def test_resume_checks_bytes_and_trajectory_and_records_overrides(tmp_path: Path
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["resume_changes"] == [{"field": "seed", "old": 0, "new": 3, "step": 4}]
     assert config["train"]["seed"] == 3
+
+    # an override of a field that shapes the algorithm's saved state: named, not a bare KeyError
+    before = _files(tmp_path)
+    msg = _failure(1, {**base, "steps": 8, "resume": True, "seed": 3, "compress": "int8",
+                       "resume_override": "compress"})
+    assert str(ckpt.rank_file(tmp_path, 6, 0)) in msg
+    assert "state was saved without compression, this fedavg has compress='int8'" in msg
+    assert "compress: None -> 'int8' alter the state the algorithm saved" in msg
+    assert _files(tmp_path) == before

@@ -151,6 +151,11 @@ def test_choco_config_and_topology_errors() -> None:
         ChocoConfig(compress="int8", error_feedback=True)
     with pytest.raises(ValueError, match="gamma"):
         ChocoConfig(gamma=0.0)
+    # gamma > 1 used to be accepted and left consensus (a ring of 6: inf at gamma 2)
+    for bad in (1.5, 2.0):
+        with pytest.raises(ValueError, match=rf"gamma must be in \(0, 1\], got {bad}"):
+            ChocoConfig(gamma=bad)
+    ChocoConfig(gamma=1.0)
     with pytest.raises(ValueError, match="compress="):
         ChocoConfig(compress="int4")
     with pytest.raises(ValueError, match="time-varying"):

@@ -149,6 +149,11 @@ def _comm_checks(comm: TorchCommunicator) -> dict:
                               torch.tensor([math.nan if comm.rank == 0 else 1.0]))
     except CommError as e:
         out["errors"]["nan"] = str(e)
+    try:  # the last rank's negative weight: every rank refuses (the count is summed)
+        last = comm.rank == comm.world_size - 1
+        comm.all_reduce_mean_(torch.ones(1, 3), torch.tensor([-1.0 if last else 2.0]))
+    except CommError as e:
+        out["errors"]["negative"] = str(e)
     comm.barrier()
     out["traffic"] = (comm.traffic.bytes_sent, comm.traffic.messages, dict(comm.traffic.by_op))
     return _pack(out)
@@ -217,7 +222,8 @@ def _check_world(outs: list[dict], n: int) -> None:
         assert f"peers must have shape [N={n}, K]" in errors["shape"]
         assert "floating-point" in errors["int"] and "torch.int64" in errors["int"]
         assert "all weights are zero" in errors["zero"]
-        assert "not finite (total nan)" in errors["nan"]
+        assert "not finite (total nan, 0 negative)" in errors["nan"]
+        assert "1 negative" in errors["negative"]
     # the running totals add up: per op, and the stacked communicator's all-node total
     assert sum(o["traffic"][2].get("exchange", 0) for o in outs) == total["exchange"]
     assert sum(o["traffic"][2].get("all_reduce", 0) for o in outs) == total["all_reduce"]
@@ -276,6 +282,30 @@ def test_timeout_raises_comm_timeout_naming_rank_peer_and_step(tmp_path):
 # ----------------------------------------------------------------------------- stacked only
 
 
+def test_stacked_weighted_means_follow_every_change_of_weights_and_faults():
+    """A sync reuses the last one's shares only when its weights and its nodes up are the same:
+    a sequence of syncs against the weighted mean in float64, recomputed each time."""
+    n, p = 5, 7
+    comm = StackedCommunicator(n)
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    down = torch.ones(n, dtype=torch.bool)
+    down[3] = False
+    steps = [(weights, None), (weights, None), (weights, down), (weights, None),
+             (weights * torch.tensor([1.0, 0, 1, 1, 1]), None), (None, None), (None, down)]
+    for w, alive in steps:
+        comm.set_faults(alive=alive)
+        x = torch.randn(n, p, generator=gen)
+        eff = (torch.ones(n) if w is None else w).double() * (
+            torch.ones(n) if alive is None else alive.double())
+        want = (eff[:, None] * x.double()).sum(0) / eff.sum()
+        weights_before = None if w is None else w.clone()
+        comm.all_reduce_mean_(x, w)
+        torch.testing.assert_close(x.double(), want.expand(n, p), rtol=0, atol=1e-6)
+        if w is not None:
+            assert torch.equal(w, weights_before)  # the caller's weights are not touched
+
+
 def test_stacked_faults_drops_and_events():
     n, p = 6, 5
     comm = StackedCommunicator(n, seed=3)
@@ -324,9 +354,16 @@ def test_stacked_faults_drops_and_events():
         weights[1] = bad
         before = xs.clone()
         for comp in (None, Compressor(parse_codec("int8"), n, xs.shape[1])):
-            with pytest.raises(ValueError, match=f"not finite \\(their sum: {bad}\\)"):
+            with pytest.raises(ValueError, match=f"not finite \\(their sum: {bad}, 0 negative"):
                 comm.all_reduce_mean_(xs, weights, compressor=comp)
             assert torch.equal(xs, before)
+    weights = torch.ones(n)
+    weights[1] = -1.0  # a negative weight was taken: a mean over [2, -1, 0] gave 2.0
+    before = xs.clone()
+    for comp in (None, Compressor(parse_codec("int8"), n, xs.shape[1])):
+        with pytest.raises(ValueError, match=r"negative or not finite .* 1 negative"):
+            comm.all_reduce_mean_(xs, weights, compressor=comp)
+        assert torch.equal(xs, before)
     with pytest.raises(ValueError, match="world_size"):
         StackedCommunicator(0)
 

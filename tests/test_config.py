@@ -23,6 +23,7 @@ from launch.config import TrainConfig, build_parser, from_args
     ({"steps": -3}, "steps", "-3"),
     ({"steps": 2.5}, "steps", "2.5"),
     ({"seed": -1}, "seed", "-1"),
+    ({"seed": 2**64 + 5}, "seed", str(2**64 + 5)),  # overflowed int64 deep in the run
     ({"lr": 0.0}, "lr", "0.0"),
     ({"batch_size": 0}, "batch_size", "0"),
     ({"optimizer": "lion"}, "optimizer", "'lion'"),
@@ -44,6 +45,9 @@ from launch.config import TrainConfig, build_parser, from_args
     ({"algo": "fedavg", "outer_lr": 0.5}, "outer_lr", "0.5"),
     ({"algo": "fedavg", "topology": "ring"}, "topology", "'ring'"),
     ({"algo": "gossip", "vc_ratio": 0.5}, "vc_ratio", "0.5"),
+    # refused before any process group forms (they were a traceback on rank 0 / ignored)
+    ({"resume": True, "overwrite": True}, "overwrite", "True"),
+    ({"resume_override": "seed"}, "resume_override", "'seed'"),
 ])
 def test_invalid_values_name_field_and_value(fields: dict[str, Any], name: str,
                                              value: str) -> None:
@@ -51,6 +55,16 @@ def test_invalid_values_name_field_and_value(fields: dict[str, Any], name: str,
         TrainConfig(**fields)
     msg = str(info.value)
     assert name in msg and value.strip("'") in msg, msg
+
+
+def test_sim_crash_round_past_the_last_round_is_refused_by_the_config() -> None:
+    # no node would crash; the fault schedule refuses it too, but only once the run is built
+    from simulations.config import SimConfig
+
+    with pytest.raises(ValueError, match=r"crash_round.*5.*\[0, rounds=2\)"):
+        SimConfig(algo="fedavg", nodes=4, rounds=2, crash_fraction=0.5, crash_round=5)
+    SimConfig(algo="fedavg", nodes=4, rounds=2, crash_round=5)  # no crash asked: nothing to miss
+    SimConfig(algo="fedavg", nodes=4, rounds=2, crash_fraction=0.5, crash_round=1)
 
 
 def test_frozen_and_keyword_only() -> None:

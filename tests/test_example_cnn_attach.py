@@ -38,3 +38,12 @@ def test_cnn_attach_trains_and_ends_with_identical_ranks(tmp_path: Path, algo: s
     for name, tensor in models[0].items():
         assert torch.equal(tensor, models[1][name]), name
     assert "1.running_mean" in models[0]  # BatchNorm statistics included (averaged at syncs)
+
+
+def test_cnn_attach_refuses_zero_steps() -> None:
+    """--steps 0 used to crash every rank after the loop ('NameError: name 'loss' is not
+    defined'); now argparse refuses it before anything starts (no torchrun needed)."""
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "cnn_attach.py"),
+                           "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--steps and --sync-every must be >= 1, got 0 and 20" in proc.stderr

@@ -35,3 +35,11 @@ def test_lm_sim_compare_runs_both_algorithms(tmp_path: Path) -> None:
     assert lines[-2].startswith("diloco") and lines[-1].startswith("noloco")
     for algo in ("diloco", "noloco"):
         assert (tmp_path / algo / "summary.json").exists()
+
+
+def test_user_task_resume_refuses_steps_it_cannot_halve() -> None:
+    """--steps 1 used to start torchrun with --steps 0 and fail inside a subprocess."""
+    proc = subprocess.run([sys.executable, str(REPO / "examples" / "user_task_resume.py"),
+                           "--steps", "1"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "--steps must be even and >= 2" in proc.stderr

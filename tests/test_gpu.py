@@ -75,6 +75,30 @@ def test_simulator_on_cuda_matches_cpu(algo, faults):
     torch.testing.assert_close(runs["cuda"], runs["cpu"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("case", [
+    {"algo": "fedavg", "nodes": 3000, "partition": "sample:dirichlet:0.5", "local_epochs": 1,
+     "momentum": 0.9, "weight_decay": 1e-3},
+    {"algo": "diloco", "nodes": 64, "partition": "iid", "sync_every": 5},
+    {"algo": "noloco", "nodes": 30, "partition": "iid", "sync_every": 4, "momentum": 0.5}])
+def test_replayed_steps_equal_the_eager_steps(case):
+    """CUDA graphs of the local step and of a global model's evaluation (simulations/graphs.py)
+    against the same run with them off: the same bits. The FedAvg case starts a new epoch for
+    every node each round (the redraw-all graph); DiLoCo's and NoLoCo's equal shards step
+    inside epochs too (the no-redraw graph); FedAvg's and DiLoCo's evaluations are replayed
+    from the third round. Steps that are not replayed (some rows masked or starting an epoch)
+    run in test_simulator_on_cuda_matches_cpu's partitions and faults."""
+    base = {"rounds": 4, "batch_size": 16, "seed": 2, "optimizer": "sgd", "lr": 0.05,
+            "device": "cuda", **case}
+    runs = {}
+    for graphs in (True, False):
+        sim = Simulation(SimConfig(**base, cuda_graphs=graphs))
+        records = [sim.run_round(r) for r in range(4)]
+        runs[graphs] = (sim.flat_params().cpu(), records, sim.graphs.replays)
+    assert runs[True][2] > 0 and runs[False][2] == 0
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][1] == runs[False][1]  # train losses and evaluations, replayed or not
+
+
 def test_batch_schedule_on_cuda_is_the_host_schedule():
     from gossip.batching import StackedBatches
 
@@ -107,3 +131,30 @@ def test_compressed_all_reduce_of_cuda_tensors_over_gloo():
     CPU tensors' result."""
     for out in run_ranks(_gloo_cuda_compressed_rank, 2):
         torch.testing.assert_close(out["cuda"], out["cpu"], rtol=0, atol=1e-6)
+
+
+CODECS = ("int8", "fp8", "bf16", "fp16", "topk:0.1", "randk:0.1")
+
+
+def _compressed_one_rank(comm: TorchCommunicator, device: str) -> dict:
+    from gossip.compress import Compressor, parse_codec
+
+    out = {}
+    for codec in CODECS:
+        for weight in (None, torch.tensor([2.5], dtype=torch.float64)):
+            x = torch.randn(1, 4096, generator=torch.Generator().manual_seed(5)).to(device)
+            comp = Compressor(parse_codec(codec), 1, 4096, error_feedback=True, seed=3,
+                              device=device)
+            for _ in range(2):  # the second sync adds the first one's residual
+                comm.all_reduce_mean_(x, weight, compressor=comp)
+            out[(codec, weight is None)] = x.cpu()
+    return out
+
+
+def test_compressed_all_reduce_under_nccl():
+    """Every lossy codec with error feedback, weighted and not, at world size 1 under NCCL
+    (CUDA tensors): the same result as Gloo with CPU tensors."""
+    [nccl] = run_ranks(_compressed_one_rank, 1, "cuda", backend="nccl")
+    [gloo] = run_ranks(_compressed_one_rank, 1, "cpu")
+    for key, want in gloo.items():
+        torch.testing.assert_close(nccl[key], want, rtol=0, atol=1e-6, msg=str(key))

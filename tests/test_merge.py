@@ -144,6 +144,48 @@ def test_mismatched_and_empty_inputs_are_refused() -> None:
         merge.average([{"a": torch.zeros(2)}, {"a": torch.zeros(3)}])
 
 
+
+def test_dtype_mismatch_bad_fishers_and_bad_arguments_are_refused_by_name() -> None:
+    """Each used to pass silently or fail bare: a bf16 + fp32 merge came out in model 0's dtype
+    (so the order decided it) and an int + float tensor of one name was averaged as floats; a
+    Fisher naming a missing tensor raised KeyError, one of another shape a size mismatch, and a
+    negative or NaN Fisher fell back to the plain mean silently; scale=nan gave NaN models;
+    names=[missing] a KeyError."""
+    a, b = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}
+    with pytest.raises(ValueError, match=r"tensor 'w' is torch.bfloat16 in model 1 but "
+                                         r"torch.float32 in model 0: cast"):
+        merge.average([a, {"w": b["w"].bfloat16()}])
+    with pytest.raises(ValueError, match=r"tensor 'n' is torch.int64 in model 1 but "
+                                         r"torch.float32 in model 0"):
+        merge.average([{"n": torch.tensor(3.0)}, {"n": torch.tensor(5)}])
+    with pytest.raises(ValueError, match=r"Fisher 0 has tensors \['x'\] that the models"):
+        merge.fisher_average([a, b], [{"x": torch.ones(2)}, {"x": torch.ones(2)}])
+    with pytest.raises(ValueError, match=r"Fisher 1 of tensor 'w' is \[3\], the tensor is \[2\]"):
+        merge.fisher_average([a, b], [{"w": torch.ones(2)}, {"w": torch.ones(3)}])
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="Fisher 1 of tensor 'w' has a negative or "
+                                             "non-finite entry"):
+            merge.fisher_average([a, b], [{"w": torch.ones(2)}, {"w": torch.tensor([1.0, bad])}])
+    for rule in (merge.ties, merge.dare):
+        with pytest.raises(ValueError, match="scale=nan is invalid"):
+            rule(a, [a, b], scale=float("nan"))
+        with pytest.raises(ValueError, match=r"names=\['zz'\] are not tensors"):
+            rule(a, [a, b], names=["zz"])
+
+
+def test_greedy_soup_ranks_a_nan_score_last() -> None:
+    """A diverged ingredient (NaN score) used to scramble the ranking (Python sorts NaN keys
+    arbitrarily): [nan, good] returned the NaN model alone."""
+    states = [{"x": torch.tensor([v])} for v in (float("nan"), 1.0, 2.0)]
+
+    def score(s: dict[str, torch.Tensor]) -> float:
+        return -float((s["x"] - 1.0).abs())  # NaN for a soup holding the NaN model
+
+    soup, chosen = merge.greedy_soup(states, score)
+    assert chosen == [1]
+    assert torch.equal(soup["x"], torch.tensor([1.0]))
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -281,6 +323,9 @@ def test_cli_refuses_bad_input(sim_run: Path, tmp_path: Path,
     (copy / "models.json").write_text((sim_run / "models.json").read_text())
     (copy / "models.pt").write_bytes((sim_run / "models.pt").read_bytes()[:-10])
     assert "does not match the SHA-256" in refused(str(copy), "--method", "uniform")
+    # --out naming a directory (the run's own): refused before merging, not by the last rename
+    assert merge.main([str(sim_run), "--method", "uniform", "--out", str(sim_run)]) == 2
+    assert f"out={str(sim_run)!r} is a directory" in capsys.readouterr().err
 
 
 def test_cli_prints_the_loss_for_tasks_without_accuracy(tmp_path: Path,

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from gossip.algorithms import DiLoCo, DiLoCoConfig, NoLoCo, NoLoCoConfig
 from gossip.algorithms._streaming import due_fragment, fragment_pieces
-from gossip.comm import StackedCommunicator
+from gossip.comm import CommError, StackedCommunicator
+from gossip.comm.pending import Pending
 from gossip.comm.stacked import CommEvent
 from gossip.compress import parse_codec
 from gossip.flat import FlatParams
@@ -289,6 +290,21 @@ def test_compressed_exchange_is_in_flight_until_the_next_sync():
         assert counted == [0, wire, 2 * wire]
 
 
+def test_a_failed_wait_fails_again():
+    """A wait that raised raises again: a second wait (a save after the caller caught the first
+    error) must not take the half-finished buffers as a result."""
+    calls = []
+
+    def finish() -> None:
+        calls.append(1)
+        raise CommError("peer gone", rank=0, step=7)
+    pending = Pending(finish)
+    for _ in range(2):
+        with pytest.raises(CommError, match="peer gone"):
+            pending.wait()
+    assert calls == [1] and pending.completed
+
+
 # ----------------------------------------------------------------------------- network model
 
 
@@ -341,17 +357,20 @@ def test_simulator_runs_fragments_per_round_and_hides_overlapped_time():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["noloco", "diloco"])
-def test_peer_killed_with_an_async_exchange_in_flight(algo, tmp_path):
+@pytest.mark.parametrize("algo,compress", [("noloco", []), ("diloco", []),
+                                           ("diloco", ["--compress", "int8", "--error-feedback"])])
+def test_peer_killed_with_an_async_exchange_in_flight(algo, compress, tmp_path):
     """As tests/test_dead_peer.py, with --overlap: NoLoCo's survivors leave the dead rank out
-    and finish; DiLoCo's fail fast naming it (the in-flight all-reduce's wait is monitored)."""
+    and finish; DiLoCo's fail fast naming it (the in-flight all-reduce's wait is monitored; the
+    compressed one runs on a worker thread, gossip/comm/background.py)."""
     from benchmarks.dead_peer import run_case
 
     # the delayed update needs about half the default outer step size (docs/guide/overlap.md)
     half = ["--noloco-beta", "0.35", "--noloco-gamma", "0.35"] if algo == "noloco" \
         else ["--outer-lr", "0.35"]
     res = run_case(algo, mode="kill", world=4, victim=2, steps=200, kill_at=40,
-                   timeout=60.0, dead_after=10.0, out=tmp_path, extra=["--overlap", *half])
+                   timeout=60.0, dead_after=10.0, out=tmp_path,
+                   extra=["--overlap", *half, *compress])
     if algo == "diloco":
         assert sorted(res["exit_codes"]) == [0, 1, 3], res
         assert all(code == 3 for code in res["exit_codes"].values()), res

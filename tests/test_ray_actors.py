@@ -1,11 +1,14 @@
 """raytools.workers on a real local Ray cluster: torchrun's environment, a Gloo all-reduce
-across actors, and bounded failure (a raising, dying or hanging rank tears the group down)."""
+across actors, and bounded failure (a raising, dying, frozen or hanging rank tears the group
+down)."""
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +45,42 @@ def _die_while_peer_waits() -> None:
     dist.all_reduce(torch.ones(1))
 
 
+def _freeze_while_peer_waits() -> None:
+    """Rank 1 stops itself (SIGSTOP: alive to Ray, answering nothing) while rank 0 waits for it
+    in an all-reduce whose own timeout is 120 s."""
+    dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=120))
+    if dist.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    dist.all_reduce(torch.ones(1))
+
+
+def _busy(seconds: float) -> int:
+    """Rank 0 spins in Python (holding the lock but for the 5 ms switches), rank 1 in torch."""
+    end = time.monotonic() + seconds
+    rank = int(os.environ["RANK"])
+    x = torch.randn(256, 256)
+    n = 0
+    while time.monotonic() < end:
+        if rank == 0:
+            n += sum(range(1000))
+        else:
+            x = torch.tanh(x @ x)
+    return rank
+
+
+def _fail_in_three_ways() -> int:
+    """Rank 1 dies, rank 2 freezes, rank 3 raises; rank 0 works 3 s and finishes."""
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        os._exit(9)
+    if rank == 2:
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if rank == 3:
+        raise ValueError("bad shard 3")
+    time.sleep(3.0)
+    return rank
+
+
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="num_workers"):
         WorkerGroupConfig(num_workers=0)
@@ -49,6 +88,9 @@ def test_config_validation_names_the_field() -> None:
         WorkerGroupConfig(num_workers=2, gpus_per_worker=1.5)
     with pytest.raises(ValueError, match="placement_strategy"):
         WorkerGroupConfig(num_workers=2, placement_strategy="NEAR")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=f"heartbeat_s must be > 0 or None, got {bad}"):
+            WorkerGroupConfig(num_workers=2, heartbeat_s=bad)
 
 
 @pytest.mark.ray
@@ -96,3 +138,52 @@ def test_a_hanging_rank_times_out(ray_cluster: str) -> None:
         assert err.value.ranks == (0,)
         assert time.monotonic() - t0 < 30
         assert not group.alive
+
+
+@pytest.mark.ray
+def test_a_frozen_rank_is_named_within_the_heartbeat(ray_cluster: str) -> None:
+    """A SIGSTOPped rank is alive to Ray and its peer waits 120 s in Gloo: the heartbeat names
+    it (not the waiting peer) within a few seconds, and the group is torn down. Busy ranks, in
+    Python or in torch, answer the same heartbeat and finish."""
+    with WorkerGroup(WorkerGroupConfig(num_workers=2, heartbeat_s=5.0)) as group:
+        assert group.run(_busy, 8.0) == [0, 1]  # longer than the heartbeat
+        pid = group.workers[1].pid
+        t0 = time.monotonic()
+        with pytest.raises(WorkerGroupError, match=r"rank\(s\) \[1\] stopped answering") as err:
+            group.run(_freeze_while_peer_waits)
+        assert err.value.ranks == (1,)
+        assert time.monotonic() - t0 < 30
+        assert not group.alive
+    _assert_gone(pid)  # the stopped process is killed, not left behind
+
+@pytest.mark.ray
+def test_survivors_finish_past_dead_frozen_and_raising_ranks(ray_cluster: str) -> None:
+    """run_survivors (launch.train --survive-failures under Ray): the one rank that works
+    finishes; the others are reported by how they failed; the frozen one is killed once the
+    rest are done; the group is shut down afterwards."""
+    group = WorkerGroup(WorkerGroupConfig(num_workers=4, heartbeat_s=5.0))
+    try:
+        frozen_pid = group.workers[2].pid
+        t0 = time.monotonic()
+        results, failures = group.run_survivors(_fail_in_three_ways, [()] * 4)
+        assert results == {0: 0}
+        assert failures[1] == "died" and failures[2] == "frozen", failures
+        assert failures[3].startswith("raised: ValueError: bad shard 3"), failures
+        assert time.monotonic() - t0 < 30
+        assert not group.alive
+        _assert_gone(frozen_pid)
+    finally:
+        group.shutdown()
+
+
+def _assert_gone(pid: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            return  # killed; its parent has not reaped it yet
+        time.sleep(0.5)
+    raise AssertionError(f"process {pid} is still there")

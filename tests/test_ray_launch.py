@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,8 +19,10 @@ import pytest
 
 pytest.importorskip("ray")
 
+from gossip.metrics import read_jsonl
 from launch.ray_launch import launch, parse
 from raytools.workers import WorkerGroup, WorkerGroupConfig
+from tests.distributed import signal_when
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ["--task", "digits", "--steps", "30", "--sync-every", "10", "--seed", "3"]
@@ -141,3 +144,31 @@ def test_failing_rank_fails_the_launch(ray_cluster: str, tmp_path: Path) -> None
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rank 1 failed" in proc.stderr and "injected failure on rank 1" in proc.stderr
     assert elapsed < 90  # rank 0 would otherwise wait --timeout (300 s) for rank 1
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_survivors_finish_under_ray_past_a_frozen_rank(ray_cluster: str, tmp_path: Path) -> None:
+    """--survive-failures under Ray, as under launch.spawn: rank 2 is SIGSTOPped at step 40 of
+    NoLoCo; the three others leave it out and finish, summary.json names rank 2 alone, the
+    frozen actor is killed once they are done, and the launch returns (a frozen rank counts as
+    stopped by SIGSTOP)."""
+    out = tmp_path / "run"
+    flags = ["--algo", "noloco", "--task", "digits", "--steps", "200", "--sync-every", "10",
+             "--eval-every", "50", "--survive-failures", "--timeout", "60", "--dead-after", "10",
+             "--out", str(out)]
+    group = WorkerGroup(WorkerGroupConfig(num_workers=4, heartbeat_s=5.0))
+    victim = out / "ranks" / "rank_2.jsonl"
+    frozen = signal_when(
+        lambda: victim.exists() and max((r["step"] for r in read_jsonl(victim)), default=0) >= 40,
+        lambda: group.workers[2].pid, signal.SIGSTOP)
+    try:
+        codes = launch(flags, workers=group)
+    finally:
+        group.shutdown()
+    assert frozen.is_set(), "rank 2 never reached step 40"
+    assert codes == [0, 0, -19, 0], codes
+    summary = json.loads((out / "summary.json").read_text())
+    assert [d["rank"] for d in summary["deaths"]] == [2], summary["deaths"]
+    assert summary["survivors"] == [0, 1, 3]
+    assert summary["final_accuracy_mean"] > 0.8

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,13 @@ import torch
 
 pytest.importorskip("ray")
 
-from raytools.workers import WorkerGroup, WorkerGroupConfig
+from gossip.rundir import RunDir
+from raytools.workers import WorkerGroup, WorkerGroupConfig, WorkerGroupError
 from simulations.config import SimConfig
 from simulations.engine import Simulation, drive
 from simulations.ray_backend import RaySimulation, run_on_ray, shard_ranges
 from simulations.run import run
+from tests.distributed import signal_when
 
 ALGOS = ("fedavg", "noloco", "gossip-vc")
 #: metrics measured on the wall clock (or per process) rather than computed
@@ -108,3 +111,28 @@ def _check_run_dir(out: Path, summary: dict[str, Any], want: list[dict[str, Any]
     assert written["actors"] == 2 and written["nodes"] == 8
     config = json.loads((out / "config.json").read_text())
     assert config["actors"] == 2 and config["algo"] == "gossip-vc"
+
+
+@pytest.mark.ray
+def test_a_frozen_shard_is_named_within_the_heartbeat(ray_cluster: str, tmp_path: Path) -> None:
+    """Actor 1 is SIGSTOPped after round 2: actor 0 waits for it in a Gloo collective (300 s),
+    the driver names actor 1 within its heartbeat, and the run directory keeps its rounds and
+    is released: a rerun into it is refused (not blocked by a stale lock, not overwritten)."""
+    out = tmp_path / "run"
+    cfg = SimConfig(algo="fedavg", nodes=8, rounds=10**6, seed=5, eval_samples=64,
+                    progress=False, actors=2, out=str(out))
+    workers = WorkerGroup(WorkerGroupConfig(num_workers=2, heartbeat_s=5.0))
+    metrics = out / "metrics.jsonl"
+    frozen = signal_when(
+        lambda: metrics.exists() and metrics.read_text().count('"kind": "round"') >= 2,
+        lambda: workers.workers[1].pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(WorkerGroupError, match=r"rank\(s\) \[1\] stopped answering") as err:
+            run_on_ray(cfg, workers=workers)
+        assert frozen.is_set() and err.value.ranks == (1,)
+        assert not workers.alive
+        assert (out / "metrics.jsonl").read_text().count('"kind": "round"') >= 2
+        with pytest.raises(ValueError, match="holds another run"):
+            RunDir(out).acquire()
+    finally:
+        workers.shutdown()

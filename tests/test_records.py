@@ -44,6 +44,25 @@ def test_summarize_from_shuffled_records_of_a_real_run() -> None:
     assert s["final_train_loss_mean"] == 1.5 and s["final_consensus_distance"] == 0.25
 
 
+def test_a_diverged_node_is_counted_not_hidden() -> None:
+    """A NaN test loss became null and the summary's mean skipped it: the table printed
+    'test loss -' (as if nothing was evaluated) for a run where every node diverged, and the
+    mean of the others where some did."""
+    fields = {"algo": "x", "task": "t", "nodes": 2, "rounds": 1, "partition": "iid",
+              "bytes_per_node": 0, "simulated_seconds": 0.0, "wall_seconds": 0.0}
+    all_nan = summarize(eval_rows(4, [0, 1], [float("nan"), float("inf")]), **fields)
+    assert all_nan["final_loss_nonfinite"] == 2 and all_nan["final_loss_mean"] is None
+    assert "test loss nan (2 of 2 non-finite)" in table(all_nan)
+    # a real rank may write the float itself: it is left out of the mean and counted too
+    rows = [*eval_rows(4, [0], [0.25]), {"kind": "eval", "step": 4, "node": 1,
+                                         "loss": float("nan")}]
+    one = summarize(rows, **fields)
+    assert (one["final_loss_mean"], one["final_loss_nonfinite"]) == (0.25, 1)
+    assert "test loss 0.2500 over the finite; 1 of 2 non-finite" in table(one)
+    fine = summarize(eval_rows(4, [0, 1], [0.5, 0.25]), **fields)
+    assert fine["final_loss_nonfinite"] == 0 and "test loss 0.3750 (mean" in table(fine)
+
+
 def test_summarize_a_simulated_stream_takes_round_figures_at_the_last_evaluation() -> None:
     records = [{"kind": "round", "step": 4, "round": 1, "train_loss": 2.0},
                *eval_rows(8, [None], [0.7], None, round=[2]),

@@ -66,8 +66,12 @@ def test_second_run_into_a_finished_run_is_refused_unless_overwrite(tmp_path: Pa
     (tmp_path / "loss.png").write_bytes(b"png")
     before = {p: p.read_bytes() for p in run_files(tmp_path)}
     with pytest.raises(ValueError, match="holds a finished run") as info:
-        RunDir(tmp_path).acquire()
+        RunDir(tmp_path, resume=False).acquire()  # the launcher, which can resume
     assert "--overwrite" in str(info.value) and str(tmp_path) in str(info.value)
+    assert "pass --resume to continue it" in str(info.value)
+    with pytest.raises(ValueError, match="holds a finished run") as info:
+        RunDir(tmp_path).acquire()  # the simulator: it has no --resume to suggest
+    assert "--overwrite" in str(info.value) and "--resume" not in str(info.value)
     with pytest.raises(ValueError, match="without a checkpoint to resume"):
         RunDir(tmp_path, resume=True).acquire()
     assert {p: p.read_bytes() for p in run_files(tmp_path)} == before  # nothing touched
@@ -144,9 +148,13 @@ def test_simulator_refuses_a_second_run_and_overwrites_on_request(tmp_path: Path
         == [1, 2, 3]
 
 
-def _interrupt_when_recorded(cmd: list[str], out: Path, sig: int) -> subprocess.Popen[str]:
+def _interrupt_when_recorded(cmd: list[str], out: Path, sig: int
+                             ) -> tuple[subprocess.Popen[str], str]:
+    """Start ``cmd``, send ``sig`` once ``out`` holds two records; the process and its stderr."""
     proc = subprocess.Popen(cmd, env=ENV, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                             signal.default_int_handler))
     deadline = time.monotonic() + 300
     path = out / "metrics.jsonl"
     while not (path.exists() and len(read_jsonl(path)) >= 2):
@@ -154,8 +162,8 @@ def _interrupt_when_recorded(cmd: list[str], out: Path, sig: int) -> subprocess.
         assert time.monotonic() < deadline
         time.sleep(0.1)
     proc.send_signal(sig)
-    proc.communicate(timeout=120)
-    return proc
+    _, err = proc.communicate(timeout=120)
+    return proc, err
 
 
 def _check_interrupted(out: Path) -> None:
@@ -171,9 +179,13 @@ def _check_interrupted(out: Path) -> None:
 
 def test_simulator_ctrl_c_leaves_an_interrupted_summary(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    _interrupt_when_recorded([*SIM, "--rounds", "100000", "--out", str(out)], out,
-                             signal.SIGINT)
+    proc, err = _interrupt_when_recorded([*SIM, "--rounds", "100000", "--out", str(out)], out,
+                                         signal.SIGINT)
     _check_interrupted(out)
+    # one line naming what was kept, no traceback (tests/test_faults2.py: the other CLIs)
+    assert proc.returncode == 130, err
+    assert err.strip().startswith(f"interrupted: kept {out} (marked interrupted at round "), err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 # ----------------------------------------------------------------------------- real launcher
@@ -202,7 +214,7 @@ def test_launcher_refuses_second_and_concurrent_runs_and_records_interrupts(tmp_
         holder.kill()
         holder.wait()
     assert busy.returncode == 2 and f"PID {holder.pid}" in busy.stderr, busy.stderr
-    proc = _interrupt_when_recorded([*TRAIN, "--steps", "1000000", "--out", str(out),
-                                     "--overwrite"], out, signal.SIGTERM)
+    proc, _ = _interrupt_when_recorded([*TRAIN, "--steps", "1000000", "--out", str(out),
+                                        "--overwrite"], out, signal.SIGTERM)
     assert proc.returncode == 130
     _check_interrupted(out)

@@ -105,3 +105,41 @@ def test_compare_again_into_the_same_out_needs_overwrite(tmp_path: Path,
     assert (tmp_path / "fedavg" / "metrics.jsonl").read_text() == first
     assert compare.main([*args, "--overwrite"]) == 0  # what scripts/demo.sh passes
     assert json.loads((tmp_path / "fedavg" / "summary.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only build")
+def test_cuda_without_cuda_is_a_clear_error() -> None:
+    """--device cuda on a machine without CUDA: a ValueError naming the device before anything
+    is built (it was an AssertionError from deep in torch)."""
+    from simulations.engine import Simulation
+
+    with pytest.raises(ValueError, match="device='cuda' needs CUDA"):
+        Simulation(SimConfig(algo="fedavg", nodes=4, rounds=1, device="cuda"))
+
+
+BUILT: list[int] = []
+
+
+def counting_task(seed: int = 0):
+    """tests.user_task's task, counting how often a run built it."""
+    from tests.user_task import make_task
+
+    BUILT.append(seed)
+    return make_task(seed)
+
+
+def test_a_refused_run_directory_costs_no_build(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """Into a finished run the simulator refuses before it builds anything (the task is never
+    made), and touches none of its files; --overwrite builds and replaces it."""
+    BUILT.clear()  # (a rerun in the same process starts from none)
+    out = tmp_path / "run"
+    args = ["--algo", "fedavg", "--task", f"{__name__}:counting_task", "--nodes", "4",
+            "--rounds", "1", "--out", str(out)]
+    assert main(args) == 0 and len(BUILT) == 1
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(args) == 2
+    assert "holds a finished run" in capsys.readouterr().err
+    assert len(BUILT) == 1  # refused before the task was made
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main([*args, "--overwrite"]) == 0 and len(BUILT) == 2

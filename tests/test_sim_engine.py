@@ -270,6 +270,31 @@ def test_runs_are_deterministic() -> None:
     assert [r["sim_seconds"] for r in ra] == [r["sim_seconds"] for r in rb]
 
 
+@pytest.mark.parametrize("algo", ["fedavg", "gossip-vc"])
+def test_drive_starts_the_next_round_before_it_reads_the_last_one(algo: str, tmp_path) -> None:
+    """drive() reads round r's figures after starting round r + 1 (Simulation.start_round):
+    the same records as rounds run one at a time, each with the figures of its own round
+    (bytes, consensus distance, evaluation), not the next one's."""
+    from gossip.metrics import iter_jsonl
+    from simulations.engine import drive
+
+    kw = {"algo": algo, "sync_every": 2, "drop_prob": 0.2, "eval_nodes": 3}
+    a, b = _sim(**kw), _sim(**kw)
+    one_by_one = [a.run_round(r) for r in range(a.cfg.rounds)]
+    drive(b, out=tmp_path / "run", progress=False, plots=False)
+    written = [rec for rec in iter_jsonl(tmp_path / "run" / "metrics.jsonl")
+               if rec["kind"] in ("eval", "round")]
+    expected = []
+    for rec in one_by_one:
+        expected += [*rec.pop("eval_rows"), rec]
+    for rec in written:
+        rec.pop("wall_seconds", None)
+    assert written == expected
+    driven = [rec for rec in written if rec["kind"] == "round"]
+    assert len({rec["bytes_total"] for rec in driven}) == len(driven)  # grows every round
+    assert torch.equal(a.flat_params(), b.flat_params())
+
+
 # ----------------------------------------------------------------------------- sharding
 
 SHARDED = {
@@ -356,3 +381,21 @@ def test_sampled_partition_allows_more_nodes_than_samples() -> None:
         SimConfig(shard_size=4)
     with pytest.raises(ValueError, match="sample:iid"):
         Simulation(SimConfig(nodes=2000, rounds=1))
+
+
+def test_a_failing_plot_loses_nothing(tmp_path, monkeypatch, caplog) -> None:
+    """Plots come after summary.json; a plot that raises is logged and the run still returns
+    its summary (it used to end the program with a traceback and exit status 1)."""
+    import json
+
+    import gossip.plots
+    from simulations.engine import drive
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(gossip.plots, "plot_run", broken)
+    summary = drive(_sim(algo="noloco", sync_every=2), out=tmp_path / "run", progress=False)
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["final_accuracy_mean"] == summary["final_accuracy_mean"]
+    assert "plotting failed" in caplog.text and "no display" in caplog.text

@@ -68,6 +68,19 @@ def test_sampled_evaluation_equals_the_per_node_loop(impl: str) -> None:
     assert len({round(v, 6) for v in _loop_metrics(sim, list(range(12)))["loss"]}) > 1
 
 
+def test_a_slice_of_rows_is_read_in_place_with_the_same_figures() -> None:
+    sim = Simulation(SimConfig(algo="gossip", **SMALL))
+    sim.run_round(0)
+    x, y = sim.x_test, sim.y_test
+    for a, b in [(3, 4), (0, 12), (5, 9)]:
+        by_slice = sim.model.evaluate(x, y, slice(a, b))
+        by_index = sim.model.evaluate(x, y, torch.arange(a, b))
+        for got, want in zip(by_slice, by_index, strict=True):
+            assert torch.equal(got, want)
+    assert _loop_metrics(sim, [5, 6, 7, 8])["loss"] == pytest.approx(
+        sim.model.evaluate(x, y, slice(5, 9))[0].tolist(), abs=2e-6)
+
+
 def test_all_nodes_by_default_equal_the_per_node_loop() -> None:
     sim = Simulation(SimConfig(algo="dpsgd", crash_fraction=0.25, crash_round=0, **SMALL))
     record = sim.run_round(0)

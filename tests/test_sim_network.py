@@ -149,4 +149,7 @@ def test_fault_schedule_rejects_bad_values() -> None:
         FaultSchedule(10, 5, seed=0, drop_prob=1.0)
     with pytest.raises(ValueError, match="straggler_slowdown"):
         FaultSchedule(10, 5, seed=0, straggler_slowdown=0.5)
+    with pytest.raises(ValueError, match=r"crash_round must be in \[0, rounds=5\) with "
+                                         r"crash_fraction=0.5, got 5"):
+        FaultSchedule(10, 5, seed=0, crash_fraction=0.5, crash_round=5)  # after the last round
     assert math.isfinite(FaultSchedule(10, 5, seed=0).slowdown(0).sum().item())

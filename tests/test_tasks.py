@@ -213,3 +213,30 @@ def test_get_task_errors() -> None:
         get_task("charlm", context=0)
     with pytest.raises(ValueError, match="kind"):
         TaskData(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1), None, "other")
+
+
+def test_task_data_refuses_bad_labels_and_non_finite_samples() -> None:
+    """Labels outside [0, num_classes) and float class labels used to fail at the first batch
+    deep in the loss ('Target 5 is out of bounds', 'expected target dtype to be Long'); a NaN
+    sample trained silently until a batch drew it."""
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+
+    def make(**kw: object) -> TaskData:
+        fields = {"x_train": x, "y_train": y, "x_test": x, "y_test": y, "num_classes": 2,
+                  "kind": "classification", **kw}
+        return TaskData(**fields)  # type: ignore[arg-type]
+
+    make()
+    with pytest.raises(ValueError, match=r"y_train holds class 5, outside \[0, num_classes=2\)"):
+        make(y_train=torch.tensor([0, 1, 5, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"y_test holds class -1"):
+        make(y_test=torch.tensor([0, 1, -1, 1, 0, 1]))
+    with pytest.raises(ValueError, match=r"y_train must hold integer class ids .* torch.float32"):
+        make(y_train=y.float())
+    bad = x.clone()
+    bad[4, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"x_train\[4\] holds a non-finite value"):
+        make(x_train=bad)
+    with pytest.raises(ValueError, match=r"y_test\[2\] holds a non-finite value"):
+        TaskData(x, x, x, torch.tensor([[0.0], [1.0], [float("nan")], [0.0], [1.0], [0.0]]),
+                 num_classes=None, kind="regression")

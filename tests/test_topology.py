@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import networkx as nx
@@ -337,3 +338,24 @@ def test_topology_check_doubly_stochastic_names_the_topology() -> None:
     with pytest.raises(ValueError, match=r"topology 'star' \(n=5\).*column 0 sums to 2\.2"):
         make_topology("star", 5, weights="uniform").check_doubly_stochastic()
 
+
+
+def test_from_matrix_refuses_bad_weights_and_disconnected_graphs() -> None:
+    """A disconnected, a NaN and a negative W used to be accepted: D-PSGD and CHOCO then ran
+    without ever reaching consensus, or spread NaN (make_topology refuses such graphs)."""
+    pair = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
+    two_pairs = torch.block_diag(pair, pair)
+    with pytest.raises(ValueError, match=r"'two' with n=4: W's graph is not strongly connected "
+                                         r"\(2 components\)"):
+        StaticTopology.from_matrix(two_pairs, spec="two")
+    with pytest.raises(ValueError, match=r"not strongly connected \(4 components\)"):
+        StaticTopology.from_matrix(torch.eye(4), spec="none")
+    for bad, where in ((float("nan"), "W[0, 1]=nan"), (-0.5, "W[0, 1]=-0.5"),
+                       (float("inf"), "W[0, 1]=inf")):
+        w = pair.clone()
+        w[0, 1] = bad
+        with pytest.raises(ValueError, match=rf"topology 'w': {re.escape(where)} is invalid"):
+            StaticTopology.from_matrix(w, spec="w")
+    # a directed cycle, (I + P) / 2: strongly connected and doubly stochastic, so accepted
+    cycle = (torch.eye(4) + torch.roll(torch.eye(4), 1, 0)) / 2
+    StaticTopology.from_matrix(cycle, spec="cycle").check_doubly_stochastic()

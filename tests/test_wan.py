@@ -10,11 +10,12 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 
 from benchmarks import netns
-from benchmarks.wan import predict, run_world
+from benchmarks.wan import main, predict, run_world
 from simulations.network import NetworkModel
 
 WHY = netns.unavailable()
@@ -40,6 +41,30 @@ def test_bad_lan_config_is_refused_before_anything_is_made() -> None:
         netns.ShapedLan(2, -1)
     with pytest.raises(ValueError, match="delay_ms must be >= 0"):
         netns.ShapedLan(2, MBIT, delay_ms=-5)
+    with pytest.raises(ValueError, match="mtu must be an int in \\[68, 65535\\], got 9"):
+        netns.ShapedLan(2, MBIT, mtu=9)
+    with pytest.raises(ValueError, match=r"gso_max_size must be .*got 0"):
+        netns.ShapedLan(2, MBIT, gso_max_size=0)
+    with pytest.raises(ValueError, match="burst must be an int >= mtu \\+ 14 = 1514 bytes"):
+        netns.ShapedLan(2, MBIT, burst=1000)
+
+
+@pytest.mark.parametrize("value", ["-5", "nan"])
+def test_bad_inner_sleep_is_refused(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--inner-sleep-ms", value])
+    assert f"--inner-sleep-ms must be >= 0, got {float(value)}" in capsys.readouterr().err
+
+
+@needs_netns
+def test_variants_are_set_on_every_link_end() -> None:
+    """--mtu, --gso-max-size and --tbf-burst reach both ends of every veth (and only then)."""
+    with netns.ShapedLan(2, MBIT, mtu=9000, gso_max_size=16384, burst=100000) as lan:
+        for ns, dev in ((lan.namespaces[1], "eth0"), (lan.bridge_ns, "p1")):
+            link = subprocess.run(["ip", "-n", ns, "-d", "link", "show", "dev", dev],
+                                  capture_output=True, text=True, check=True).stdout
+            assert "mtu 9000" in link and "gso_max_size 16384" in link, link
+        assert lan.qdiscs().count("burst 100000b") == 4, lan.qdiscs()  # 2 ranks x 2 ends
 
 
 @pytest.mark.parametrize("n", [4, 8])
@@ -100,3 +125,23 @@ def test_one_way_transfer_takes_bytes_over_bandwidth() -> None:
     assert 0.85 * expected < measured < 1.75 * expected, (measured, expected)
     assert not [n for n in netns.our_namespaces() if n.split("-")[1] == str(os.getpid())]
     assert not new_root_links_of_ours(before)
+
+
+def test_cpu_probe_charges_the_calling_thread_and_sums_the_ranks() -> None:
+    """0.3 s of CPU spent by this thread shows as the main thread's (to a tick or two); a
+    summary adds the ranks' threads and takes the machine's busy time from rank 0."""
+    from benchmarks.cpu_probe import difference, snapshot
+    from benchmarks.wan import summarize
+
+    before = snapshot("lo")
+    t0 = time.thread_time()
+    while time.thread_time() - t0 < 0.3:
+        pass
+    d = difference(before, snapshot("lo"), per=2.0)
+    main = d["threads"]["main"]
+    assert abs(main["user"] + main["kernel"] - 0.15) <= 0.02, d
+    assert sum(d["machine"].values()) >= main["user"] + main["kernel"] - 0.02, d
+    s = summarize([d, d])
+    assert s["main_user"] == round(2 * main["user"], 3)
+    assert s["machine_busy"] == round(sum(v for k, v in d["machine"].items()
+                                          if k not in ("idle", "iowait")), 3)

@@ -101,10 +101,18 @@ def make_config(algo: str, /, **fields: Any) -> Any:
     """The config of ``algo`` from a flat set of fields (e.g. a launcher's config).
 
     Fields the config does not have, and fields that are None (= use the default), are ignored.
+    A field that contradicts what ``algo`` itself sets (``make_config("dpsgd", merge="beta")``,
+    ``make_config("gossip-vc", variance_correction=False)``) raises ValueError: the preset
+    would silently win.
     """
     _, config_cls, preset = _entry(algo)
     names = {f.name for f in dataclasses.fields(config_cls)}
     chosen = {k: v for k, v in fields.items() if k in names and v is not None}
+    for k, v in preset.items():
+        if k in chosen and chosen[k] != v:
+            raise ValueError(f"{k}={chosen[k]!r} contradicts algo={algo!r}, which sets "
+                             f"{k}={v!r}: pick the algorithm that has it, one of "
+                             f"({sorted(a for a, e in ALGORITHMS.items() if e[1] is config_cls)})")
     return config_cls(**{**chosen, **preset})
 
 

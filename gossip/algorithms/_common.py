@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -23,10 +23,13 @@ __all__ = [
     "check_nonnegative",
     "check_positive",
     "check_seed",
+    "check_state",
+    "check_step",
     "compressor_rows",
     "compressors_state",
     "frozen_rows",
     "load_compressors_state",
+    "load_tensors",
     "make_compressors",
     "timed_sync",
 ]
@@ -78,6 +81,63 @@ def check_seed(name: str, value: int) -> None:
 def check_bool(name: str, value: bool) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def check_step(step: int) -> None:
+    """``step`` of ``Algorithm.step``: the 1-based count of inner steps taken (a sync before
+    any step, step 0, would pair the wrong rounds)."""
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"step must be an integer >= 1 (call step(k) after the k-th inner "
+                         f"optimizer step), got step={step!r}")
+
+
+def check_state(name: str, state: object, keys: Sequence[str],
+                comps: list[list[Compressor]] | None, *, overlap: bool | None = None) -> Mapping:
+    """Refuse, with a ValueError that says what differs, a state another algorithm saved, or
+    one saved with compression, error feedback or ``overlap`` (DiLoCo, NoLoCo) on where this
+    algorithm has it off or the reverse. ``keys``: what the algorithm's state must hold."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state must be the dict {name}.state_dict() returned, got "
+                         f"{type(state).__name__}")
+    saved = state.get("algorithm")
+    if saved is not None and saved != name:
+        raise ValueError(f"state was saved by algorithm {saved!r}, this is {name!r}")
+    if overlap is not None and ("in_flight" in state) != overlap:
+        raise ValueError(f"state was saved with overlap={not overlap}, this {name} has "
+                         f"overlap={overlap}")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise ValueError(f"state is not a {name} state (saved by another algorithm?): it lacks "
+                         f"{missing}; it has {sorted(state)}")
+    if ("compress" in state) != (comps is not None):
+        raise ValueError(f"state was saved {'with' if 'compress' in state else 'without'} "
+                         f"compression, this {name} has compress="
+                         f"{'none' if comps is None else repr(comps[0][0].codec.kind)}")
+    if comps is not None:
+        has_ef = comps[0][0].feedback is not None
+        saved_ef = all("residual" in c for row in state["compress"] for c in row)
+        if saved_ef != has_ef:
+            raise ValueError(f"state was saved with error_feedback={saved_ef}, this {name} has "
+                             f"error_feedback={has_ef}")
+    return state
+
+
+def load_tensors(name: str, key: str, dst: Sequence[Tensor], src: object) -> None:
+    """Copy the saved tensors ``src`` (``state[key]``) into ``dst``, refusing, by a ValueError
+    naming the tensor and both shapes, a state saved from another model (or world size)."""
+    if not isinstance(src, Sequence) or len(src) != len(dst):
+        count = len(src) if isinstance(src, Sequence) else type(src).__name__
+        raise ValueError(f"state[{key!r}] holds {count} tensors, this {name} has {len(dst)}: "
+                         "saved from another model (other dtypes or devices) or other fragments")
+    for i, (d, s) in enumerate(zip(dst, src, strict=True)):
+        if not isinstance(s, Tensor) or s.shape != d.shape:
+            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(f"state[{key!r}][{i}] has shape {got}, this {name} has "
+                             f"{tuple(d.shape)}: saved from another model (rows x flat size "
+                             "differ)")
+    with torch.no_grad():
+        for d, s in zip(dst, src, strict=True):
+            d.copy_(s)
 
 
 @contextmanager
@@ -142,9 +202,21 @@ def compressors_state(comps: list[list[Compressor]] | None) -> dict[str, object]
     return {"compress": [[c.state_dict() for c in row] for row in comps]}
 
 
-def load_compressors_state(comps: list[list[Compressor]] | None, state: dict) -> None:
+def load_compressors_state(comps: list[list[Compressor]] | None, state: Mapping) -> None:
+    """Restore :func:`compressors_state` (after :func:`check_state`)."""
     if comps is None:
         return
-    for row, saved in zip(comps, state["compress"], strict=True):
+    if [len(row) for row in state["compress"]] != [len(row) for row in comps]:
+        raise ValueError(f"state['compress'] has {[len(r) for r in state['compress']]} "
+                         f"compressors, this algorithm has {[len(r) for r in comps]}")
+    for i, (row, saved) in enumerate(zip(comps, state["compress"], strict=True)):
         for c, s in zip(row, saved, strict=True):
-            c.load_state_dict(s)
+            if c.feedback is not None:
+                saved_shape = tuple(s["residual"].shape)
+                if saved_shape != tuple(c.feedback.residual.shape):
+                    raise ValueError(f"state['compress'][{i}] holds an error-feedback residual "
+                                     f"of shape {saved_shape}, this algorithm's is "
+                                     f"{tuple(c.feedback.residual.shape)}: saved from another "
+                                     "model (rows x flat size differ)")
+                c.feedback.residual.copy_(s["residual"])
+            c.calls = int(s["calls"])

@@ -30,12 +30,16 @@ from torch import Tensor
 from gossip.algorithms._common import (
     SyncStats,
     check_compress,
+    check_fraction,
     check_positive,
     check_seed,
+    check_state,
+    check_step,
     compressor_rows,
     compressors_state,
     frozen_rows,
     load_compressors_state,
+    load_tensors,
     make_compressors,
     timed_sync,
 )
@@ -52,7 +56,7 @@ __all__ = ["Choco", "ChocoConfig"]
 class ChocoConfig:
     """Args:
     sync_every: inner steps between gossip steps.
-    gamma: consensus step size (the paper tunes it per compressor: near 1 for mild
+    gamma: consensus step size in (0, 1] (the paper tunes it per compressor: near 1 for mild
         quantization, about 0.01-0.1 for top-1%).
     compress: the compression operator Q (:func:`gossip.compress.parse_codec`).
     error_feedback: must stay False (see the module doc).
@@ -67,7 +71,10 @@ class ChocoConfig:
 
     def __post_init__(self) -> None:
         check_positive("sync_every", self.sync_every, integer=True)
-        check_positive("gamma", self.gamma)
+        # (0, 1] as in the paper: with exact messages x <- (I + gamma (W - I)) x, which leaves
+        # consensus for gamma > 1 on graphs with a negative eigenvalue of W (a ring of 6 with
+        # Metropolis weights: distance 3.0 after 100 steps at gamma 1.5, inf at 2)
+        check_fraction("gamma", self.gamma, low_open=True)
         check_compress(self.compress, self.error_feedback)
         if self.error_feedback:
             raise ValueError("error_feedback=True does not apply to choco: its public copies "
@@ -116,6 +123,7 @@ class Choco:
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = this row's model
         skips the consensus step (its public copy still moves, as its neighbours saw)."""
+        check_step(step)
         cfg = self.config
         if step % cfg.sync_every:
             return None
@@ -149,12 +157,13 @@ class Choco:
         return [*self.x_hat, *self.mixed, *compressor_rows(self._comp)]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"merges": self.merges, "x_hat": [h.clone() for h in self.x_hat],
+        return {"algorithm": self.name, "merges": self.merges,
+                "x_hat": [h.clone() for h in self.x_hat],
                 "mixed": [s.clone() for s in self.mixed], **compressors_state(self._comp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(self.name, state, ["merges", "x_hat", "mixed"], self._comp)
+        load_tensors(self.name, "x_hat", self.x_hat, state["x_hat"])
+        load_tensors(self.name, "mixed", self.mixed, state["mixed"])
         self.merges = int(state["merges"])
-        for dst, src in zip(self.x_hat + self.mixed, state["x_hat"] + state["mixed"],
-                            strict=True):
-            dst.copy_(src)
         load_compressors_state(self._comp, state)

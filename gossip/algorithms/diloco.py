@@ -25,6 +25,10 @@ and the inner model restarts from the slow weights that hold every update receiv
 from its own local progress, which reaches ``phi`` one step later). Every node holds the same
 ``phi``. The in-flight ``g`` is state: :meth:`DiLoCo.state_dict` waits for it and saves it, so a
 resume is bit-exact. The last sync's ``g`` stays pending (:meth:`DiLoCo.flush` applies it).
+A compressed all-reduce is in flight too: on a real rank it runs whole (reduce-scatter, decode,
+sum, re-encode, all-gather) on the communicator's worker thread with a process group of its own
+(:mod:`gossip.comm.background`), the same bits as the blocking call; its compressor (seed,
+residual) is the thread's until the wait, so :meth:`DiLoCo.state_dict` waits first.
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ from gossip.algorithms._common import (
     check_compress,
     check_fraction,
     check_positive,
+    check_state,
+    check_step,
     compressor_rows,
     compressors_state,
     load_compressors_state,
+    load_tensors,
     make_compressors,
     timed_sync,
 )
@@ -130,6 +137,7 @@ class DiLoCo:
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based). ``active`` [L]: rows that contribute."""
+        check_step(step)
         f = due_fragment(step, self.config.sync_every, self.config.fragments)
         if f is None:
             return None
@@ -202,9 +210,11 @@ class DiLoCo:
     def state_rows(self) -> list[Tensor]:
         """Per-node state tensors [L, ...]: phi and the outer momentum (equal on every node),
         the error-feedback residuals, if any, and with overlap the outer gradients in flight."""
+        in_flight = self._in_flight()  # first: a compressed all-reduce in flight owns the
+        # compressor (its residual) until waited for
         momentum = [self.outer.state[p].get("momentum_buffer") for p in self.phi]
         return [*self.phi, *(m for m in momentum if m is not None),
-                *compressor_rows(self._comp), *self._in_flight()]
+                *compressor_rows(self._comp), *in_flight]
 
     def _in_flight(self) -> list[Tensor]:
         """The in-flight outer gradients, waited for (fragment by fragment, piece by piece)."""
@@ -217,20 +227,25 @@ class DiLoCo:
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        # waited for first (collective: every rank saves at the same step): a compressed
+        # all-reduce in flight owns the compressor (its residual) until then
+        in_flight = [p is not None for p in self._pending]
+        grads = [g.clone() for g in self._in_flight()]
         # the optimizer's state_dict holds references to its live momentum buffers: copy them, so
         # a saved state does not change as training goes on
-        state = {"phi": [p.detach().clone() for p in self.phi],
+        state = {"algorithm": self.name, "phi": [p.detach().clone() for p in self.phi],
                  "outer": copy.deepcopy(self.outer.state_dict()),
                  **compressors_state(self._comp)}
-        if self.config.overlap:  # collective: every rank saves at the same step
-            state["in_flight"] = [p is not None for p in self._pending]
-            state["grads"] = [g.clone() for g in self._in_flight()]
+        if self.config.overlap:
+            state["in_flight"] = in_flight
+            state["grads"] = grads
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.phi, state["phi"], strict=True):
-                p.copy_(saved)
+        check_state(self.name, state,
+                    ["phi", "outer", *(["in_flight", "grads"] if self.config.overlap else [])],
+                    self._comp, overlap=self.config.overlap)
+        load_tensors(self.name, "phi", self.phi, state["phi"])
         # load a copy: Optimizer.load_state_dict keeps the given tensors as its live buffers
         self.outer.load_state_dict(copy.deepcopy(state["outer"]))
         load_compressors_state(self._comp, state)

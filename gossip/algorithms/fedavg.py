@@ -21,6 +21,8 @@ from gossip.algorithms._common import (
     check_fraction,
     check_positive,
     check_seed,
+    check_state,
+    check_step,
     compressor_rows,
     compressors_state,
     load_compressors_state,
@@ -80,18 +82,21 @@ class FedAvg:
         rows = params.rows
         if weight is None:
             weight = torch.ones(rows, dtype=torch.float64)
-        if weight.shape != (rows,) or bool((weight < 0).any()):
-            raise ValueError(f"weight must be {rows} non-negative numbers, got {weight.tolist()}")
+        # a NaN passes "< 0" and an inf divides to NaN: both refused here, not at the first sync
+        if weight.shape != (rows,) or not bool((torch.isfinite(weight) & (weight >= 0)).all()):
+            raise ValueError(f"weight must be {rows} finite non-negative numbers, got "
+                             f"{weight.tolist()}")
         self.weight = weight.to(torch.float64)
         self.rounds = 0
         self._comp = make_compressors(config.compress, config.error_feedback,
                                       list(params.buffers()), seed=config.seed)
 
     def sampled(self, round_index: int) -> Tensor | None:
-        """Which of the N nodes take part in round ``round_index`` (same on every rank)."""
+        """Which of the N nodes take part in round ``round_index`` (same on every rank); None:
+        every node (``client_fraction`` 1)."""
         n = self.comm.world_size
         if self.config.client_fraction >= 1.0:
-            return torch.ones(n, dtype=torch.bool)
+            return None
         m = max(1, round(self.config.client_fraction * n))
         rng = np.random.default_rng((self.config.seed, round_index))
         mask = torch.zeros(n, dtype=torch.bool)
@@ -100,10 +105,12 @@ class FedAvg:
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based). ``active`` [L]: False = dropped this round."""
+        check_step(step)
         if step % self.config.sync_every:
             return None
         round_index = step // self.config.sync_every - 1
-        w = self.weight * self.sampled(round_index)[self.comm.nodes]
+        sampled = self.sampled(round_index)
+        w = self.weight if sampled is None else self.weight * sampled[self.comm.nodes]
         if active is not None:
             w = w * active.to("cpu", torch.float64)
         with timed_sync(self.comm, SyncStats(step)) as stats:
@@ -125,8 +132,9 @@ class FedAvg:
         return compressor_rows(self._comp)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, **compressors_state(self._comp)}
+        return {"algorithm": self.name, "rounds": self.rounds, **compressors_state(self._comp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(self.name, state, ["rounds"], self._comp)
         self.rounds = int(state["rounds"])
         load_compressors_state(self._comp, state)

@@ -27,6 +27,8 @@ from gossip.algorithms._common import (
     check_fraction,
     check_nonnegative,
     check_positive,
+    check_state,
+    check_step,
     compressor_rows,
     compressors_state,
     frozen_rows,
@@ -111,6 +113,7 @@ class Gossip:
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this merge."""
+        check_step(step)
         cfg = self.config
         if step % cfg.sync_every:
             return None
@@ -166,8 +169,9 @@ class Gossip:
         return compressor_rows(self._comp)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"merges": self.merges, **compressors_state(self._comp)}
+        return {"algorithm": self.name, "merges": self.merges, **compressors_state(self._comp)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(self.name, state, ["merges"], self._comp)
         self.merges = int(state["merges"])
         load_compressors_state(self._comp, state)

@@ -53,10 +53,13 @@ from gossip.algorithms._common import (
     check_nonnegative,
     check_positive,
     check_seed,
+    check_state,
+    check_step,
     compressor_rows,
     compressors_state,
     frozen_rows,
     load_compressors_state,
+    load_tensors,
     make_compressors,
     timed_sync,
 )
@@ -241,6 +244,7 @@ class NoLoCo:
 
     def step(self, step: int, active: Tensor | None = None) -> SyncStats | None:
         """Call after inner step ``step`` (1-based); ``active`` [L] False = skip this step."""
+        check_step(step)
         f = due_fragment(step, self.config.sync_every, self.config.fragments)
         if f is None:
             return None
@@ -413,7 +417,8 @@ class NoLoCo:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"phi": [p.clone() for p in self.phi], "delta": [d.clone() for d in self.delta],
+        state = {"algorithm": self.name, "phi": [p.clone() for p in self.phi],
+                 "delta": [d.clone() for d in self.delta],
                  **compressors_state(self._comp)}
         if self.config.overlap:  # waits: every rank saves at the same step
             state["in_flight"] = [p is not None for p in self._pending]
@@ -422,8 +427,10 @@ class NoLoCo:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for dst, src in zip(self.phi + self.delta, state["phi"] + state["delta"], strict=True):
-            dst.copy_(src)
+        keys = ["phi", "delta", *(["in_flight", "means", "start"] if self.config.overlap else [])]
+        check_state(self.name, state, keys, self._comp, overlap=self.config.overlap)
+        load_tensors(self.name, "phi", self.phi, state["phi"])
+        load_tensors(self.name, "delta", self.delta, state["delta"])
         load_compressors_state(self._comp, state)
         if self.config.overlap:
             for dst, src in zip(self._start, state["start"], strict=True):

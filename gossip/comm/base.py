@@ -252,7 +252,8 @@ def check_peers(peers: Tensor, world_size: int) -> Tensor:
     return table
 
 
-def weight_total_ok(total: float) -> bool:
-    """Whether the participating weights of a weighted mean sum to something it can divide by:
-    finite and > 0 (all zero, a NaN or an inf weight is not)."""
-    return math.isfinite(total) and total > 0
+def weight_total_ok(total: float, negative: float = 0.0) -> bool:
+    """Whether the participating weights of a weighted mean, summing to ``total`` with
+    ``negative`` of them below zero, make a mean: their sum finite and > 0 (all zero, a NaN or
+    an inf weight is not) and none negative (a sample count or a share is never below zero)."""
+    return math.isfinite(total) and total > 0 and negative == 0

@@ -22,6 +22,9 @@ do, e.g. Deep Gradient Compression); the simulator logs it as an ``all_gather``.
 :func:`stacked_all_reduce_mean_` computes the very same numbers over N stacked rows (same chunks,
 same seeds, same order of the sum), so a simulated run matches a real one. A row of weight 0
 contributes nothing and keeps its residual.
+Started as async work (overlapped DiLoCo, ``TorchCommunicator.start_all_reduce_mean_``),
+:func:`torch_all_reduce_mean_` runs whole on the communicator's worker thread over a process
+group of its own (:mod:`gossip.comm.background`).
 
 **Exchange**: :func:`exchange_compressed` encodes each local row once (error feedback first),
 exchanges the encoded bytes through any communicator's ``exchange_slots`` (so ``Traffic``, the
@@ -41,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from gossip.comm.base import CommError, DenseReceived, Received, weight_total_ok
+from gossip.comm.base import CommError, DenseReceived, PeerFailure, Received, weight_total_ok
 from gossip.comm.pending import Pending, start_exchange
 from gossip.compress import Compressor
 
@@ -113,10 +116,11 @@ def _stage2(comp: Compressor, reduced: Tensor, n: int, seed: int, owners: Tensor
 
 
 def _fractions(weights: Tensor) -> Tensor:
-    total = float(weights.sum())
-    if not weight_total_ok(total):
+    total, negative = float(weights.sum()), float((weights < 0).sum())
+    if not weight_total_ok(total, negative):
         raise ValueError("all_reduce_mean_: every participating weight is zero, or one is "
-                         f"not finite (their sum: {total})")
+                         f"negative or not finite (their sum: {total}, {int(negative)} "
+                         "negative)")
     return (weights / total).to(torch.float32)
 
 
@@ -161,9 +165,13 @@ def _post_spread(comm: TorchCommunicator, send: Tensor | Callable[[int], Tensor]
     n, me = comm.world_size, comm.rank
     everyone = tuple(r for r in range(n) if r != me)
     row = send.__getitem__ if isinstance(send, Tensor) else send
-    receives = {j: dist.irecv(recv[j], comm._global(j), comm.group) for j in everyone}
-    sends = [dist.isend(row(j), comm._global(j), comm.group)
-             for j in ((me + k) % n for k in range(1, n))]
+    try:
+        receives = {j: dist.irecv(recv[j], comm._global(j), comm.group) for j in everyone}
+        sends = [dist.isend(row(j), comm._global(j), comm.group)
+                 for j in ((me + k) % n for k in range(1, n))]
+    except RuntimeError as e:  # a pair already closed (a peer died or gave up on this rank)
+        raise PeerFailure(f"{what} could not be posted: {str(e).splitlines()[0]}",
+                          rank=me, peers=everyone, step=comm.step) from e
     recv[me].copy_(row(me))
 
     def arrived(j: int) -> None:
@@ -179,7 +187,9 @@ def torch_all_reduce_mean_(comm: TorchCommunicator, x: Tensor, weight: Tensor | 
     n, me = comm.world_size, comm.rank
     everyone = tuple(r for r in range(n) if r != me)
     mine = 1.0 if weight is None else float(weight.detach().reshape(()))
-    weights = torch.zeros(n, dtype=torch.float64)
+    # NCCL reduces device tensors only; Gloo takes them on the host
+    weights = torch.zeros(n, dtype=torch.float64,
+                          device=x.device if comm.backend == "nccl" else "cpu")
     weights[me] = mine
     if weight is not None:  # every rank needs every weight (to weight the chunks it reduces)
         comm._wait(dist.all_reduce(weights, group=comm.group, async_op=True),

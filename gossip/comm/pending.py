@@ -27,11 +27,13 @@ T = TypeVar("T")
 
 
 class Pending(Generic[T]):
-    """A communication in flight; :meth:`wait` finishes it once and returns its result."""
+    """A communication in flight; :meth:`wait` finishes it once and returns its result, or
+    raises what finishing it raised (on every later wait too: the buffers are not a result)."""
 
     def __init__(self, finish: Callable[[], T]) -> None:
         self._finish: Callable[[], T] | None = finish
         self._result: T | None = None
+        self._error: BaseException | None = None
 
     @classmethod
     def done(cls, result: T) -> Pending[T]:
@@ -46,7 +48,12 @@ class Pending(Generic[T]):
     def wait(self) -> T:
         if self._finish is not None:
             finish, self._finish = self._finish, None
-            self._result = finish()
+            try:
+                self._result = finish()
+            except BaseException as e:
+                self._error = e
+        if self._error is not None:
+            raise self._error
         return self._result  # type: ignore[return-value]
 
 

@@ -8,7 +8,8 @@ the point-to-point traffic of CUDA tensors is staged through pinned CPU buffers.
 :meth:`TorchCommunicator.start_all_reduce_mean_` and :meth:`TorchCommunicator.start_exchange`
 post the same work as async handles (overlapped outer steps, :mod:`gossip.comm.pending`); their
 ``wait()`` goes through the same timed, monitored waits as the blocking calls, which are just
-``start_...().wait()``.
+``start_...().wait()``. A compressed all-reduce started that way runs on a worker thread with a
+process group of its own (:mod:`gossip.comm.background`).
 
 With a :class:`~gossip.comm.monitor.PeerMonitor` the communicator survives dead peers: an
 exchange leaves out peers known to be dead and turns a peer's failure (closed connection or
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gossip.comm.background import Background
 from gossip.comm.base import (
     CommError,
     CommTimeout,
@@ -75,6 +77,7 @@ class TorchCommunicator:
         self.deaths: dict[int, int] = {}  # peer -> step at which this rank learned it died
         self.failures: dict[int, str] = {}  # peer -> why this rank's exchange with it failed
         self._armed = False
+        self._background: Background | None = None  # compressed all-reduces in flight
 
     @property
     def nodes(self) -> Tensor:
@@ -159,33 +162,43 @@ class TorchCommunicator:
 
     def all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
                          compressor: Compressor | None = None) -> None:
+        if compressor is not None and compressor.codec.lossy:
+            _check_float(x)
+            self._arm()  # (peers judge this rank by its heartbeat only once it armed)
+            torch_all_reduce_mean_(self, x, weight, compressor)
+            return
         self.start_all_reduce_mean_(x, weight, compressor=compressor).wait()
 
     def start_all_reduce_mean_(self, x: Tensor, weight: Tensor | None = None, *,
                                compressor: Compressor | None = None) -> Pending[None]:
         """:meth:`all_reduce_mean_` posted as async work; ``wait()`` finishes it (through the
         same monitored wait as the blocking call). ``x`` must not change until then. The weights'
-        8-byte all-reduce and a compressed all-reduce (whose stages depend on each other) run
-        before this returns."""
-        if not x.is_floating_point():
-            raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
+        8-byte all-reduce runs before this returns. A compressed all-reduce (whose two stages
+        need work between them) runs whole, weights included, on a worker thread with a process
+        group of its own (:mod:`gossip.comm.background`); ``x`` and ``compressor`` must not be
+        touched until ``wait()``."""
+        _check_float(x)
+        self._arm()
         if compressor is not None and compressor.codec.lossy:
-            torch_all_reduce_mean_(self, x, weight, compressor)
-            return Pending.done(None)
+            if self._background is None:
+                self._background = Background(self)
+            return self._background.submit(
+                lambda side: torch_all_reduce_mean_(side, x, weight, compressor))
         n = self._world_size
         everyone = tuple(r for r in range(n) if r != self.rank)
-        self._arm()
         if weight is not None:
             if weight.numel() != 1:
                 raise ValueError(f"weight must have one entry on a real rank, got shape "
                                  f"{tuple(weight.shape)}")
             mine = float(weight.detach().reshape(()))
-            total = torch.tensor([mine], dtype=torch.float64, device=x.device)
-            self._wait(dist.all_reduce(total, group=self.group, async_op=True),
+            # the sum, and how many ranks gave a negative weight: every rank refuses together
+            stats = torch.tensor([mine, float(mine < 0)], dtype=torch.float64, device=x.device)
+            self._wait(dist.all_reduce(stats, group=self.group, async_op=True),
                        "all_reduce of weights", everyone, collective=True)
-            if not weight_total_ok(float(total)):
-                raise CommError(f"all weights are zero, or one is not finite (total "
-                                f"{float(total)})",
+            total = stats[:1]
+            if not weight_total_ok(float(total), float(stats[1])):
+                raise CommError(f"all weights are zero, or one is negative or not finite "
+                                f"(total {float(total)}, {int(stats[1])} negative)",
                                 rank=self.rank, step=self.step)
             if mine == 0:
                 x.zero_()  # contributes exact zeros, even if this rank's model holds NaN/inf
@@ -372,6 +385,11 @@ class TorchCommunicator:
         else:
             self._wait(dist.barrier(self.group, async_op=True), "barrier", everyone,
                        collective=True)
+
+
+def _check_float(x: Tensor) -> None:
+    if not x.is_floating_point():
+        raise ValueError(f"all_reduce_mean_ needs a floating-point tensor, got {x.dtype}")
 
 
 class _Waiter:

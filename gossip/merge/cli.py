@@ -145,7 +145,8 @@ def merge(models: Models, opts: MergeOptions) -> MergeResult:
     scorer = _Scorer(task, opts, models.model_seed)
     chosen = None
     m = opts.method
-    param_names = [n for n, _ in task.make_model(models.model_seed).named_parameters()]
+    param_names = [n for n, p in task.make_model(models.model_seed).named_parameters()
+                   if p.requires_grad]
     if m == "uniform":
         state = average(states)
     elif m == "greedy-soup":
@@ -174,8 +175,9 @@ def merge(models: Models, opts: MergeOptions) -> MergeResult:
 def _base(spec: str, models: Models, task: Task, states: Sequence[State]) -> State:
     """``init``: the run's initial model (the shared start of FedAvg, DiLoCo and NoLoCo);
     ``mean``: the uniform soup; else a path to a model file."""
-    if spec == "init":
-        return state_of(task.make_model(models.model_seed))
+    if spec == "init":  # (what the models hold: a simulation does not save frozen parameters)
+        init = state_of(task.make_model(models.model_seed))
+        return {n: init[n] for n in states[0] if n in init}
     if spec == "mean":
         return average(states)
     found = load_models([spec], task=models.task, seed=0)
@@ -227,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if Path(args.out).is_dir():  # refused before the merge, not by the final rename
+            raise ValueError(f"out={args.out!r} is a directory: expected the path of the file "
+                             "to write the merged model to (e.g. OUT/merged.pt)")
         opts = MergeOptions(
             method=args.method, k=args.k, ema_decay=args.ema_decay, lawa_every=args.lawa_every,
             density=args.density, drop=args.drop, scale=args.scale, base=args.base,

@@ -17,10 +17,14 @@ __all__ = ["diagonal_fisher", "has_running_stats", "recompute_bn", "state_of", "
 
 
 def to_model(task: Task, state: Mapping[str, Tensor], *, seed: int = 0) -> nn.Module:
-    """``task``'s model with ``state`` (parameters and buffers by name) copied in."""
+    """``task``'s model with ``state`` (parameters and buffers by name) copied in.
+
+    Frozen parameters (``requires_grad=False``) that ``state`` lacks keep the values of the
+    task's model at ``seed``: a simulation saves only what it trains, and every simulated node
+    ran with the frozen parameters of that model."""
     model = task.make_model(seed)
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    missing = sorted(n for n, _ in model.named_parameters() if n not in state)
+    missing = sorted(n for n, p in model.named_parameters() if n not in state and p.requires_grad)
     if missing:
         raise ValueError(f"the models lack parameters {missing[:5]} of task {task.name!r}")
     unknown = sorted(set(state) - set(own))
@@ -78,7 +82,7 @@ def recompute_bn(model: nn.Module, x: Tensor, *, batch_size: int, batches: int,
 
 def diagonal_fisher(task: Task, model: nn.Module, x: Tensor, *, seed: int = 0,
                     chunk: int = 64) -> State:
-    """The diagonal Fisher of ``model``'s parameters, averaged over the inputs ``x``.
+    """The diagonal Fisher of ``model``'s trainable parameters, averaged over the inputs ``x``.
 
     Classification: ``mean_x sum_c p(c|x) g_c(x)^2`` with ``g_c = d log p(c|x) / d theta``
     (exact over the classes). Language models: labels sampled from the model at every position
@@ -87,8 +91,10 @@ def diagonal_fisher(task: Task, model: nn.Module, x: Tensor, *, seed: int = 0,
     """
     kind = task.data.kind
     model.eval()
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    # frozen parameters (requires_grad=False) are not merged by their Fisher: constants here
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
+    buffers.update({n: p.detach() for n, p in model.named_parameters() if not p.requires_grad})
     gen = torch.Generator().manual_seed(int(seed))
 
     def log_lik(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:

@@ -3,6 +3,7 @@ checkpoint averages, TIES and DARE. A model is a ``State``: ``{name: tensor}``."
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -19,6 +20,8 @@ CHECKPOINT_METHODS = ("last-k", "ema", "lawa")
 
 
 def check_states(states: Sequence[Mapping[str, Tensor]]) -> None:
+    """Every model has the same tensor names, shapes and dtypes (a merge of a bf16 checkpoint
+    with an fp32 one would otherwise come out in whichever dtype model 0 has: cast first)."""
     if not states:
         raise ValueError("no models to merge (empty list)")
     first = states[0]
@@ -30,6 +33,10 @@ def check_states(states: Sequence[Mapping[str, Tensor]]) -> None:
             if t.shape != first[name].shape:
                 raise ValueError(f"tensor {name!r} is {list(t.shape)} in model {i} but "
                                  f"{list(first[name].shape)} in model 0")
+            if t.dtype != first[name].dtype:
+                raise ValueError(f"tensor {name!r} is {t.dtype} in model {i} but "
+                                 f"{first[name].dtype} in model 0: cast the models to one "
+                                 "dtype before merging")
 
 
 def average(states: Sequence[Mapping[str, Tensor]],
@@ -65,6 +72,18 @@ def fisher_average(states: Sequence[Mapping[str, Tensor]],
         raise ValueError(f"{len(fishers)} Fishers for {len(states)} models")
     if not eps >= 0:
         raise ValueError(f"eps={eps!r} is invalid: expected a number >= 0")
+    for i, f in enumerate(fishers):
+        if set(f) != set(fishers[0]) or not set(f) <= set(states[0]):
+            extra = sorted((set(f) ^ set(fishers[0])) | (set(f) - set(states[0])))
+            raise ValueError(f"Fisher {i} has tensors {extra[:5]} that the models (or "
+                             "Fisher 0) lack")
+        for name, fi in f.items():
+            if fi.shape != states[0][name].shape:
+                raise ValueError(f"Fisher {i} of tensor {name!r} is {list(fi.shape)}, the "
+                                 f"tensor is {list(states[0][name].shape)}")
+            if not bool(torch.isfinite(fi).all()) or bool((fi < 0).any()):
+                raise ValueError(f"Fisher {i} of tensor {name!r} has a negative or non-finite "
+                                 "entry: a diagonal Fisher is finite and >= 0")
     out = average(states)
     for name in fishers[0]:
         num = torch.zeros(states[0][name].shape, dtype=torch.float64)
@@ -114,7 +133,16 @@ def ema(states: Sequence[Mapping[str, Tensor]], decay: float) -> State:
 
 def _float_names(state: Mapping[str, Tensor], names: Sequence[str] | None) -> list[str]:
     keys = list(state) if names is None else list(names)
+    missing = [n for n in keys if n not in state]
+    if missing:
+        raise ValueError(f"names={missing[:5]} are not tensors of the models")
     return [n for n in keys if state[n].is_floating_point()]
+
+
+def _check_scale(scale: float) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or \
+            not math.isfinite(scale):
+        raise ValueError(f"scale={scale!r} is invalid: expected a finite number")
 
 
 def _flatten(states: Sequence[Mapping[str, Tensor]], names: Sequence[str]) -> Tensor:
@@ -146,6 +174,7 @@ def ties(base: Mapping[str, Tensor], states: Sequence[Mapping[str, Tensor]], *,
     check_states([base, *states])
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density={density!r} is invalid: expected a number in (0, 1]")
+    _check_scale(scale)
     keys = _float_names(base, names)
     tau = _flatten(states, keys) - _flatten([base], keys)
     p = tau.shape[1]
@@ -180,6 +209,7 @@ def dare(base: Mapping[str, Tensor], states: Sequence[Mapping[str, Tensor]], *,
     ``base + scale * mean_i(mask_i * tau_i / (1 - drop))`` with the masks of
     :func:`dare_masks` (seeded); other tensors are averaged uniformly."""
     check_states([base, *states])
+    _check_scale(scale)
     keys = _float_names(base, names)
     base_vec = _flatten([base], keys)
     tau = _flatten(states, keys) - base_vec
@@ -194,9 +224,11 @@ def greedy_soup(states: Sequence[Mapping[str, Tensor]], score: Callable[[State],
                 ) -> tuple[State, list[int]]:
     """Wortsman et al.'s greedy soup: models sorted by ``score`` (higher is better, on held-out
     data), each added when the soup's score does not drop. Returns the soup and the indices of
-    its ingredients (in the order they were added)."""
+    its ingredients (in the order they were added). A NaN score (a diverged model) ranks
+    below every other, and a soup that scores NaN is not taken."""
     check_states(states)
     scores = [score(dict(s)) for s in states]
+    scores = [-math.inf if math.isnan(v) else v for v in scores]
     order = sorted(range(len(states)), key=lambda i: -scores[i])
     chosen = [order[0]]
     best = scores[order[0]]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from gossip.algorithms import Algorithm, build_algorithm, needs_topology, same_init
+from gossip.algorithms import Algorithm, build_algorithm, needs_topology
 from gossip.comm.base import Communicator
 from gossip.data import partition, sampled_partition
 from gossip.flat import FlatParams
@@ -27,12 +28,12 @@ from gossip.tasks import TASK_NAMES, Task, get_task
 from gossip.topology import Topology, make_topology
 
 __all__ = [
-    "init_seed",
     "load_task",
     "make_algorithm",
     "make_optimizer",
     "make_shards",
     "make_topology_for",
+    "node_model",
     "scheduled_lr",
     "task_source",
     "with_init",
@@ -59,9 +60,11 @@ def load_task(name: str, *, seed: int, init: str = "default") -> Task:
     if not callable(fn):
         raise ValueError(f"task={name!r} is invalid: {attr!r} is not a function")
     try:
-        task = fn(seed=seed)
-    except TypeError:
-        task = fn()
+        takes_seed = "seed" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature (a builtin): try the documented call
+        takes_seed = True
+    # (never retried on TypeError: a TypeError inside the function is the user's to see, once)
+    task = fn(seed=seed) if takes_seed else fn()
     if not isinstance(task, Task):
         raise ValueError(f"task={name!r} is invalid: it returned {type(task).__name__}, "
                          "expected a gossip.tasks.Task")
@@ -93,9 +96,21 @@ def make_shards(spec: RunSpec, task: Task, nodes: int, *, shard_size: int | None
                          f"with {nodes} nodes: {e}{hint}") from None
 
 
-def init_seed(spec: RunSpec, node: int) -> int:
-    """The seed of node ``node``'s initial model: shared when the algorithm wants one start."""
-    return spec.seed if same_init(spec.algo) else spec.seed + node
+def node_model(task: Task, seed: int, node: int, *, same_init: bool) -> torch.nn.Module:
+    """Node ``node``'s initial model: ``task.make_model(seed)`` when the nodes share one start,
+    else ``task.make_model(seed + node)``, whose frozen parameters (``requires_grad`` False)
+    are then the shared model's too. Frozen parameters are never trained or averaged, so every
+    node keeps the ones it starts with: one set for the whole run, on real ranks and simulated
+    nodes alike (the simulator holds them once, not per node; ``gossip.merge`` reads them from
+    the model at the run's seed)."""
+    model = task.make_model(seed if same_init else seed + node)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    if frozen and not same_init:
+        shared = dict(task.make_model(seed).named_parameters())
+        with torch.no_grad():
+            for name in frozen:
+                model.get_parameter(name).copy_(shared[name])
+    return model
 
 
 def make_optimizer(spec: RunSpec, params: Iterable[Tensor]) -> torch.optim.Optimizer:

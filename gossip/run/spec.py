@@ -31,7 +31,9 @@ algorithm config keeps the paper's symbol: ``NoLoCoConfig.beta``, ``GossipConfig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -217,8 +219,8 @@ class RunSpec(AlgorithmOptions, FileConfig):
             bad("algo", self.algo, f"one of {sorted(ALGORITHMS)}")
         if self.task not in TASK_NAMES and ":" not in self.task:
             bad("task", self.task, f"one of {list(TASK_NAMES)} or 'package.module:function'")
-        if self.seed < 0:
-            bad("seed", self.seed, "an integer >= 0")
+        if not 0 <= self.seed < 2**62:  # per-node seeds add the node id; int64 everywhere
+            bad("seed", self.seed, "an integer in [0, 2**62)")
         if self.init not in INITS:
             bad("init", self.init, f"one of {list(INITS)}")
         check_partition(self.partition)
@@ -372,8 +374,10 @@ def check_finite(name: str, value: float | None) -> None:
         bad(name, value, "a finite number")
 
 
+@functools.lru_cache(maxsize=64)
 def check_partition(spec: str) -> None:
-    """A partition the partitioners accept (``sample:*`` included; the simulator's)."""
+    """A partition the partitioners accept (``sample:*`` included; the simulator's). Cached: a
+    spec is checked once per process, not on every copy of a config."""
     inner = spec.strip()
     if inner.startswith("sample:"):
         inner = inner[len("sample:"):]
@@ -422,6 +426,11 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
                                "'package.module:Class'")
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         bad("optimizer", name, "a torch.optim.Optimizer subclass")
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        bad("optimizer", name, "an optimizer whose step() needs no closure (the training loops "
+                               "call optimizer.step() once per batch; LBFGS re-evaluates the "
+                               "loss through a closure)")
     return cls
 
 
