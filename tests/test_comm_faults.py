@@ -5,12 +5,18 @@
   the other slots did, and no rank ever counts itself dead.
 - The exchange posts its receives before its sends (measured on shaped links: sends first
   serialized the two directions, 2.65 s against 1.48 s).
+- An exchange started and dropped without a wait (an algorithm thrown away with its outer
+  exchange in flight) does not take the next exchange's messages: Gloo withdraws a receive whose
+  work object is garbage-collected, and the next receive from that peer then timed out (the CI
+  failure of test_overlap's real-rank case, which left one NoLoCo exchange in flight per scenario).
 """
 
 from __future__ import annotations
 
+import gc
 import time
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -87,3 +93,30 @@ def test_exchange_posts_receives_before_sends():
     for rank, (seen, got) in enumerate(outs):
         assert seen == ["recv", "recv", "send", "send"], seen
         assert got == [float(j) for j in range(3) if j != rank]
+
+
+def _dropped_then_next(comm, late: int, monitored: bool):
+    comm.timeout = 20.0
+    if monitored:
+        comm.monitor = PeerMonitor(PeerMonitor.default_store(), comm.rank, comm.world_size,
+                                   interval=0.2, dead_after=10.0)
+    peers = torch.tensor([[1], [0]])
+    if comm.rank == late:  # the peer has dropped its receive before this message comes
+        time.sleep(1.0)
+    dropped = comm.start_exchange(torch.full((1, 1000), float(comm.rank)), peers,
+                                  received=torch.empty(1, 1, 1000))
+    del dropped
+    gc.collect()
+    wire = torch.full((1, 50), 7 + comm.rank, dtype=torch.uint8)
+    got, arrived = comm.exchange(wire, peers)
+    if comm.monitor is not None:
+        comm.monitor.close()
+    return got[0, 0].tolist(), bool(arrived.all())
+
+
+@pytest.mark.parametrize("monitored", [False, True], ids=["plain", "monitored"])
+@pytest.mark.parametrize("late", [0, 1])
+def test_an_exchange_dropped_in_flight_does_not_take_the_next_ones_message(late, monitored):
+    outs = run_ranks(_dropped_then_next, 2, late, monitored, timeout=120)
+    for rank, (got, arrived) in enumerate(outs):
+        assert arrived and got == [7 + (1 - rank)] * 50

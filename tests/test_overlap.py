@@ -239,6 +239,8 @@ def _scenarios() -> dict[str, object]:
 
 
 def _real(comm) -> dict[str, np.ndarray]:
+    """Each scenario ends with its last exchange in flight (no flush) and a new algorithm on the
+    same communicator: the dropped exchange must not disturb the next one's messages."""
     rank = int(comm.nodes[0])
     out = {}
     for name, make in _scenarios().items():

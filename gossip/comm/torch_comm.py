@@ -78,6 +78,12 @@ class TorchCommunicator:
         self.failures: dict[int, str] = {}  # peer -> why this rank's exchange with it failed
         self._armed = False
         self._background: Background | None = None  # compressed all-reduces in flight
+        # point-to-point work posted and not yet waited on, kept alive here: a Gloo receive
+        # whose work object is garbage-collected is withdrawn, and the message meant for it then
+        # lands in (or blocks) the next receive from that peer; an algorithm dropped with an
+        # exchange in flight must not hang the next one (a test)
+        self._posted: dict[int, object] = {}
+        self._next_post = 0
 
     @property
     def nodes(self) -> Tensor:
@@ -266,12 +272,20 @@ class TorchCommunicator:
                 for work in works:
                     self._wait(work, "exchange", involved)
                 return send_to
+            held: object = works
         else:
-            wait_all = self._post_surviving(src, received, arrived, send_to, recv_from)
+            posted, wait_all = self._post_surviving(src, received, arrived, send_to, recv_from)
+            held = posted
         recv = received
+        token = self._next_post
+        self._next_post += 1
+        self._posted[token] = held
 
         def finish() -> tuple[Tensor, Tensor]:
-            sent_to = wait_all()
+            try:
+                sent_to = wait_all()
+            finally:
+                self._posted.pop(token, None)
             self._traffic.add("exchange", len(sent_to) * src.numel() * src.element_size(),
                               messages=len(sent_to))
             if target is not None:
@@ -284,14 +298,16 @@ class TorchCommunicator:
         return DenseReceived(*self.exchange(x, peers))
 
     def _post_surviving(self, src: Tensor, received: Tensor, arrived: Tensor,
-                        send_to: list[int], recv_from: list[int]) -> Callable[[], list[int]]:
+                        send_to: list[int], recv_from: list[int]
+                        ) -> tuple[list[tuple[int, int, dist.Work | None]],
+                                   Callable[[], list[int]]]:
         """Exchange with every peer not known dead; a peer that fails is reported and skipped.
 
         Each operation is posted now (receives first) and waited on its own by the returned
         function, and each wait ends as soon as the monitor finds that peer dead (a frozen peer:
         after ``dead_after``), so one dead or frozen peer cannot take the others' messages down
-        with it, nor hold this rank for the full timeout. The function returns the peers that
-        were sent to.
+        with it, nor hold this rank for the full timeout. Returns the posted work and that
+        function, which returns the peers that were sent to.
         """
         assert self.monitor is not None
         self._arm()
@@ -310,7 +326,8 @@ class TorchCommunicator:
         for j in send_to:
             if j not in dead:
                 posted.append((j, -1, self._post(dist.isend, src, j)))
-        return lambda: self._finish_surviving(posted, received, arrived, send_to, dead)
+        return posted, lambda: self._finish_surviving(posted, received, arrived, send_to,
+                                                      dead)
 
     def _finish_surviving(self, posted: list[tuple[int, int, dist.Work | None]],
                           received: Tensor, arrived: Tensor, send_to: list[int],
