@@ -153,6 +153,8 @@ class Simulation:
         self.algorithm, _ = build.make_algorithm(
             cfg, self.model.flat, self.comm, topology=self.topology,
             weight=self.sizes[ids].to(torch.float64), sync_every=self.steps_per_round * frags)
+        #: every row holds the same whole model after a sync (FedAvg; DiLoCo without fragments)
+        self.one_model = bool(getattr(self.algorithm, "one_model", False))
         self.faults = FaultSchedule(
             n, cfg.rounds, seed=cfg.seed, crash_fraction=cfg.crash_fraction,
             crash_round=cfg.crash_round or 0, churn_fraction=cfg.churn_fraction,
@@ -282,7 +284,7 @@ class Simulation:
 
         per_node = self.comm.bytes_per_node.clone()
         consensus = None
-        if ev is not None and not self.algorithm.global_model:
+        if ev is not None and not self.one_model:
             consensus = self.consensus_distance(alive[self.nodes])
         # the round's one wait for the device: its loss and its evaluation, in one copy
         queued = [loss_sum.sum().reshape(1)]
@@ -375,11 +377,11 @@ class Simulation:
         queued on the device: one model where the algorithm has a global one, else a seeded
         sample of the up nodes in one vectorized forward. Returns the chosen nodes (a global
         mask), their local rows and the per-row figures (on the device)."""
-        chosen = alive if self.algorithm.global_model else eval_sample(
+        chosen = alive if self.one_model else eval_sample(
             alive, self.cfg.eval_nodes, seed=self.cfg.seed, round_index=r)
         rows = chosen[self.nodes].nonzero().flatten()
         return chosen, rows, evaluate_rows(self.model, self.x_test, self.y_test, rows,
-                                           global_model=self.algorithm.global_model,
+                                           one_model=self.one_model,
                                            graphs=self.graphs)
 
     def _eval_record(self, r: int, chosen: Tensor, rows: Tensor, ev: dict[str, Tensor],
@@ -387,7 +389,7 @@ class Simulation:
         """The test metrics of round ``r`` from :meth:`_evaluate` (``ev`` now on the host),
         reduced over every shard, with the round's bytes ``per_node`` and consensus distance
         (None: a global model, whose consensus distance is 0, since every row holds it)."""
-        global_model = self.algorithm.global_model
+        one = self.one_model
         step = (r + 1) * self.steps_per_round
         out: dict[str, Any] = {"consensus_distance": 0.0 if consensus is None else consensus}
         out["eval_nodes"] = int(self._sum(torch.tensor([float(len(rows))], dtype=torch.float64)))
@@ -395,7 +397,7 @@ class Simulation:
         keys = ["loss"] + (["accuracy"] if self.task.data.kind != "regression" else [])
         for key in keys:
             v = ev.get(key, torch.zeros(0, dtype=torch.float64))
-            if global_model and v.numel():  # one row's figure stands for every row
+            if one and v.numel():  # one row's figure stands for every row
                 one = float(v[0])
                 total, count, least, most = one * len(rows), float(len(rows)), one, one
             else:
@@ -409,7 +411,7 @@ class Simulation:
                 out[f"{key}_mean"] = float(stats[0] / stats[1])
                 out[f"{key}_min"] = float(lo[0])
                 out[f"{key}_max"] = float(hi[0])
-        if global_model:  # one model, which every node holds: one row
+        if one:  # one model, which every node holds: one row
             if "loss_mean" in out:
                 out["eval_rows"] = eval_rows(
                     step, [None], [out["loss_mean"]], [out["accuracy_mean"]]

@@ -2,8 +2,9 @@
 
 A round's evaluation runs right after the round's sync. Then:
 
-- an algorithm that declares a **global model** (``global_model = True``: FedAvg, DiLoCo) has
-  given every node the same model (the stacked all-reduce writes one result into every row, a
+- an algorithm that declares **one model** (``one_model = True``: FedAvg; DiLoCo without
+  streaming fragments, whose unsynced fragments differ between nodes) has given every node the
+  same model (the stacked all-reduce writes one result into every row, a
   node that is down included), so one row is evaluated and stands for every node: one forward
   per round (per shard), not N;
 - otherwise the nodes differ, and a **seeded sample** of ``eval_nodes`` of the nodes that are up
@@ -53,14 +54,14 @@ def eval_sample(up: Tensor, eval_nodes: int | None, *, seed: int, round_index: i
     return mask
 
 
-def evaluate_rows(model: object, x: Tensor, y: Tensor, rows: Tensor, *, global_model: bool,
+def evaluate_rows(model: object, x: Tensor, y: Tensor, rows: Tensor, *, one_model: bool,
                   graphs: Graphs | None = None) -> dict[str, Tensor]:
     """Evaluate the local rows ``rows`` [K] of ``model`` (a
     :class:`simulations.training.StackedModel`) on ``(x, y)``.
 
     Returns ``{"loss": [K], "accuracy": [K] (not for regression)}``, float64 on ``x``'s device
     (queued there: the caller copies them to the host with whatever else it waits for). With
-    ``global_model`` every row holds the same model, so only the first is evaluated: one entry
+    ``one_model`` every row holds the same model, so only the first is evaluated: one entry
     each, which stands for all ``K``; ``graphs`` (a :class:`simulations.graphs.Graphs`) then
     replays that evaluation on a GPU.
     """
@@ -68,9 +69,9 @@ def evaluate_rows(model: object, x: Tensor, y: Tensor, rows: Tensor, *, global_m
     if len(rows) == 0:
         return {"loss": torch.zeros(0, dtype=torch.float64, device=x.device)}
     first = int(rows[0])  # a global model: its first row, read in place (no gather)
-    if global_model and graphs is not None:
+    if one_model and graphs is not None:
         loss, acc = graphs.evaluate(model, x, y, first)  # type: ignore[arg-type]
     else:
-        chosen = slice(first, first + 1) if global_model else rows
+        chosen = slice(first, first + 1) if one_model else rows
         loss, acc = model.evaluate(x, y, chosen)  # type: ignore[attr-defined]
     return {"loss": loss} if acc is None else {"loss": loss, "accuracy": acc}

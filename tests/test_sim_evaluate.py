@@ -130,6 +130,21 @@ def test_global_model_figures_equal_the_loop_for_every_node(algo: str) -> None:
     _check_record(record, _loop_metrics(sim, list(range(12))))
 
 
+def test_streaming_diloco_evaluates_every_node_since_their_models_differ() -> None:
+    """DiLoCo with fragments syncs one fragment per round; the others hold each node's own
+    progress, so one row cannot stand for all (it did: node 0's figures were reported as every
+    node's, and a consensus distance of 0)."""
+    sim = Simulation(SimConfig(algo="diloco", fragments=2, **{**SMALL, "sync_every": 4}))
+    record = sim.run_round(0)
+    rows = torch.cat([b for b in sim.model.flat.buffers()], dim=1).double()
+    assert not torch.equal(rows, rows[:1].expand_as(rows))
+    assert record["eval_nodes"] == 12
+    _check_record(record, _loop_metrics(sim, list(range(12))))
+    spread = float((rows - rows.mean(dim=0)).square().sum(dim=1).mean())  # (1/n) sum ||x_i - m||^2
+    assert record["consensus_distance"] == pytest.approx(spread, rel=1e-9) and spread > 0
+    assert len(record["eval_rows"]) == 12
+
+
 def test_eval_sample_is_seeded_uniform_and_within_the_up_nodes() -> None:
     up = torch.ones(5000, dtype=torch.bool)
     up[::3] = False

@@ -49,6 +49,10 @@ class Algorithm(Protocol):
     Attributes:
         global_model: one model shared by all nodes (FedAvg, DiLoCo): a node that was down
             pulls it at the next sync; else every node keeps its own model and state.
+        one_model: optional (False when absent): right after each sync every node holds the
+            same whole model (FedAvg; DiLoCo without streaming fragments, whose other fragments
+            stay local), so the simulator evaluates one row for all of them and reports a
+            consensus distance of 0.
         same_init: the nodes start from one model (else from independent inits).
         needs_topology: the constructor takes a :class:`gossip.topology.Topology`.
     """

@@ -107,6 +107,9 @@ class DiLoCo:
 
     def __init__(self, config: DiLoCoConfig, params: FlatParams, comm: Communicator) -> None:
         self.config = config
+        #: after each sync every node holds the whole global model; not with streaming
+        #: fragments: the fragments not synced hold each node's own progress
+        self.one_model = config.fragments == 1
         self.params = params
         self.comm = comm
         buffers = list(params.buffers())

@@ -72,6 +72,8 @@ class FedAvg:
     same_init: ClassVar[bool] = True
     #: one global model: a node that is down pulls it when it returns
     global_model: ClassVar[bool] = True
+    #: after each sync every node holds the whole global model
+    one_model: ClassVar[bool] = True
     needs_topology: ClassVar[bool] = False
 
     def __init__(self, config: FedAvgConfig, params: FlatParams, comm: Communicator,
