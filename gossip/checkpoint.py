@@ -194,14 +194,16 @@ NEUTRAL_FIELDS = frozenset({
 
 
 def check_resume(old: Mapping[str, Any], new: Mapping[str, Any],
-                 overrides: Collection[str] = ()) -> list[dict[str, Any]]:
+                 overrides: Collection[str] = (), *, can_override: bool = True
+                 ) -> list[dict[str, Any]]:
     """Compare the config a checkpoint was written with (``old``) and the resuming one (``new``).
 
     Both are flat dicts of resolved fields (``world_size`` included). A field outside
     :data:`NEUTRAL_FIELDS` whose value differs changes the trajectory: unless it is named in
     ``overrides`` this raises ValueError listing every such field with its old and new value.
     Returns the accepted changes, ``[{"field", "old", "new"}]`` in field order. An override
-    that names no field of ``new`` is a ValueError.
+    that names no field of ``new`` is a ValueError. ``can_override=False``: the caller has no
+    ``--resume-override`` (the simulator), and the message does not suggest one.
     """
     unknown = sorted(set(overrides) - set(new) - set(old))
     if unknown:
@@ -216,9 +218,10 @@ def check_resume(old: Mapping[str, Any], new: Mapping[str, Any],
     if refused:
         listed = ", ".join(f"{c['field']}: {c['old']!r} -> {c['new']!r}" for c in refused)
         names = ",".join(c["field"] for c in refused)
+        how = f", or pass --resume-override {names} to accept the change" if can_override \
+            else " (or start a new run in another --out)"
         raise ValueError(f"--resume would change the run's trajectory ({listed}); resume with "
-                         f"the checkpoint's values, or pass --resume-override {names} to "
-                         "accept the change")
+                         f"the checkpoint's values{how}")
     return changes
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["LOAD_COLUMNS", "RunWriter", "append_jsonl", "atomic_write", "atomic_write_text",
-           "iter_jsonl", "load_runs", "read_jsonl", "to_jsonable"]
+           "iter_jsonl", "load_runs", "read_jsonl", "to_jsonable", "truncate_jsonl"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -120,6 +120,23 @@ def append_jsonl(path: str | os.PathLike[str], records: Iterable[Mapping[str, An
             view = view[os.write(fd, view):]
     finally:
         os.close(fd)
+
+
+def truncate_jsonl(path: str | os.PathLike[str], step: int) -> None:
+    """Drop the records past ``step`` (written after the checkpoint a run resumes from, by the
+    process that then died) and any line cut short; atomic (a kill leaves the old file)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the crash
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
 
 
 class RunWriter:

@@ -30,27 +30,18 @@ from torch import Tensor
 from gossip.comm import TorchCommunicator
 from gossip.comm.monitor import PeerMonitor
 from gossip.flat import FlatParams
-from gossip.metrics import RunWriter, append_jsonl, atomic_write_text, read_jsonl, to_jsonable
+from gossip.metrics import (
+    RunWriter,
+    append_jsonl,
+    atomic_write_text,
+    read_jsonl,
+    to_jsonable,
+    truncate_jsonl,
+)
 from gossip.records import sorted_records
 from launch.rank import consensus
 
-__all__ = ["Collective", "PerRankFiles", "death_summary", "describe", "gatherer",
-           "truncate_metrics"]
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop records past ``step`` (written after the checkpoint by a run that then died)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by the crash
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+__all__ = ["Collective", "PerRankFiles", "death_summary", "describe", "gatherer"]
 
 
 def death_summary(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -75,7 +66,7 @@ class Collective:
                  resumed_from: int, timeout: float, tensorboard: bool = False) -> None:
         self.out, self.comm, self.rank, self.n = out, comm, comm.rank, comm.world_size
         if self.rank == 0 and resumed_from:
-            truncate_metrics(out / "metrics.jsonl", resumed_from)
+            truncate_jsonl(out / "metrics.jsonl", resumed_from)
         self.writer = RunWriter(out, config if self.rank == 0 else {},
                                 append=bool(resumed_from), enabled=self.rank == 0,
                                 tensorboard=tensorboard)
@@ -119,7 +110,7 @@ class PerRankFiles(Collective):
         # a previous attempt's final record must not pass for this one's
         (self.ranks_dir / f"rank_{self.rank}.final.json").unlink(missing_ok=True)
         if resumed_from:
-            truncate_metrics(self.ranks_dir / f"rank_{self.rank}.jsonl", resumed_from)
+            truncate_jsonl(self.ranks_dir / f"rank_{self.rank}.jsonl", resumed_from)
 
     def _dead(self) -> set[int]:
         return set(self.monitor.dead()) | set(self.comm.deaths)

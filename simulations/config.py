@@ -45,6 +45,15 @@ class SimConfig(RunSpec):
     save_models: bool = field(default=False, metadata=help_text(
         "write the final per-node models to OUT/models.pt (stacked) + OUT/models.json (index), "
         "the input of python -m gossip.merge"))
+    checkpoint_every: int = field(default=0, metadata=help_text(
+        "rounds between checkpoints in --out, to continue a run that died with --resume "
+        "(0 = never; one process: actors 1)"))
+    keep_checkpoints: int | None = field(default=None, metadata=help_text(
+        "keep only the newest K checkpoints (default: every one)"))
+    resume: bool = field(default=False, metadata=help_text(
+        "continue the run in --out from its latest checkpoint (start fresh if it has none); "
+        "the configuration must be the checkpoint's, but for where and how often it writes, "
+        "evaluates and reports"))
     # data
     shard_size: int | None = field(default=None, metadata=help_text(
         "sample:* partitions: samples per node (default: max(batch size, train set / nodes))"))
@@ -148,6 +157,17 @@ class SimConfig(RunSpec):
                 f"crash_fraction={self.crash_fraction}")
         _at_least("churn_rounds", self.churn_rounds, 1)
         _at_least("actors", self.actors, 1)
+        _at_least("checkpoint_every", self.checkpoint_every, 0)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        for name in ("checkpoint_every", "resume"):
+            if getattr(self, name) and (self.out is None or self.actors > 1):
+                bad(name, getattr(self, name), f"{'0' if name == 'checkpoint_every' else 'False'}"
+                    " unless out is set and actors is 1 (a sharded run is not checkpointed)")
+        if self.keep_checkpoints is not None and not self.checkpoint_every:
+            bad("keep_checkpoints", self.keep_checkpoints, "None without checkpoint_every")
+        if self.resume and self.overwrite:
+            bad("overwrite", self.overwrite, "False with resume=True: continue the run in out "
+                "or replace it, not both")
         if self.save_models and (self.out is None or self.actors > 1):
             bad("save_models", self.save_models, "False unless out is set and actors is 1")
         if self.actors > self.nodes:

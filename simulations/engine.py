@@ -44,13 +44,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from gossip import checkpoint as ckpt
 from gossip.algorithms import same_init
 from gossip.algorithms._common import frozen_rows
 from gossip.batching import StackedBatches
 from gossip.comm.stacked import StackedCommunicator
 from gossip.data import label_distribution
 from gossip.flat import scope_from_spec
-from gossip.metrics import RunWriter, iter_jsonl
+from gossip.metrics import RunWriter, iter_jsonl, truncate_jsonl
 from gossip.ops import to_device
 from gossip.records import Summarizer, eval_rows
 from gossip.run import build
@@ -196,6 +197,50 @@ class Simulation:
         if data.kind != "classification" or data.num_classes is None:
             return None
         return label_distribution(data.y_train, self.shards, data.num_classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the next rounds depend on, for a checkpoint to continue bit for bit
+        (:mod:`simulations.checkpoint`): the models' rows and buffers, the optimizer's and the
+        algorithm's state, each node's local step, the communicator's counters and drop
+        generator, the simulated clocks and the torch RNG. The rest (faults, batches, sampling,
+        pairings, compression seeds) derives from the seed, the round and the step."""
+        return {
+            "params": ckpt.params_state(self.model.flat),
+            "optimizer": self.trainer.state_dict(),
+            "algorithm": self.algorithm.state_dict(),
+            "data": {"local_step": self.local_step.clone()},
+            "rng": ckpt.capture_rng(self.device),
+            "engine": {"buffers": {n: b.detach().clone() for n, b in self.model.buffers.items()},
+                       "comm": self.comm.state_dict(), "clock": self.clock.state_dict()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any], *, source: str = "checkpoint") -> None:
+        """Continue from :meth:`state_dict` (ValueError naming ``source`` if it does not fit)."""
+        try:
+            self._load_state(state, source)
+        except (KeyError, RuntimeError, TypeError) as e:  # the algorithm's own: ValueError
+            what = f"it holds no {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{source} does not fit this run ({what})") from e
+
+    def _load_state(self, state: dict[str, Any], source: str) -> None:
+        ckpt.restore_params(self.model.flat, state["params"], source=source)
+        self.trainer.load_state_dict(state["optimizer"])
+        self.algorithm.load_state_dict(state["algorithm"])
+        steps = state["data"]["local_step"]
+        if steps.shape != self.local_step.shape:
+            raise ValueError(f"{source} holds {len(steps)} nodes' steps, this run has "
+                             f"{len(self.local_step)}")
+        self.local_step = steps.to(torch.long).clone()
+        engine = state["engine"]
+        if set(engine["buffers"]) != set(self.model.buffers):
+            raise ValueError(f"{source} holds model buffers {sorted(engine['buffers'])}, the "
+                             f"model has {sorted(self.model.buffers)}")
+        with torch.no_grad():
+            for name, buf in engine["buffers"].items():
+                self.model.buffers[name].copy_(buf)
+        self.comm.load_state_dict(engine["comm"])
+        self.clock.load_state_dict(engine["clock"])
+        ckpt.restore_rng(state["rng"], self.device)
 
     def flat_params(self) -> Tensor:
         """The local rows' parameters as one [L, P] tensor (a copy)."""
@@ -507,7 +552,7 @@ class RunRecorder:
 
     def __init__(self, cfg: SimConfig, out: str | Path | None, *,
                  label_counts: np.ndarray | None = None, plots: bool = True,
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, resumed_at: int | None = None) -> None:
         self.cfg = cfg
         self.out = None if out is None else Path(out)
         self.plots = plots
@@ -515,12 +560,21 @@ class RunRecorder:
         self.summarizer = Summarizer()
         # the run owns --out until finish() or interrupted(); refused before any write
         self.run_dir = None if self.out is None else RunDir(
-            self.out, overwrite=cfg.overwrite).acquire()
+            self.out, resume=cfg.resume, overwrite=cfg.overwrite).acquire()
         config = cfg.to_dict()
         if info is not None and "task" in info:  # the Task's own name and where it came from
             config["task_name"], config["task_source"] = info["task"], info["task_source"]
+        if resumed_at is not None and self.out is not None:
+            # resumed from the checkpoint at step resumed_at: the records after it were
+            # written by the process that died, and the summary starts from the ones before
+            metrics = self.out / "metrics.jsonl"
+            truncate_jsonl(metrics, resumed_at)
+            for rec in iter_jsonl(metrics) if metrics.exists() else ():
+                self.summarizer.add(rec)
+                if rec.get("kind") == "round":
+                    self.records.append(rec)
         self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
-                                tensorboard=cfg.tensorboard)
+                                append=resumed_at is not None, tensorboard=cfg.tensorboard)
         self.label_counts = label_counts  # plotted at a successful end, with the rest
 
     def log(self, record: dict[str, Any]) -> None:
@@ -567,18 +621,27 @@ class RunRecorder:
 
 
 def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | None = None,
-          plots: bool = True) -> dict[str, Any]:
+          plots: bool = True, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every round of ``runner``, write the run directory (``out``, default
     ``runner.cfg.out``; None there too = write nothing) and return the summary, with the
     per-round records under ``"records"`` (summary.json holds the rest).
 
+    ``resume``: the checkpoint ``runner`` was restored from (:func:`simulations.checkpoint.load`):
+    the rounds go on after its round, and the run directory's records after it are dropped.
+    With ``cfg.checkpoint_every`` a checkpoint is written every that many rounds
+    (:func:`simulations.checkpoint.save`; a :class:`Simulation` only).
+
     A Ray driver reuses this with a runner that forwards ``run_round`` to its shards and returns
     shard 0's record (every shard returns the same global record)."""
+    from simulations import checkpoint
+
     cfg = runner.cfg
     out = cfg.out if out is None else out
     info = runner.info()
+    first = 0 if resume is None else int(resume["step"])
     recorder = RunRecorder(cfg, out, label_counts=runner.label_counts() if out else None,
-                           plots=plots, info=info)
+                           plots=plots, info=info,
+                           resumed_at=None if resume is None else first * info["steps_per_round"])
     show = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) \
         if progress is None else progress
     bar = None
@@ -588,8 +651,11 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
         bar = tqdm(total=cfg.rounds, desc=f"{cfg.algo} N={cfg.nodes}", unit="round",
                    file=sys.stderr)
     # wall_seconds and cpu_seconds: the rounds (training, syncs, evaluation, records), from the
-    # first round's start; the set-up before it is start-up
+    # first round's start; the set-up before it is start-up (a resumed run's wall_seconds go
+    # on from the checkpoint's)
     t0, cpu0 = time.perf_counter(), time.process_time()
+    if resume is not None:
+        t0 -= float(resume.get("wall_seconds", 0.0))
 
     def log(record: dict[str, Any]) -> None:
         record["wall_seconds"] = time.perf_counter() - t0
@@ -604,14 +670,19 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     start = getattr(runner, "start_round", None)
     pending: Callable[[], dict[str, Any]] | None = None
     try:
-        for r in range(cfg.rounds):
+        for r in range(first, cfg.rounds):
             if start is None:
                 log(runner.run_round(r))
-                continue
-            started = start(r)
-            finish, pending = pending, started
-            if finish is not None:
-                log(finish())
+            else:
+                started = start(r)
+                finish, pending = pending, started
+                if finish is not None:
+                    log(finish())
+            if checkpoint.due(cfg, r + 1):  # round r recorded, then its state written
+                if pending is not None:
+                    finish, pending = pending, None
+                    log(finish())
+                checkpoint.save(runner, r + 1, time.perf_counter() - t0)  # type: ignore[arg-type]
         if pending is not None:
             finish, pending = pending, None
             log(finish())

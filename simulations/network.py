@@ -52,6 +52,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from gossip.comm.stacked import CommEvent
@@ -158,6 +159,19 @@ class SimClock:
     def now(self) -> float:
         """The latest clock: when the last node finished its last round."""
         return float(self.t.max())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The clocks and the pending finish times (a simulation's checkpoint)."""
+        return {"t": torch.from_numpy(self.t.copy()),
+                "pending": torch.from_numpy(self.pending.copy())}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for key in ("t", "pending"):
+            if tuple(state[key].shape) != (self.n,):
+                raise ValueError(f"clock {key} has shape {tuple(state[key].shape)}, expected "
+                                 f"({self.n},)")
+        self.t = state["t"].numpy().astype(np.float64)
+        self.pending = state["pending"].numpy().astype(np.float64)
 
     def compute(self, r: int, steps: Tensor, slowdown: Tensor) -> None:
         """Round ``r``'s local steps: ``steps`` [N] inner steps, ``slowdown`` [N] factors."""

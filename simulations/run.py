@@ -41,6 +41,7 @@ from gossip.allocator import reuse_freed_memory
 from gossip.records import table
 from gossip.rundir import RunDir, interrupted_report
 from gossip.tasks import Task
+from simulations import checkpoint
 from simulations.config import SimConfig, from_args
 from simulations.engine import Simulation, drive, set_threads
 
@@ -70,7 +71,7 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
         raise ValueError("task= is not supported with actors > 1 (each actor builds "
                          f"task={cfg.task!r} itself)")
     if cfg.out is not None:
-        RunDir(cfg.out, overwrite=cfg.overwrite).check()
+        RunDir(cfg.out, resume=cfg.resume, overwrite=cfg.overwrite).check()
     if cfg.actors > 1:
         _resume_gc()
         from simulations import ray_backend
@@ -81,7 +82,10 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
         sim = Simulation(cfg, task=task)
     finally:
         _resume_gc()
-    summary = drive(sim)
+    state = checkpoint.load(sim.cfg)  # (the resolved config) refused before any round
+    if state is not None:
+        sim.load_state_dict(state, source=state["path"])
+    summary = drive(sim, resume=state)
     if cfg.save_models:  # SimConfig allows it only with out set and one process
         assert cfg.out is not None
         sim.save_models(cfg.out)

@@ -585,6 +585,33 @@ class LocalTrainer:
             self._opt = self._opt.materialize()
         return self._opt
 
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state per parameter, in parameter order (momentum buffers, Adam's
+        moments and per-row step counts), and its learning rates: a simulation's checkpoint."""
+        return {"state": [{k: v.clone() if isinstance(v, Tensor) else v
+                           for k, v in self._opt.state.get(p, {}).items()} for p in self.params],
+                "lr": [g["lr"] for g in self._opt.param_groups]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, rates = state["state"], state["lr"]
+        if len(saved) != len(self.params) or len(rates) != len(self._opt.param_groups):
+            raise ValueError(f"optimizer state holds {len(saved)} parameters and {len(rates)} "
+                             f"groups, this trainer has {len(self.params)} and "
+                             f"{len(self._opt.param_groups)}")
+        for p, entry in zip(self.params, saved, strict=True):
+            current = self._opt.state[p]
+            for key, value in entry.items():
+                old = current.get(key)
+                if isinstance(value, Tensor) and isinstance(old, Tensor) \
+                        and old.shape == value.shape:
+                    old.copy_(value)  # the tensor the optimizer (and a CUDA graph) holds
+                elif isinstance(value, Tensor):
+                    current[key] = value.to(p.device).clone()
+                else:
+                    current[key] = value
+        for group, rate in zip(self._opt.param_groups, rates, strict=True):
+            group["lr"] = rate
+
     def state_tensors(self) -> list[Tensor]:
         """Parameters, model buffers and every per-row optimizer state tensor."""
         out = self.model.state_tensors()

@@ -92,6 +92,24 @@ class StackedCommunicator:
     def traffic(self) -> Traffic:
         return self._traffic
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """What the next rounds depend on: the bytes counted so far, who is (known to be) up and
+        the state of the generator that drops messages (a simulation's checkpoint)."""
+        return {"bytes_per_node": self.bytes_per_node.clone(), "alive": self.alive.clone(),
+                "known_alive": self._known_alive.clone(), "drop_rng": self._gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        n = (self._world_size,)
+        for key in ("bytes_per_node", "alive", "known_alive"):
+            if tuple(state[key].shape) != n:
+                raise ValueError(f"{key} has shape {tuple(state[key].shape)}, this communicator "
+                                 f"joins {n[0]} nodes")
+        self.bytes_per_node = state["bytes_per_node"].to(torch.float64).clone()
+        self.alive = state["alive"].to(torch.bool).clone()
+        self._known_alive = state["known_alive"].to(torch.bool).clone()
+        self._gen.set_state(state["drop_rng"])
+        self._last_shares = None
+
     def set_faults(self, alive: Tensor | None = None, drop_prob: float = 0.0) -> None:
         """Faults for the next calls (one call per round): who is up, the chance a message is lost.
 

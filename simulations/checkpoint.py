@@ -1,0 +1,98 @@
+"""Checkpoints of a simulated run: ``--checkpoint-every K`` writes them, ``--resume`` continues.
+
+The format and its guarantees are a real run's (:mod:`gossip.checkpoint`): one file,
+``checkpoints/step_<R>/rank_0.pt`` after round R, written atomically, then the ``latest`` marker
+with the file's SHA-256 and the run's configuration; ``--keep-checkpoints`` prunes. The file
+holds :meth:`simulations.engine.Simulation.state_dict` and the wall seconds the run had taken.
+(``step`` counts rounds here, the simulator's unit.)
+
+A resume (:func:`load`) continues bit for bit: the same models, records and figures as a run
+that never stopped (tests/test_sim_checkpoint.py). It refuses, naming what differs, a marker or
+file whose bytes changed, another algorithm, task or node count, a change of any field that
+alters the trajectory (:func:`gossip.checkpoint.check_resume`, with the simulator's own
+neutral fields: how it reports, evaluates and threads), and a run that has finished. The
+records the dead process wrote after the checkpoint are dropped from ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gossip import checkpoint as ckpt
+from simulations.config import SimConfig
+
+if TYPE_CHECKING:
+    from simulations.engine import Simulation
+
+__all__ = ["NEUTRAL", "due", "load", "save"]
+
+#: Fields a resume may change besides :data:`gossip.checkpoint.NEUTRAL_FIELDS`: they change how
+#: the run reports, evaluates and uses the machine, not its models.
+NEUTRAL = frozenset({"progress", "threads", "save_models", "eval_nodes", "eval_samples",
+                     "cuda_graphs", "address"})
+
+
+def _meta(cfg: SimConfig) -> dict[str, Any]:
+    return {"format": ckpt.FORMAT_VERSION, "kind": "simulation", "algo": cfg.algo,
+            "task": cfg.task, "world_size": cfg.nodes}
+
+
+def _config(cfg: SimConfig) -> dict[str, Any]:
+    return {k: v for k, v in cfg.to_dict().items() if k not in NEUTRAL}
+
+
+def due(cfg: SimConfig, done: int) -> bool:
+    """Whether a checkpoint is written after ``done`` rounds (not after the last)."""
+    every = cfg.checkpoint_every
+    return bool(every) and done % every == 0 and done < cfg.rounds
+
+
+def save(sim: Simulation, done: int, wall_seconds: float) -> Path:
+    """Write the checkpoint of ``sim`` after ``done`` rounds into ``sim.cfg.out``."""
+    cfg = sim.cfg
+    assert cfg.out is not None
+    path = ckpt.rank_file(cfg.out, done, 0)
+    state = {"meta": {**_meta(cfg), "rank": 0}, "step": done, "wall_seconds": wall_seconds,
+             **sim.state_dict()}
+    ckpt.atomic_torch_save(state, path)
+    ckpt.write_latest(cfg.out, done, {**_meta(cfg), "config": _config(cfg),
+                                      "written": time.time()}, ranks=1)
+    if cfg.keep_checkpoints:
+        ckpt.prune(cfg.out, cfg.keep_checkpoints)
+    return path
+
+
+def load(cfg: SimConfig) -> dict[str, Any] | None:
+    """The state to resume ``cfg`` from (None: start fresh, ``cfg.resume`` unset or no
+    checkpoint in ``cfg.out``); ValueError naming what does not fit. Read before the rounds
+    start; nothing is written here."""
+    if not cfg.resume:
+        return None
+    assert cfg.out is not None
+    out = Path(cfg.out)
+    latest = ckpt.read_latest(out)
+    if latest is None:
+        return None
+    marker = ckpt.checkpoint_dir(out) / "latest"
+    summary = out / "summary.json"
+    if summary.exists() and json.loads(summary.read_text()).get("status") != "interrupted":
+        raise ValueError(f"out={str(out)!r} holds a finished run ({summary}): nothing to "
+                         "resume; pass --overwrite to replace it, or choose another --out")
+    meta = _meta(cfg)
+    differ = [k for k in ("kind", "algo", "task", "world_size") if latest.get(k) != meta[k]]
+    if differ:
+        theirs = ", ".join(f"{k}={latest.get(k)!r}" for k in differ)
+        ours = ", ".join(f"{k}={meta[k]!r}" for k in differ)
+        raise ValueError(f"checkpoint {marker} was written with {theirs}; this run has {ours}")
+    done = int(latest["step"])
+    if not 0 < done < cfg.rounds:
+        raise ValueError(f"checkpoint {marker} is after round {done}, not within rounds="
+                         f"{cfg.rounds}")
+    ckpt.check_resume(latest.get("config", {}), _config(cfg), can_override=False)
+    path = ckpt.rank_file(out, done, 0)
+    state = ckpt.load_rank_state(path, sha256=ckpt.expected_sha256(out, latest, path),
+                                 expect={**meta, "rank": 0})
+    return {**state, "path": str(path)}
