@@ -1,0 +1,64 @@
+"""Hostile cases of the third red-team: are the figures the records hold true? Each failed
+before its fix; each checks a figure against an independent recomputation (a plain
+``nn.Module`` per node and ``Task.evaluate``, which is what a real rank reports)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gossip.tasks import Task, get_task
+from simulations.config import SimConfig
+from simulations.engine import Simulation
+
+torch.set_num_threads(1)
+
+
+def _node_module(sim: Simulation, row: int) -> torch.nn.Module:
+    """Node ``row``'s model as a plain module (its parameters and buffers copied out)."""
+    model = sim.task.make_model(sim.cfg.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(sim.model.params[name][row])
+        for name, b in model.named_buffers():
+            b.copy_(sim.model.buffers[name][row])
+    return model
+
+
+# ----------------------------------------------------------------------------- a task's loss_fn
+
+
+def _smoothed_digits() -> Task:
+    task = get_task("digits", seed=0)
+    return dataclasses.replace(
+        task, loss_fn=lambda out, y: F.cross_entropy(out, y, label_smoothing=0.3))
+
+
+def _rmse_synthetic() -> Task:
+    """A loss that is not a mean of per-sample terms: only the whole set gives its value."""
+    task = get_task("synthetic", seed=0)
+    return dataclasses.replace(task, loss_fn=lambda out, y: F.mse_loss(out, y).sqrt())
+
+
+@pytest.mark.parametrize("make", [_smoothed_digits, _rmse_synthetic])
+@pytest.mark.parametrize("algo", ["gossip", "fedavg"])
+def test_test_loss_is_the_tasks_own_loss_fn(make, algo: str) -> None:
+    """Input: a task with its own ``loss_fn`` (label-smoothed cross-entropy; RMSE).
+    Expected: each eval row's loss is ``task.evaluate(node model)["loss"]``, the loss_fn over
+    the test set, as ``launch.train`` records it. Got (before): plain cross-entropy / MSE
+    (25.6 for an RMSE of 4.0), so the simulator and a real run of one task disagreed."""
+    task = make()
+    sim = Simulation(SimConfig(algo=algo, nodes=4, rounds=1, batch_size=8, sync_every=2,
+                               partition="iid", task="digits" if task.name == "digits"
+                               else "synthetic"), task=task)
+    rows = sim.run_round(0)["eval_rows"]
+    for row in rows:
+        node = 0 if row["node"] is None else row["node"]
+        ref = sim.task.evaluate(_node_module(sim, node))
+        assert row["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        if "accuracy" in ref:
+            assert row["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6)  # float32 mean
+    assert len(rows) == (1 if algo == "fedavg" else 4)
