@@ -5,12 +5,15 @@ before its fix; each checks a figure against an independent recomputation (a pla
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from gossip.tasks import Task, get_task
+from simulations.compare import compare
+from simulations.compare import main as compare_main
 from simulations.config import SimConfig
 from simulations.engine import Simulation
 
@@ -62,3 +65,34 @@ def test_test_loss_is_the_tasks_own_loss_fn(make, algo: str) -> None:
         if "accuracy" in ref:
             assert row["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-6)  # float32 mean
     assert len(rows) == (1 if algo == "fedavg" else 4)
+
+
+# ----------------------------------------------------------------------------- simulations.compare
+
+
+def test_compare_checks_every_algorithm_before_the_first_runs(tmp_path: Path) -> None:
+    """Input: ``--algos fedavg,noloco --nodes 9`` (NoLoCo pairs nodes: 9 is refused).
+    Expected: the ValueError naming nodes before anything runs, no run directory written.
+    Got (before): FedAvg ran to its end and wrote ``out/fedavg``, then NoLoCo was refused."""
+    out = tmp_path / "cmp"
+    with pytest.raises(ValueError, match="nodes=9 is invalid"):
+        compare(["fedavg", "noloco"], out=out, nodes=9, rounds=1, batch_size=8)
+    assert not out.exists()
+    # a later algorithm's run directory that holds another run: refused before the first runs
+    (out / "dpsgd").mkdir(parents=True)
+    (out / "dpsgd" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="dpsgd"):
+        compare(["fedavg", "dpsgd"], out=out, nodes=4, rounds=1, batch_size=8)
+    assert not (out / "fedavg").exists()
+
+
+@pytest.mark.parametrize("argv", [["--algos", ",,"], ["--algos", "fedavg,fedavg"]])
+def test_compare_refuses_no_algorithm_or_one_twice(argv: list[str], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Input: ``--algos ,,`` / ``--algos fedavg,fedavg``. Expected: exit 2 naming algos.
+    Got (before): a StopIteration traceback after nothing ran / FedAvg run twice into one
+    directory."""
+    assert compare_main([*argv, "--nodes", "4", "--rounds", "1",
+                         "--out", str(tmp_path / "c")]) == 2
+    assert "algos" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
