@@ -11,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gossip.rundir import RunDir
 from gossip.tasks import Task, get_task
 from simulations.compare import compare
 from simulations.compare import main as compare_main
 from simulations.config import SimConfig
 from simulations.engine import Simulation
+from simulations.run import main as run_main
 
 torch.set_num_threads(1)
 
@@ -96,3 +98,30 @@ def test_compare_refuses_no_algorithm_or_one_twice(argv: list[str], tmp_path: Pa
                          "--out", str(tmp_path / "c")]) == 2
     assert "algos" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+# ----------------------------------------------------------------------------- bad --out
+
+
+def test_out_under_a_file_is_refused_naming_out(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Input: ``--out FILE/run`` (a path below a plain file). Expected: exit 2, ``error:
+    out=... is invalid`` naming the file, before the simulation is built. Got (before): a
+    NotADirectoryError traceback from mkdir once the simulation was built."""
+    plain = tmp_path / "notes.txt"
+    plain.write_text("x")
+    with pytest.raises(ValueError, match=r"out='.*notes.txt/run' is invalid: .*notes.txt is a "
+                                         "file"):
+        RunDir(plain / "run").check()
+    argv = ["--nodes", "4", "--rounds", "1", "--no-progress", "--out", str(plain / "run")]
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: out=" in err and "Traceback" not in err
+
+
+def test_out_that_cannot_be_created_is_a_value_error(tmp_path: Path) -> None:
+    """Input: an out that check() cannot foresee failing (mkdir refused: here a path through
+    /proc, which refuses even root). Expected: acquire raises ValueError naming out (exit 2 in
+    the commands). Got (before): FileNotFoundError, a traceback."""
+    with pytest.raises(ValueError, match=r"out='/proc/gossip-run' is invalid: cannot create"):
+        RunDir("/proc/gossip-run").acquire()
