@@ -125,3 +125,21 @@ def test_out_that_cannot_be_created_is_a_value_error(tmp_path: Path) -> None:
     the commands). Got (before): FileNotFoundError, a traceback."""
     with pytest.raises(ValueError, match=r"out='/proc/gossip-run' is invalid: cannot create"):
         RunDir("/proc/gossip-run").acquire()
+
+
+# ----------------------------------------------------------------------------- renamed flags
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--algo", "noloco", "--noloco-gamma", "-1"], "noloco_gamma must be >= 0, got -1.0"),
+    (["--algo", "gossip", "--gossip-beta", "2"], "gossip_beta must be in [0, 1], got 2.0"),
+    (["--algo", "choco", "--choco-gamma", "2"], "choco_gamma must be in (0, 1], got 2.0"),
+])
+def test_a_renamed_flag_is_named_by_its_flag(argv: list[str], flag: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Input: a bad value of a flag that sets an algorithm field of another name
+    (``--gossip-beta`` sets GossipConfig.self_weight). Expected: the error names the flag the
+    user typed. Got (before): ``self_weight must be in [0, 1], got 2.0`` / ``gamma must be ...``,
+    a name that is no flag of the command."""
+    assert run_main(["--nodes", "4", "--rounds", "1", *argv]) == 2
+    assert f"error: {flag}" in capsys.readouterr().err
