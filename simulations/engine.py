@@ -280,6 +280,8 @@ class Simulation:
         self.clock.compute(r, steps, slow)
         for k, event in enumerate(events):
             self.clock.communicate(r, k, event, alive)
+        if last:  # the last outer step (flush above) waited for what was still in flight
+            self.clock.flush()
         self.clock.end_round(alive)
 
         per_node = self.comm.bytes_per_node.clone()
