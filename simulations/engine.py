@@ -400,8 +400,8 @@ class Simulation:
         for key in keys:
             v = ev.get(key, torch.zeros(0, dtype=torch.float64))
             if one and v.numel():  # one row's figure stands for every row
-                one = float(v[0])
-                total, count, least, most = one * len(rows), float(len(rows)), one, one
+                value = float(v[0])
+                total, count, least, most = value * len(rows), float(len(rows)), value, value
             else:
                 total, count = float(v.sum()), float(v.numel())
                 least = float(v.min()) if v.numel() else math.inf

@@ -169,3 +169,29 @@ def test_overlapped_run_ends_when_its_last_outer_step_has_arrived(rounds: int) -
     a = _ring_seconds(n, sim.model.flat.nbytes_per_row, lat, bw)
     seconds = [sim.run_round(r)["sim_seconds"] for r in range(rounds)]
     assert seconds[-1] == pytest.approx(h * c + (rounds - 1) * max(h * c, a) + a, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- one model's row
+
+
+def test_a_global_model_with_accuracy_zero_is_still_one_row() -> None:
+    """Input: FedAvg evaluated on one test sample that its global model gets wrong (accuracy
+    exactly 0.0). Expected: one eval row with node null (the model every node holds), as in
+    every other FedAvg round. Got (before): the loop kept the figure in the variable that said
+    'one model', so a 0.0 turned it off: 4 per-node rows this round and 1 in the others (and
+    summary.json's final_eval_nodes 4 or 1 by the accuracy's value)."""
+    base = dict(algo="fedavg", nodes=4, rounds=1, batch_size=8, eval_samples=1,
+                sync_every=1, lr=1e-4)
+    seen = set()
+    for seed in range(4):  # seeds 0, 1: the sample right; 2, 3: wrong (checked below)
+        sim = Simulation(SimConfig(**base, seed=seed))
+        record = sim.run_round(0)
+        rows = record["eval_rows"]
+        model = _node_module(sim, 0).eval()
+        with torch.no_grad():
+            right = float(model(sim.x_test).argmax(-1).eq(sim.y_test).float().mean())
+        seen.add(right)
+        assert [r["node"] for r in rows] == [None]
+        assert rows[0]["accuracy"] == record["accuracy_mean"] == right
+        assert record["eval_nodes"] == 4
+    assert seen == {0.0, 1.0}
