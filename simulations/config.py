@@ -162,6 +162,15 @@ class SimConfig(RunSpec):
 
     def _check_algorithm_fields(self) -> None:
         super()._check_algorithm_fields()
+        if self.algo == "choco":
+            # every copy of x_hat_j must see every q_j (gossip/algorithms/choco.py): a lost
+            # message, or one a node misses while it is down, leaves its s_i wrong for good,
+            # and the run's figures would be those of a broken consensus step
+            for name in ("drop_prob", "churn_fraction"):
+                if getattr(self, name) > 0:
+                    bad(name, getattr(self, name), "0 with algo='choco' (its public copies "
+                        "need every message: one lost or missed leaves a neighbour's copy "
+                        "wrong for good)")
         if self.algo == "noloco":
             g = self.group_size or 2
             if self.nodes % g:
