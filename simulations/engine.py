@@ -593,8 +593,9 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     # first round's start; the set-up before it is start-up
     t0, cpu0 = time.perf_counter(), time.process_time()
 
-    def log(record: dict[str, Any]) -> None:
-        record["wall_seconds"] = time.perf_counter() - t0
+    def log(record: dict[str, Any], ended: float | None = None) -> None:
+        """``ended``: when the round ended (default: now)."""
+        record["wall_seconds"] = (time.perf_counter() if ended is None else ended) - t0
         recorder.log(record)
         if bar is not None:
             bar.update(1)
@@ -602,24 +603,29 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
                 bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}",
                                 sim_s=f"{record['sim_seconds']:.1f}")
 
-    # a Simulation starts round r + 1 before it reads round r's figures (start_round)
+    # a Simulation starts round r + 1 before it reads round r's figures (start_round); on the
+    # CPU start_round runs the whole round, so the round ended when it returned (not when its
+    # record is read, after the next round), while a GPU's round ends when its figures arrive
     start = getattr(runner, "start_round", None)
+    on_host = cfg.device != "cuda"
     pending: Callable[[], dict[str, Any]] | None = None
+    pending_end: float | None = None
     try:
         for r in range(cfg.rounds):
             if start is None:
                 log(runner.run_round(r))
                 continue
             started = start(r)
-            finish, pending = pending, started
+            ended = time.perf_counter() if on_host else None
+            (finish, finish_end), (pending, pending_end) = (pending, pending_end), (started, ended)
             if finish is not None:
-                log(finish())
+                log(finish(), finish_end)
         if pending is not None:
-            finish, pending = pending, None
-            log(finish())
+            (finish, finish_end), pending = (pending, pending_end), None
+            log(finish(), finish_end)
     except BaseException as e:
         if pending is not None and isinstance(e, KeyboardInterrupt):
-            log(pending())  # the last round that ran to its end, recorded
+            log(pending(), pending_end)  # the last round that ran to its end, recorded
         if isinstance(e, KeyboardInterrupt):
             recorder.interrupted()
         elif recorder.run_dir is not None:

@@ -5,8 +5,10 @@ before its fix; each checks a figure against an independent recomputation (a pla
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ from gossip.tasks import Task, get_task
 from simulations.compare import compare
 from simulations.compare import main as compare_main
 from simulations.config import SimConfig
-from simulations.engine import Simulation
+from simulations.engine import Simulation, drive
 from simulations.run import main as run_main
 
 torch.set_num_threads(1)
@@ -217,3 +219,26 @@ def test_choco_refuses_faults_that_break_its_public_copies(flag: str, value: flo
     w = torch.as_tensor(sim.topology.mixing_matrix(0), dtype=torch.float64)
     x_hat, s = sim.algorithm.x_hat[0].double(), sim.algorithm.mixed[0].double()
     assert float((s - w @ x_hat).norm() / s.norm()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- wall seconds
+
+
+def test_a_rounds_wall_seconds_is_when_it_ended_not_when_the_next_did() -> None:
+    """drive() starts round r + 1 before it reads round r's figures. On the CPU start_round
+    runs the whole round. Input: rounds made to last 0.1, 0.2, 0.3, 0.4 s longer. Expected: the
+    gaps between the records' wall_seconds are the gaps between the rounds' ends. Got
+    (before): round r carried round r + 1's end (0.74 s for a round that ended at 0.29 s; the
+    last two rounds the same time)."""
+    sim = Simulation(SimConfig(algo="gossip", nodes=4, rounds=4, batch_size=8, sync_every=1))
+    start_round, ends = sim.start_round, []
+
+    def slow_start(r: int):  # the round, then 0.1 (r + 1) s more of it
+        finish = start_round(r)
+        time.sleep(0.1 * (r + 1))
+        ends.append(time.perf_counter())
+        return finish
+
+    sim.start_round = slow_start  # type: ignore[method-assign]
+    walls = [rec["wall_seconds"] for rec in drive(sim, progress=False, plots=False)["records"]]
+    assert np.diff(walls) == pytest.approx(np.diff(ends), abs=0.03)
