@@ -304,3 +304,20 @@ def test_batchnorm_statistics_survive_a_resume_and_reach_the_averaged_model(tmp_
     (rank,) = summary["per_rank"]
     assert summary["avg_model_loss"] == pytest.approx(rank["final_loss"], rel=1e-6)
     assert summary["avg_model_accuracy"] == rank["final_accuracy"]
+
+
+# ----------------------------------------------------------------------------- --config FILE
+
+
+def test_a_config_file_that_sets_one_field_twice_is_refused(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    """Input: a TOML file with ``drop-prob = 0.1`` and ``drop_prob = 0.3`` (both spellings are
+    keys of one field). Expected: exit 2 naming both keys. Got (before): accepted, the later
+    value silently won."""
+    path = tmp_path / "run.toml"
+    path.write_text("drop-prob = 0.1\ndrop_prob = 0.3\n")
+    assert run_main(["--config", str(path), "--nodes", "4", "--rounds", "1",
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "keys 'drop-prob' and 'drop_prob' both set drop_prob (0.1, 0.3)" in err
