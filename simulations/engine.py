@@ -274,6 +274,15 @@ class Simulation:
                     self.algorithm.flush()
         events = self.comm.events[first:]
         del self.comm.events[:]
+        # client-server FedAvg (allreduce="star") with client sampling: the server exchanges
+        # the model with the sampled clients only (the all-reduce counts every node that is up,
+        # as torch.distributed does); the others idle and catch up at the round's end
+        star_sampled = sampled is not None and cfg.allreduce == "star"
+        if star_sampled:
+            assert sampled is not None
+            events = [e if e.participants is None else
+                      dataclasses.replace(e, participants=e.participants & sampled)
+                      for e in events]
         evaluated = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
         ev = self._evaluate(alive, r) if evaluated else None  # queued on the device
         before = self.clock.now
@@ -282,7 +291,7 @@ class Simulation:
             self.clock.communicate(r, k, event, alive)
         if last:  # the last outer step (flush above) waited for what was still in flight
             self.clock.flush()
-        self.clock.end_round(alive)
+        self.clock.end_round(alive & sampled if star_sampled else alive)
 
         per_node = self.comm.bytes_per_node.clone()
         consensus = None

@@ -13,7 +13,8 @@ Every node i has a clock ``t[i]`` (seconds). A round advances it in two phases:
      halving/doubling, what MPI and Gloo use for small messages)
      ``2 ceil(log2 P) latency + 2 (P - 1) / P * bytes / bandwidth``, or with ``allreduce="star"``
      (client-server, FedAvg as deployed: every participant uploads its model to one server,
-     which sends the average back over its own link of ``server_bandwidth``)
+     which sends the average back over its own link of ``server_bandwidth``; with client
+     sampling the participants are the sampled clients, the others catch up at the round's end)
      ``2 latency + 2 max(P bytes / server_bandwidth, bytes / bandwidth)``; times one jitter draw.
      Every participant's clock becomes the finish time.
    - ``all_gather`` (a top-k compressed all-reduce: every participant's payload to every

@@ -321,3 +321,22 @@ def test_a_config_file_that_sets_one_field_twice_is_refused(tmp_path: Path,
                      "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "keys 'drop-prob' and 'drop_prob' both set drop_prob (0.1, 0.3)" in err
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.25])
+def test_star_fedavg_with_client_sampling_talks_to_the_sampled_clients(fraction: float) -> None:
+    """Input: FedAvg, ``allreduce="star"`` (client-server), client_fraction C of N = 8.
+    Expected round time (network.py's star formula over the P = C N sampled clients): H c +
+    2 latency + 2 max(P bytes / server bandwidth, bytes / bandwidth), every round. Got
+    (before): P = 8 whatever C (0.249 s instead of 0.212 s at C = 0.25; 10x the transfer time
+    at N = 100, C = 0.1). The byte counts stay those of the all-reduce real ranks run."""
+    n, h, c, lat, bw = 8, 10, 0.01, 0.05, 12.5e6
+    sim = Simulation(SimConfig(algo="fedavg", nodes=n, rounds=3, batch_size=8, sync_every=h,
+                               client_fraction=fraction, allreduce="star", compute_time=c,
+                               latency=lat, bandwidth=bw))
+    b = sim.model.flat.nbytes_per_row
+    p = max(1, round(fraction * n))
+    records = [sim.run_round(r) for r in range(3)]
+    expected = h * c + 2 * lat + 2 * max(p * b / bw, b / bw)
+    assert [r["round_sim_seconds"] for r in records] == pytest.approx([expected] * 3, rel=1e-9)
+    assert records[-1]["bytes_per_node"] == pytest.approx(3 * 2 * (n - 1) / n * b)
