@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -340,3 +341,21 @@ def test_star_fedavg_with_client_sampling_talks_to_the_sampled_clients(fraction:
     expected = h * c + 2 * lat + 2 * max(p * b / bw, b / bw)
     assert [r["round_sim_seconds"] for r in records] == pytest.approx([expected] * 3, rel=1e-9)
     assert records[-1]["bytes_per_node"] == pytest.approx(3 * 2 * (n - 1) / n * b)
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"address": "auto"}, "address='auto' is invalid: expected None unless actors > 1"),
+    ({"algo": "gossip", "allreduce": "star"},
+     "allreduce='star' is invalid: expected the default 'ring' with algo='gossip'"),
+    ({"algo": "noloco", "allreduce": "halving-doubling"},
+     "allreduce='halving-doubling' is invalid: expected the default 'ring' with algo='noloco'"),
+])
+def test_an_option_that_would_change_nothing_is_refused(fields: dict, message: str) -> None:
+    """Input: ``--address`` with one actor (the run stays in this process), an all-reduce time
+    model for an algorithm that has no all-reduce. Expected: refused naming the field, as
+    ``server_bandwidth`` without ``star`` is. Got (before): accepted; the run and its figures
+    were the same as without the option."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SimConfig(nodes=4, **fields)
+    # where it does something, it is taken
+    SimConfig(nodes=4, **{**fields, "algo": "diloco", "actors": 2})
