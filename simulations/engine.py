@@ -96,6 +96,10 @@ class Simulation:
             else build.load_task(cfg.task, seed=cfg.seed, init=cfg.init)
         # every node's batch is gathered from one tensor: a Dataset is read into memory once
         self.task = dataclasses.replace(task, data=task.data.to_tensors())
+        if cfg.eval_samples is not None and cfg.eval_samples > self.task.data.num_test:
+            raise ValueError(f"eval_samples={cfg.eval_samples} is invalid: expected at most "
+                             f"the {self.task.data.num_test} test samples of "
+                             f"task={self.task.name!r} (or None: all of them)")
         self.cfg = cfg = cfg.resolved(self.task)
         n = cfg.nodes
         check_fits(simulation_estimate(cfg, self.task, n if nodes is None else len(nodes)),

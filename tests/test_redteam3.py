@@ -359,3 +359,14 @@ def test_an_option_that_would_change_nothing_is_refused(fields: dict, message: s
         SimConfig(nodes=4, **fields)
     # where it does something, it is taken
     SimConfig(nodes=4, **{**fields, "algo": "diloco", "actors": 2})
+
+
+def test_more_eval_samples_than_the_test_set_has_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Input: ``--eval-samples 5000`` for digits (359 test samples). Expected: exit 2 naming
+    eval_samples and the test set's size, before a round runs. Got (before): accepted, the
+    figures were over 359 samples and nothing said so."""
+    assert run_main(["--nodes", "4", "--rounds", "1", "--eval-samples", "5000",
+                     "--no-progress"]) == 2
+    assert "eval_samples=5000 is invalid: expected at most the 359 test samples of " \
+        "task='digits'" in capsys.readouterr().err
