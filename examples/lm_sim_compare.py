@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SimConfig(algo=algo, task="lm_sim_compare:make_task", nodes=args.nodes,
                         rounds=args.rounds, sync_every=args.sync_every, optimizer="adam",
                         lr=3e-3, batch_size=args.batch_size, eval_every=args.rounds,
-                        eval_samples=512, out=str(Path(args.out) / algo), progress=False)
+                        out=str(Path(args.out) / algo), progress=False)  # all 249 test windows
         s = run(cfg)
         rows.append((algo, s["final_loss_mean"], s["final_accuracy_mean"],
                      s["bytes_per_node"] / 2**20, s["simulated_seconds"]))

@@ -180,11 +180,15 @@ def load_toml(cls: type, path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config={str(path)!r} is not valid TOML: {e}") from None
     names = {f.name for f in dataclasses.fields(cls)}
     out: dict[str, Any] = {}
+    keys: dict[str, str] = {}
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in names:
             raise ValueError(f"{path}: unknown key {key!r}; known: {', '.join(sorted(names))}")
-        out[name] = value
+        if name in out:  # drop-prob and drop_prob: one field, two values
+            raise ValueError(f"{path}: keys {keys[name]!r} and {key!r} both set {name} "
+                             f"({out[name]!r}, {value!r}): keep one")
+        out[name], keys[name] = value, key
     return out
 
 

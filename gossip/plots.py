@@ -208,7 +208,7 @@ def plot_run(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike[st
 
     steps = sorted(curves.consensus)
     ys = [curves.consensus[s] for s in steps]
-    if any(y > 0 for y in ys):  # all zero: one global model (FedAvg, DiLoCo), nothing to draw
+    if any(y > 0 for y in ys):  # all zero: one model (FedAvg; DiLoCo, F = 1), nothing to draw
         fig = _sized_figure(6, 4)
         ax = fig.add_subplot(1, 1, 1)
         ax.plot(steps, [max(y, 1e-30) for y in ys], color="tab:red", label="consensus distance")

@@ -10,8 +10,8 @@ figures in a ``round`` record are over all nodes.
   (classification only), ``bytes_total`` (the node's bytes sent so far); real runs add
   ``train_loss`` (mean since the last evaluation) and ``sync_seconds_total``; the simulator
   adds ``round``. The simulator writes the rows of its evaluated sample only (``eval_nodes``),
-  and where the algorithm has one global model (FedAvg, DiLoCo) one row with ``node`` null:
-  that model, which every node holds.
+  and where every node holds one model after a sync (FedAvg; DiLoCo without fragments) one row
+  with ``node`` null: that model, which every node holds.
 - ``sync``, real runs, one per rank per synchronisation: ``node``, ``train_loss`` (mean since
   the last sync), ``bytes_sent``, ``sync_seconds``, ``bytes_total``, and the algorithm's own
   figures.

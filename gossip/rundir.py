@@ -83,13 +83,27 @@ class RunDir:
                              "directory")
         if self.path.is_dir():
             self._check()
+            return
+        # to be created: its nearest existing ancestor must be a directory this process can
+        # write in (else mkdir fails with an OSError that names no flag, after the build)
+        parent = next((q for q in self.path.absolute().parents if q.exists()), Path("/"))
+        if not parent.is_dir():
+            raise ValueError(f"out={str(self.path)!r} is invalid: {parent} is a file, "
+                             "expected a directory")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"out={str(self.path)!r} is invalid: {parent} is not writable, "
+                             "expected a directory that can be created")
 
     def acquire(self) -> RunDir:
         """Lock the directory and check what it holds; ValueError (nothing written) if refused."""
         if self._fd is not None:
             return self
         self.check()  # (again below, under the lock)
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # (a place check() cannot see: a read-only file system, /proc)
+            raise ValueError(f"out={str(self.path)!r} is invalid: cannot create it "
+                             f"({e.strerror})") from None
         lock = self.path / LOCK_NAME
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:

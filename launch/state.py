@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from gossip import checkpoint as ckpt
-from gossip.flat import FlatParams
+from gossip.flat import FlatParams, persistent_buffers
 from launch.config import TrainConfig
 from launch.rank import ShardStream, evaluate
 
-__all__ = ["Counters", "eval_mean_model", "load", "resume", "resume_changes", "save"]
+__all__ = ["Counters", "eval_mean_model", "load", "mean_buffers", "resume", "resume_changes",
+           "save"]
 
 
 @dataclasses.dataclass
@@ -75,15 +76,18 @@ def load(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any]) -> dict[s
 
 
 def resume(cfg: TrainConfig, out: Path, rank: int, meta: dict[str, Any], params: FlatParams,
-           opt: torch.optim.Optimizer, algo: Any, stream: ShardStream, device: torch.device
-           ) -> tuple[int, Counters, list[dict[str, Any]]]:
+           opt: torch.optim.Optimizer, algo: Any, stream: ShardStream, device: torch.device,
+           model: torch.nn.Module | None = None) -> tuple[int, Counters, list[dict[str, Any]]]:
     """Restore this rank from the latest checkpoint (:func:`load`): the step to go on from, the
-    counters and the accepted trajectory changes (0, fresh counters, [] = start fresh)."""
+    counters and the accepted trajectory changes (0, fresh counters, [] = start fresh).
+    ``model``: its buffers (BatchNorm's running statistics) are restored too."""
     state = load(cfg, out, rank, meta)
     if state is None:
         return 0, Counters(), []
     try:
         ckpt.restore_params(params, state["params"], source=state["path"])
+        if model is not None:
+            _restore_buffers(model, state.get("buffers", {}), state["path"])
         opt.load_state_dict(state["optimizer"])
         algo.load_state_dict(state["algorithm"])
         stream.load_state(state["data"])
@@ -110,23 +114,64 @@ def resume_changes(out: Path, start: int, new: list[dict[str, Any]]) -> list[dic
     return [*json.loads(path.read_text()).get("resume_changes", []), *new]
 
 
+def _restore_buffers(model: torch.nn.Module, saved: dict[str, Tensor], path: str) -> None:
+    """Copy the saved buffers into ``model``'s (a checkpoint written before they were saved
+    has none: the model's stay as they are)."""
+    mine = persistent_buffers(model)
+    for name, value in saved.items():
+        if name not in mine or mine[name].shape != value.shape:
+            got = tuple(mine[name].shape) if name in mine else "no such buffer"
+            raise ValueError(f"checkpoint {path}: buffer {name!r} {tuple(value.shape)} does not "
+                             f"fit the model ({got})")
+    with torch.no_grad():
+        for name, value in saved.items():
+            mine[name].copy_(value)
+
+
 def save(out: Path, step: int, rank: int, meta: dict[str, Any], params: FlatParams,
           opt: torch.optim.Optimizer, algo: Any, stream: ShardStream, device: torch.device,
-          c: Counters) -> None:
+          c: Counters, model: torch.nn.Module | None = None) -> None:
+    """This rank's checkpoint of ``step``; ``model``: its buffers too (BatchNorm's running
+    statistics are no parameters, yet they are the model a test evaluates)."""
+    buffers = {} if model is None else {n: b.detach().clone()
+                                         for n, b in persistent_buffers(model).items()}
     state = {"meta": {**meta, "rank": rank}, "step": step, "params": ckpt.params_state(params),
+             "buffers": buffers,
              "optimizer": opt.state_dict(), "algorithm": algo.state_dict(),
              "data": stream.state(), "rng": ckpt.capture_rng(device),
              "launcher": dataclasses.asdict(c)}
     ckpt.atomic_torch_save(state, ckpt.rank_file(out, step, rank))
 
 
-def eval_mean_model(task: Any, mean: Tensor, device: torch.device, x: Tensor, y: Tensor
-                     ) -> dict[str, float]:
-    """Test metrics of the average of all ranks' models (rank 0 only)."""
+def mean_buffers(model: torch.nn.Module, comm: Any) -> dict[str, Tensor]:
+    """The mean over every rank of ``model``'s floating-point buffers (BatchNorm's running
+    statistics), by name; one all-reduce (float64), so every rank calls it. Empty (and no
+    collective) for a model without any."""
+    named = [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
+    if not named:
+        return {}
+    packed = torch.cat([b.detach().reshape(-1).to(torch.float64) for _, b in named])
+    comm.all_reduce_mean_(packed)
+    out, offset = {}, 0
+    for n, b in named:
+        out[n] = packed[offset:offset + b.numel()].reshape(b.shape).to(b.dtype)
+        offset += b.numel()
+    return out
+
+
+def eval_mean_model(task: Any, mean: Tensor, device: torch.device, x: Tensor, y: Tensor,
+                    buffers: dict[str, Tensor] | None = None) -> dict[str, float]:
+    """Test metrics of the average of all ranks' models (rank 0 only): the mean parameters
+    ``mean`` and the mean floating-point buffers ``buffers`` (:func:`mean_buffers`; a
+    BatchNorm's running statistics at their initial values would not be the averaged model)."""
     params = FlatParams.from_module(model := task.make_model(0).to(device))
     chunks, offset = [], 0
     for b in params.buffers():
         chunks.append(mean[offset : offset + b.numel()].to(b.dtype).reshape(b.shape))
         offset += b.numel()
     ckpt.restore_params(params, chunks, source="the mean model")
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if buffers and name in buffers:
+                b.copy_(buffers[name])
     return evaluate(task, model, x, y)

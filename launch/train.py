@@ -65,7 +65,7 @@ from launch.rank import (
 )
 from launch.records import describe, gatherer
 from launch.spawn import torchrun_store_warning
-from launch.state import eval_mean_model, resume, resume_changes, save
+from launch.state import eval_mean_model, mean_buffers, resume, resume_changes, save
 
 __all__ = ["main", "train"]
 
@@ -127,7 +127,7 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
 
     # ---- resume (an error on any rank is every rank's)
     start, c, changes = agree(lambda: resume(cfg, out, rank, meta, params, opt, algo, stream,
-                                             device))
+                                             device, model))
     progress[0] = start
     if start:
         log.info("resumed from %s at step %d", ckpt.checkpoint_dir(out), start)
@@ -167,8 +167,11 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
                                 "consensus_distance": distance})
         if last:
             final.update(eval=rec)
+            # (collective: every rank, where the consensus was measured)
+            buffers = mean_buffers(model, comm) if mean is not None else None
             if rank == 0 and mean is not None:
-                final["avg_model"] = eval_mean_model(task, mean, device, x_test, y_test)
+                final["avg_model"] = eval_mean_model(task, mean, device, x_test, y_test,
+                                                     buffers)
         if rank == 0 and record:
             acc = metrics.get("accuracy")
             log.info("step %d/%d (rank 0) test loss %.4f%s%s", step, cfg.steps,
@@ -238,7 +241,7 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
             if evaluating or saving:
                 flush()
             if saving:
-                save(out, step, rank, meta, params, opt, algo, stream, device, c)
+                save(out, step, rank, meta, params, opt, algo, stream, device, c, model)
                 written = records.checkpoint_complete(step)  # on the marker's writer only
                 if written is not None:  # config: check_resume's
                     ckpt.write_latest(out, step, {**meta, "config": cfg.to_dict()}, ranks=written)

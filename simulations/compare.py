@@ -45,7 +45,7 @@ from gossip.configs import parse_seeds
 from gossip.metrics import atomic_write_text, to_jsonable
 from gossip.plots import plot_comparison, plot_comparison_seeds
 from gossip.records import runs_table
-from gossip.rundir import interrupted_report
+from gossip.rundir import RunDir, interrupted_report
 from simulations.config import SimConfig
 from simulations.run import run
 
@@ -69,16 +69,14 @@ DEFAULT_ALGOS = ("fedavg", "diloco", "noloco", "dpsgd", "gossip-vc")
 def compare(algos: Sequence[str] = DEFAULT_ALGOS, *, out: str | Path | None = "runs/compare",
             progress: bool | None = None, **fields: Any) -> dict[str, dict[str, Any]]:
     """Run every algorithm with ``fields`` (shared SimConfig fields) on top of its
-    :data:`ALGO_SETTINGS`; returns ``{algo: summary}`` (each with its ``records``)."""
+    :data:`ALGO_SETTINGS`; returns ``{algo: summary}`` (each with its ``records``).
+
+    Every algorithm's config, and its run directory, is checked before the first one runs: a
+    value one algorithm refuses (``nodes`` odd for NoLoCo's pairs) fails at once, not after the
+    others have run."""
+    configs = _configs(algos, out, progress, fields)
     results: dict[str, dict[str, Any]] = {}
-    for algo in algos:
-        if algo not in ALGO_SETTINGS:
-            raise ValueError(f"algos: {algo!r} is not one of {sorted(ALGO_SETTINGS)}")
-        shared = dict(fields)
-        if not needs_topology(algo):
-            shared.pop("topology", None)
-        cfg = SimConfig(algo=algo, **{**ALGO_SETTINGS[algo], **shared},
-                        out=None if out is None else str(Path(out) / algo), progress=progress)
+    for algo, cfg in configs.items():
         t0 = time.perf_counter()
         summary = run(cfg)
         summary["wall_seconds_total"] = time.perf_counter() - t0
@@ -95,6 +93,29 @@ def compare(algos: Sequence[str] = DEFAULT_ALGOS, *, out: str | Path | None = "r
     return results
 
 
+def _configs(algos: Sequence[str], out: str | Path | None, progress: bool | None,
+             fields: dict[str, Any]) -> dict[str, SimConfig]:
+    """Each algorithm's validated SimConfig, its run directory checked (nothing is created)."""
+    if isinstance(algos, str) or not algos:
+        raise ValueError(f"algos={algos!r} is invalid: expected one or more of "
+                         f"{sorted(ALGO_SETTINGS)}")
+    configs: dict[str, SimConfig] = {}
+    for algo in algos:
+        if algo not in ALGO_SETTINGS:
+            raise ValueError(f"algos: {algo!r} is not one of {sorted(ALGO_SETTINGS)}")
+        if algo in configs:
+            raise ValueError(f"algos: {algo!r} is given twice")
+        shared = dict(fields)
+        if not needs_topology(algo):
+            shared.pop("topology", None)
+        cfg = SimConfig(algo=algo, **{**ALGO_SETTINGS[algo], **shared},
+                        out=None if out is None else str(Path(out) / algo), progress=progress)
+        if cfg.out is not None:
+            RunDir(cfg.out, overwrite=cfg.overwrite).check()
+        configs[algo] = cfg
+    return configs
+
+
 #: Summary figures aggregated over seeds by :func:`seed_stats`.
 SEED_KEYS = ("final_accuracy_mean", "final_accuracy_min", "rounds_to_90", "bytes_per_node",
              "simulated_seconds", "sim_seconds_to_90", "wall_seconds_total")
@@ -106,6 +127,9 @@ def compare_seeds(algos: Sequence[str], seeds: Sequence[int], *,
     """:func:`compare` once per seed (into ``out/seed_S``); returns ``{algo: [summary per
     seed]}`` and, with ``out``, writes the band plot and ``comparison_seeds.json`` there."""
     per_algo: dict[str, list[dict[str, Any]]] = {}
+    for seed in seeds:  # every seed's configs checked before the first runs
+        _configs(algos, None if out is None else Path(out) / f"seed_{seed}", progress,
+                 {**fields, "seed": seed})
     for seed in seeds:
         sub = None if out is None else Path(out) / f"seed_{seed}"
         for algo, summary in compare(algos, out=sub, progress=progress, seed=seed,

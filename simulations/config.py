@@ -32,6 +32,8 @@ __all__ = ["SimConfig", "build_parser", "from_args"]
 TRAIN_IMPLS = ("auto", "matmul", "vmap", "loop")
 DEVICES = ("cpu", "cuda")
 STRAGGLER_POLICIES = ("wait", "deadline")
+#: The algorithms whose sync is an all-reduce (the ones ``allreduce`` times).
+ALLREDUCE_USERS = ("fedavg", "diloco")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +174,9 @@ class SimConfig(RunSpec):
             bad("save_models", self.save_models, "False unless out is set and actors is 1")
         if self.actors > self.nodes:
             bad("actors", self.actors, f"at most nodes={self.nodes}")
+        if self.address is not None and self.actors == 1:  # it would run here, not there
+            bad("address", self.address, "None unless actors > 1 (one actor runs in this "
+                "process, not on the cluster)")
         if self.device not in DEVICES:
             bad("device", self.device, f"one of {list(DEVICES)}")
         _at_least("eval_every", self.eval_every, 1)
@@ -182,6 +187,18 @@ class SimConfig(RunSpec):
 
     def _check_algorithm_fields(self) -> None:
         super()._check_algorithm_fields()
+        if self.algo not in ALLREDUCE_USERS and self.allreduce != "ring":  # no all-reduce
+            bad("allreduce", self.allreduce, f"the default 'ring' with algo={self.algo!r} "
+                f"(it has no all-reduce: only {list(ALLREDUCE_USERS)} time one)")
+        if self.algo == "choco":
+            # every copy of x_hat_j must see every q_j (gossip/algorithms/choco.py): a lost
+            # message, or one a node misses while it is down, leaves its s_i wrong for good,
+            # and the run's figures would be those of a broken consensus step
+            for name in ("drop_prob", "churn_fraction"):
+                if getattr(self, name) > 0:
+                    bad(name, getattr(self, name), "0 with algo='choco' (its public copies "
+                        "need every message: one lost or missed leaves a neighbour's copy "
+                        "wrong for good)")
         if self.algo == "noloco":
             g = self.group_size or 2
             if self.nodes % g:

@@ -97,6 +97,10 @@ class Simulation:
             else build.load_task(cfg.task, seed=cfg.seed, init=cfg.init)
         # every node's batch is gathered from one tensor: a Dataset is read into memory once
         self.task = dataclasses.replace(task, data=task.data.to_tensors())
+        if cfg.eval_samples is not None and cfg.eval_samples > self.task.data.num_test:
+            raise ValueError(f"eval_samples={cfg.eval_samples} is invalid: expected at most "
+                             f"the {self.task.data.num_test} test samples of "
+                             f"task={self.task.name!r} (or None: all of them)")
         self.cfg = cfg = cfg.resolved(self.task)
         n = cfg.nodes
         check_fits(simulation_estimate(cfg, self.task, n if nodes is None else len(nodes)),
@@ -319,13 +323,24 @@ class Simulation:
                     self.algorithm.flush()
         events = self.comm.events[first:]
         del self.comm.events[:]
+        # client-server FedAvg (allreduce="star") with client sampling: the server exchanges
+        # the model with the sampled clients only (the all-reduce counts every node that is up,
+        # as torch.distributed does); the others idle and catch up at the round's end
+        star_sampled = sampled is not None and cfg.allreduce == "star"
+        if star_sampled:
+            assert sampled is not None
+            events = [e if e.participants is None else
+                      dataclasses.replace(e, participants=e.participants & sampled)
+                      for e in events]
         evaluated = (r + 1) % cfg.eval_every == 0 or r + 1 == cfg.rounds
         ev = self._evaluate(alive, r) if evaluated else None  # queued on the device
         before = self.clock.now
         self.clock.compute(r, steps, slow)
         for k, event in enumerate(events):
             self.clock.communicate(r, k, event, alive)
-        self.clock.end_round(alive)
+        if last:  # the last outer step (flush above) waited for what was still in flight
+            self.clock.flush()
+        self.clock.end_round(alive & sampled if star_sampled else alive)
 
         per_node = self.comm.bytes_per_node.clone()
         consensus = None
@@ -443,8 +458,8 @@ class Simulation:
         for key in keys:
             v = ev.get(key, torch.zeros(0, dtype=torch.float64))
             if one and v.numel():  # one row's figure stands for every row
-                one = float(v[0])
-                total, count, least, most = one * len(rows), float(len(rows)), one, one
+                value = float(v[0])
+                total, count, least, most = value * len(rows), float(len(rows)), value, value
             else:
                 total, count = float(v.sum()), float(v.numel())
                 least = float(v.min()) if v.numel() else math.inf
@@ -657,8 +672,9 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     if resume is not None:
         t0 -= float(resume.get("wall_seconds", 0.0))
 
-    def log(record: dict[str, Any]) -> None:
-        record["wall_seconds"] = time.perf_counter() - t0
+    def log(record: dict[str, Any], ended: float | None = None) -> None:
+        """``ended``: when the round ended (default: now)."""
+        record["wall_seconds"] = (time.perf_counter() if ended is None else ended) - t0
         recorder.log(record)
         if bar is not None:
             bar.update(1)
@@ -666,29 +682,35 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
                 bar.set_postfix(acc=f"{record['accuracy_mean']:.3f}",
                                 sim_s=f"{record['sim_seconds']:.1f}")
 
-    # a Simulation starts round r + 1 before it reads round r's figures (start_round)
+    # a Simulation starts round r + 1 before it reads round r's figures (start_round); on the
+    # CPU start_round runs the whole round, so the round ended when it returned (not when its
+    # record is read, after the next round), while a GPU's round ends when its figures arrive
     start = getattr(runner, "start_round", None)
+    on_host = cfg.device != "cuda"
     pending: Callable[[], dict[str, Any]] | None = None
+    pending_end: float | None = None
     try:
         for r in range(first, cfg.rounds):
             if start is None:
                 log(runner.run_round(r))
             else:
                 started = start(r)
-                finish, pending = pending, started
+                ended = time.perf_counter() if on_host else None
+                (finish, finish_end), (pending, pending_end) = \
+                    (pending, pending_end), (started, ended)
                 if finish is not None:
-                    log(finish())
+                    log(finish(), finish_end)
             if checkpoint.due(cfg, r + 1):  # round r recorded, then its state written
                 if pending is not None:
-                    finish, pending = pending, None
-                    log(finish())
+                    (finish, finish_end), pending = (pending, pending_end), None
+                    log(finish(), finish_end)
                 checkpoint.save(runner, r + 1, time.perf_counter() - t0)  # type: ignore[arg-type]
         if pending is not None:
-            finish, pending = pending, None
-            log(finish())
+            (finish, finish_end), pending = (pending, pending_end), None
+            log(finish(), finish_end)
     except BaseException as e:
         if pending is not None and isinstance(e, KeyboardInterrupt):
-            log(pending())  # the last round that ran to its end, recorded
+            log(pending(), pending_end)  # the last round that ran to its end, recorded
         if isinstance(e, KeyboardInterrupt):
             recorder.interrupted()
         elif recorder.run_dir is not None:

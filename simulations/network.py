@@ -13,7 +13,8 @@ Every node i has a clock ``t[i]`` (seconds). A round advances it in two phases:
      halving/doubling, what MPI and Gloo use for small messages)
      ``2 ceil(log2 P) latency + 2 (P - 1) / P * bytes / bandwidth``, or with ``allreduce="star"``
      (client-server, FedAvg as deployed: every participant uploads its model to one server,
-     which sends the average back over its own link of ``server_bandwidth``)
+     which sends the average back over its own link of ``server_bandwidth``; with client
+     sampling the participants are the sampled clients, the others catch up at the round's end)
      ``2 latency + 2 max(P bytes / server_bandwidth, bytes / bandwidth)``; times one jitter draw.
      Every participant's clock becomes the finish time.
    - ``all_gather`` (a top-k compressed all-reduce: every participant's payload to every
@@ -32,7 +33,9 @@ Every node i has a clock ``t[i]`` (seconds). A round advances it in two phases:
 clock when the sync is reached but do not hold it: their finish times (the same formulas, from the
 same start) are kept as ``pending`` and the node's clock only waits for them at the end of the
 next round's compute, ``t[i] = max(t[i] + compute, pending[i])``, where the overlapped outer step
-waits on its handle. Communication is charged only where it outlasts the compute it hides behind.
+waits on its handle, and after the last round (:meth:`SimClock.flush`: the run's last outer step,
+which the final model holds). Communication is charged only where it outlasts the compute it
+hides behind.
 
 At the end of a round a node that is down takes the clock of the latest node that is up (it
 rejoins "now"). The run's simulated time after round r is the latest clock of all nodes.
@@ -179,6 +182,12 @@ class SimClock:
         dt = steps.double().numpy() * m.compute_time * slowdown.double().numpy()
         self.t += dt * m.noise((self.n,), _COMPUTE, r)
         # the overlapped outer step waits here for what the previous sync started
+        self.t = np.maximum(self.t, self.pending)
+        self.pending = np.full(self.n, -np.inf)
+
+    def flush(self) -> None:
+        """The run's last outer step (``algorithm.flush``): every node waits for the overlapped
+        communication still in flight, whose update the final model holds."""
         self.t = np.maximum(self.t, self.pending)
         self.pending = np.full(self.n, -np.inf)
 

@@ -265,6 +265,9 @@ class StackedModel:
         if self.plan is None:  # a plain MLP (the matmul impl) behaves the same in both modes
             self.base.eval()
         try:
+            if self.task.loss_fn is not None:  # the task's own loss, over the whole set
+                return self._evaluate_own_loss(x, y, start, index, count_rows, samples,
+                                               max(1, budget // (per_sample * n)))
             for s0 in range(0, n, samples):
                 xs, ys = x[s0:s0 + samples], y[s0:s0 + samples]
                 count += ys.numel()
@@ -280,6 +283,28 @@ class StackedModel:
             if self.plan is None:
                 self.base.train(was_training)
         return loss / count, (hits / count if kind != "regression" else None)
+
+    def _evaluate_own_loss(self, x: Tensor, y: Tensor, start: int, index: Tensor | None,
+                           count_rows: int, samples: int, nodes: int
+                           ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`evaluate` of a task with its own ``loss_fn``: each row's outputs on the whole
+        set, then ``task.loss`` of them once, as a real rank evaluates
+        (:func:`launch.rank.evaluate`: ``task.metrics`` of every output; a loss need not be a
+        mean of per-sample terms, so chunks' losses cannot be combined). ``nodes`` rows at a
+        time, their outputs sample chunk by sample chunk (``samples``)."""
+        kind = self.task.data.kind
+        loss = torch.zeros(count_rows, dtype=torch.float64, device=x.device)
+        hits = torch.zeros_like(loss)
+        for r0 in range(0, count_rows, nodes):
+            r1 = min(count_rows, r0 + nodes)
+            sel = slice(start + r0, start + r1) if index is None else index[r0:r1]
+            out = torch.cat([self._eval_forward(x[s0:s0 + samples], sel)
+                             for s0 in range(0, x.shape[0], samples)], dim=1)
+            for k in range(r1 - r0):  # one call per row: the very call a real rank makes
+                loss[r0 + k] = self.task.loss(out[k], y).to(torch.float64)
+            if kind != "regression":
+                hits[r0:r1] = (out.argmax(dim=-1) == y).reshape(r1 - r0, -1).sum(1).double()
+        return loss, (hits / y.numel() if kind != "regression" else None)
 
     def _eval_forward(self, x: Tensor, sel: slice | Tensor) -> Tensor:
         params = {n: t[sel] for n, t in self.params.items()}

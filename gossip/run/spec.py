@@ -36,6 +36,7 @@ import importlib
 import inspect
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,7 +284,14 @@ class RunSpec(AlgorithmOptions, FileConfig):
         if sync_every is None:
             sync_every = self.sync_every
         fields["sync_every"] = SYNC_EVERY.get(self.algo) if sync_every is None else sync_every
-        return make_config(self.algo, **fields, seed=self.seed)
+        try:
+            return make_config(self.algo, **fields, seed=self.seed)
+        except ValueError as e:  # the config names its field: say the flag the user set
+            message = str(e)
+            for (cls, name), flag in RENAMED.items():
+                if cls is config_cls and re.match(rf"{name}\b(?!_)", message):
+                    raise ValueError(flag + message[len(name):]) from None
+            raise
 
     # ------------------------------------------------------------------ defaults
 
