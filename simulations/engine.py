@@ -49,7 +49,7 @@ from gossip.algorithms._common import frozen_rows
 from gossip.batching import StackedBatches
 from gossip.comm.stacked import StackedCommunicator
 from gossip.data import label_distribution
-from gossip.flat import scope_from_spec
+from gossip.flat import persistent_buffers, scope_from_spec
 from gossip.metrics import RunWriter, iter_jsonl
 from gossip.ops import to_device
 from gossip.records import Summarizer, eval_rows
@@ -108,6 +108,11 @@ class Simulation:
             raise ValueError(f"nodes holds {ids.numel()} of {n} nodes: a shard needs a group")
         self.nodes = ids
         self.group = group
+        # torch's global RNG draws the models' own randomness (dropout masks, also under vmap's
+        # randomness="different"): seeded from the run's seed and this shard's first node, as
+        # launch.train seeds each rank, so a run with dropout repeats itself
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, int(ids[0]), 1])
+                              .generate_state(1)[0]))
         self.device = torch.device(cfg.device)
         data = self.task.data
         bsz = cfg.batch_size
@@ -153,8 +158,12 @@ class Simulation:
         self.algorithm, _ = build.make_algorithm(
             cfg, self.model.flat, self.comm, topology=self.topology,
             weight=self.sizes[ids].to(torch.float64), sync_every=self.steps_per_round * frags)
-        #: every row holds the same whole model after a sync (FedAvg; DiLoCo without fragments)
-        self.one_model = bool(getattr(self.algorithm, "one_model", False))
+        #: every row holds the same whole model after a sync (FedAvg; DiLoCo without fragments).
+        #: Not with floating-point persistent buffers (BatchNorm's running statistics): the
+        #: algorithms average the parameters only, so each node's statistics are its own and
+        #: one row cannot stand for every node
+        self.one_model = bool(getattr(self.algorithm, "one_model", False)) and not any(
+            b.is_floating_point() for b in persistent_buffers(self.model.base).values())
         self.faults = FaultSchedule(
             n, cfg.rounds, seed=cfg.seed, crash_fraction=cfg.crash_fraction,
             crash_round=cfg.crash_round or 0, churn_fraction=cfg.churn_fraction,
