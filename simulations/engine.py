@@ -115,6 +115,9 @@ class Simulation:
                               .generate_state(1)[0]))
         self.device = torch.device(cfg.device)
         data = self.task.data
+        # a loss_fn that returns no mean loss, refused before anything proportional to N
+        build.check_loss(self.task, self.task.make_model(cfg.seed).to(self.device), data.x_test,
+                         data.y_test, cfg.batch_size or 1)
         bsz = cfg.batch_size
         assert bsz is not None
         self.shards = shards = build.make_shards(cfg, self.task, n, shard_size=cfg.shard_size)

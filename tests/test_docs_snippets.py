@@ -109,3 +109,79 @@ def test_cnn_attach_creates_its_out_directory(tmp_path: Path) -> None:
     models = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, tensor in models[0].items():  # FedAvg, last step a sync: the one average
         assert torch.equal(tensor, models[1][name]), name
+
+
+def per_sample_loss(seed: int = 0) -> Task:
+    """A user's loss_fn that forgot the reduction (``--task tests.test_docs_snippets:...``)."""
+    task = _task(_batchnorm_model)
+    return Task(name="per-sample", data=task.data, model_factory=_batchnorm_model,
+                default_lr=0.05, default_batch_size=16,
+                loss_fn=lambda out, y: nn.functional.cross_entropy(out, y, reduction="none"))
+
+
+def test_a_per_sample_loss_is_refused_before_the_run_directory_is_written(tmp_path: Path
+                                                                          ) -> None:
+    """launch.train ran into it at the first training step: a traceback on every rank (exit 1)
+    after config.json and metrics.jsonl were written, so the corrected run into the same --out
+    was refused ('holds another run') until --overwrite; the simulator printed one line but left
+    the same files. Now both refuse it in one line (exit 2) and write nothing."""
+    from simulations.run import main as sim_main
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE")}
+    real, sim = tmp_path / "real", tmp_path / "sim"
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--task",
+                           "tests.test_docs_snippets:per_sample_loss", "--algo", "fedavg",
+                           "--steps", "4", "--sync-every", "2", "--out", str(real)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "loss_fn returned a torch.float32 tensor of shape (16,): it must return the batch's " \
+           "mean loss" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not real.exists() or sorted(p.name for p in real.iterdir()) in ([], [".lock"])
+    assert sim_main(["--task", "tests.test_docs_snippets:per_sample_loss", "--algo", "fedavg",
+                     "--nodes", "2", "--rounds", "1", "--sync-every", "1", "--no-progress",
+                     "--out", str(sim)]) == 2
+    assert not sim.exists() or sorted(p.name for p in sim.iterdir()) in ([], [".lock"])
+
+
+def test_attach_names_a_parameter_on_the_meta_device() -> None:
+    """A model built on the meta device (as for large models, materialized later) used to get
+    past attach's checks into the process group: 'No backend type associated with device type
+    meta' from Gloo, naming no tensor. Refused now before any process group is joined."""
+    import gossip
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).to("meta")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' is on the meta device"):
+        gossip.attach(model, optimizer, gossip.FedAvgConfig())
+    assert not torch.distributed.is_initialized()
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model[1].running_mean = torch.empty(4, device="meta")  # a buffer left on meta is named too
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"buffer '1\.running_mean' is on the meta device"):
+        gossip.attach(model, optimizer, gossip.FedAvgConfig())
+
+
+def _attach_cpu_model_under_nccl(comm: object) -> str:
+    import gossip
+
+    model = nn.Linear(3, 2)  # left on the CPU
+    try:
+        gossip.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      gossip.FedAvgConfig(), comm)  # type: ignore[arg-type]
+    except ValueError as e:
+        return str(e)
+    return "attached"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (NCCL)")
+def test_attach_names_a_cpu_parameter_under_nccl() -> None:
+    """Under torchrun on a GPU machine the group is NCCL; a model left on the CPU failed in the
+    start-up broadcast with NCCL's 'No backend type associated with device type cpu'."""
+    from tests.distributed import run_ranks
+
+    [message] = run_ranks(_attach_cpu_model_under_nccl, 1, backend="nccl")
+    assert message.startswith("parameter 'weight' is on cpu, but the process group is NCCL"), \
+        message
