@@ -185,3 +185,28 @@ def test_attach_names_a_cpu_parameter_under_nccl() -> None:
     [message] = run_ranks(_attach_cpu_model_under_nccl, 1, backend="nccl")
     assert message.startswith("parameter 'weight' is on cpu, but the process group is NCCL"), \
         message
+
+
+@pytest.mark.parametrize("cli", ["simulations.run", "simulations.compare"])
+def test_sigterm_ends_a_simulation_like_ctrl_c(tmp_path: Path, cli: str) -> None:
+    """docs/guide/run-directory.md: every run, real or simulated, says "interrupted" after
+    Ctrl-C or SIGTERM. The simulator's CLIs died of SIGTERM (exit -15) leaving config.json and
+    metrics.jsonl without a summary or a status; launch.train alone handled it."""
+    import signal
+
+    from tests.test_rundir import _check_interrupted, _interrupt_when_recorded
+
+    out = tmp_path / "run"
+    if cli == "simulations.run":
+        cmd = [sys.executable, "-m", cli, "--algo", "fedavg", "--nodes", "4", "--sync-every",
+               "2", "--no-progress", "--rounds", "100000", "--out", str(out)]
+        run_dir = out
+    else:
+        cmd = [sys.executable, "-m", cli, "--algos", "fedavg", "--nodes", "4",
+               "--rounds", "100000", "--out", str(out)]
+        run_dir = out / "fedavg"
+    proc, err = _interrupt_when_recorded(cmd, run_dir, signal.SIGTERM)
+    assert proc.returncode == 130, err
+    assert f"interrupted: kept {run_dir} (marked interrupted at round " in err, err
+    assert "Traceback" not in err, err
+    _check_interrupted(run_dir)
