@@ -72,6 +72,9 @@ def _algo_name(config: object) -> str:
         if type(config) is config_cls:
             return name
     known = sorted({entry[1].__name__ for entry in ALGORITHMS.values()})
+    if isinstance(config, type) and config.__name__ in known:  # the class, not an instance
+        raise ValueError(f"config must be an instance of one of {known}, got the class "
+                         f"{config.__name__} itself: pass {config.__name__}(sync_every=...)")
     raise ValueError(f"config must be one of {known}, got {type(config).__name__}")
 
 

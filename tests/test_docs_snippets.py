@@ -210,3 +210,17 @@ def test_sigterm_ends_a_simulation_like_ctrl_c(tmp_path: Path, cli: str) -> None
     assert f"interrupted: kept {run_dir} (marked interrupted at round " in err, err
     assert "Traceback" not in err, err
     _check_interrupted(run_dir)
+
+
+def test_attach_says_when_it_gets_a_config_class_instead_of_an_instance() -> None:
+    """gossip.attach(model, opt, gossip.NoLoCoConfig) said 'config must be one of [...], got
+    type', naming neither the class nor what to do."""
+    import gossip
+
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"got the class NoLoCoConfig itself: pass "
+                                         r"NoLoCoConfig\(sync_every=\.\.\.\)"):
+        gossip.attach(model, optimizer, gossip.NoLoCoConfig)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"config must be one of \[.*\], got dict"):
+        gossip.attach(model, optimizer, {"sync_every": 5})  # type: ignore[arg-type]
