@@ -7,6 +7,7 @@ import argparse
 import os
 
 import torch
+import torch.distributed as dist
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -20,6 +21,8 @@ parser.add_argument("--out", help="a folder: each rank saves its final model the
 args = parser.parse_args()
 if args.steps < 1 or args.sync_every < 1:
     parser.error(f"--steps and --sync-every must be >= 1, got {args.steps} and {args.sync_every}")
+if args.out:
+    os.makedirs(args.out, exist_ok=True)  # before training, not after it
 
 rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
 x, y = load_digits(return_X_y=True)
@@ -45,3 +48,4 @@ with torch.no_grad():
 print(f"rank {rank}: train loss {loss.item():.4f}, test accuracy {accuracy:.4f}", flush=True)
 if args.out:
     torch.save(model.state_dict(), os.path.join(args.out, f"rank{rank}.pt"))
+dist.destroy_process_group()  # left to the interpreter's exit, Gloo's teardown can abort a rank

@@ -72,6 +72,9 @@ def _algo_name(config: object) -> str:
         if type(config) is config_cls:
             return name
     known = sorted({entry[1].__name__ for entry in ALGORITHMS.values()})
+    if isinstance(config, type) and config.__name__ in known:  # the class, not an instance
+        raise ValueError(f"config must be an instance of one of {known}, got the class "
+                         f"{config.__name__} itself: pass {config.__name__}(sync_every=...)")
     raise ValueError(f"config must be one of {known}, got {type(config).__name__}")
 
 
@@ -135,6 +138,7 @@ def attach(
                          f"{type(optimizer).__name__}")
     _check_not_attached(model, optimizer)
     _check_optimizer(model, optimizer, ValueError)
+    _check_devices(model, None)
     if cls.needs_topology and topology is None:
         raise ValueError(f"topology is required for {type(config).__name__}: a gossip.Topology "
                          "or a spec such as 'ring'")
@@ -147,6 +151,7 @@ def attach(
     if comm.nodes.numel() != 1:
         raise ValueError(f"comm must hold one node per process (a real rank), got "
                          f"{comm.nodes.numel()} nodes")
+    _check_devices(model, getattr(comm, "backend", None))
     n = comm.world_size
     if isinstance(topology, str):
         topology = make_topology(topology, n)
@@ -201,6 +206,26 @@ def _check_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
                     "a parameter of model: build the optimizer over model.parameters() of the "
                     "model you attach (not a copy), and add no other tensor to it afterwards "
                     "(add_param_group): it would never be averaged")
+
+
+def _check_devices(model: nn.Module, backend: str | None) -> None:
+    """Refuse, naming the tensor, a model the transport cannot send: parameters or buffers on
+    the meta device (no data yet), or off CUDA under NCCL (which moves CUDA tensors only);
+    persistent buffers too (the shared start sends them)."""
+    for kind, named in (("parameter", dict(model.named_parameters())),
+                        ("buffer", persistent_buffers(model))):
+        for name, t in named.items():
+            if t.device.type == "meta":
+                raise ValueError(
+                    f"{kind} {name!r} is on the meta device (it holds no data): materialize the "
+                    "model before attach (model.to_empty(device=...) and initialise it, or load "
+                    "a state_dict with assign=True)")
+            if backend == "nccl" and t.device.type != "cuda":
+                raise ValueError(
+                    f"{kind} {name!r} is on {t.device}, but the process group is NCCL, which "
+                    "sends CUDA tensors only: move the model to this rank's GPU before attach "
+                    "(model.to(torch.device('cuda', local_rank))), or pass "
+                    "comm=gossip.init_from_env(backend='gloo')")
 
 
 def _buffer_sync_config(algo: str, config: AlgorithmConfig) -> tuple[str, Any]:

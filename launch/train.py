@@ -123,6 +123,8 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
         weight=torch.tensor([float(len(shard))], dtype=torch.float64)))
     stream = ShardStream(task, shard, cfg.batch_size or 1, cfg.seed, rank, device)
     x_test, y_test = test_set(task, device)
+    # a loss_fn that returns no mean loss is refused before anything is written
+    agree(lambda: build.check_loss(task, model, x_test, y_test, cfg.batch_size or 1))
     meta = {"format": ckpt.FORMAT_VERSION, "algo": cfg.algo, "task": cfg.task, "world_size": n}
 
     # ---- resume (an error on any rank is every rank's)

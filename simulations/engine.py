@@ -50,7 +50,7 @@ from gossip.algorithms._common import frozen_rows
 from gossip.batching import StackedBatches
 from gossip.comm.stacked import StackedCommunicator
 from gossip.data import label_distribution
-from gossip.flat import scope_from_spec
+from gossip.flat import persistent_buffers, scope_from_spec
 from gossip.metrics import RunWriter, iter_jsonl, truncate_jsonl
 from gossip.ops import to_device
 from gossip.records import Summarizer, eval_rows
@@ -113,8 +113,16 @@ class Simulation:
             raise ValueError(f"nodes holds {ids.numel()} of {n} nodes: a shard needs a group")
         self.nodes = ids
         self.group = group
+        # torch's global RNG draws the models' own randomness (dropout masks, also under vmap's
+        # randomness="different"): seeded from the run's seed and this shard's first node, as
+        # launch.train seeds each rank, so a run with dropout repeats itself
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, int(ids[0]), 1])
+                              .generate_state(1)[0]))
         self.device = torch.device(cfg.device)
         data = self.task.data
+        # a loss_fn that returns no mean loss, refused before anything proportional to N
+        build.check_loss(self.task, self.task.make_model(cfg.seed).to(self.device), data.x_test,
+                         data.y_test, cfg.batch_size or 1)
         bsz = cfg.batch_size
         assert bsz is not None
         self.shards = shards = build.make_shards(cfg, self.task, n, shard_size=cfg.shard_size)
@@ -158,8 +166,12 @@ class Simulation:
         self.algorithm, _ = build.make_algorithm(
             cfg, self.model.flat, self.comm, topology=self.topology,
             weight=self.sizes[ids].to(torch.float64), sync_every=self.steps_per_round * frags)
-        #: every row holds the same whole model after a sync (FedAvg; DiLoCo without fragments)
-        self.one_model = bool(getattr(self.algorithm, "one_model", False))
+        #: every row holds the same whole model after a sync (FedAvg; DiLoCo without fragments).
+        #: Not with floating-point persistent buffers (BatchNorm's running statistics): the
+        #: algorithms average the parameters only, so each node's statistics are its own and
+        #: one row cannot stand for every node
+        self.one_model = bool(getattr(self.algorithm, "one_model", False)) and not any(
+            b.is_floating_point() for b in persistent_buffers(self.model.base).values())
         self.faults = FaultSchedule(
             n, cfg.rounds, seed=cfg.seed, crash_fraction=cfg.crash_fraction,
             crash_round=cfg.crash_round or 0, churn_fraction=cfg.churn_fraction,

@@ -6,7 +6,8 @@ A round's evaluation runs right after the round's sync. Then:
   streaming fragments, whose unsynced fragments differ between nodes) has given every node the
   same model (the stacked all-reduce writes one result into every row, a
   node that is down included), so one row is evaluated and stands for every node: one forward
-  per round (per shard), not N;
+  per round (per shard), not N. Not for a model with floating-point buffers (BatchNorm's
+  running statistics), which the algorithms leave per node (the engine decides);
 - otherwise the nodes differ, and a **seeded sample** of ``eval_nodes`` of the nodes that are up
   (default: all of them up to :data:`DEFAULT_EVAL_NODES`, a sample of that many beyond) is
   evaluated in one vectorized forward over their stacked models

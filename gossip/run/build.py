@@ -28,6 +28,7 @@ from gossip.tasks import TASK_NAMES, Task, get_task
 from gossip.topology import Topology, make_topology
 
 __all__ = [
+    "check_loss",
     "load_task",
     "make_algorithm",
     "make_optimizer",
@@ -111,6 +112,26 @@ def node_model(task: Task, seed: int, node: int, *, same_init: bool) -> torch.nn
             for name in frozen:
                 model.get_parameter(name).copy_(shared[name])
     return model
+
+
+def check_loss(task: Task, model: torch.nn.Module, x: Tensor, y: Tensor, batch_size: int
+               ) -> None:
+    """Refuse a ``loss_fn`` that does not return the batch's mean loss (a per-sample vector, an
+    integer) before the run writes anything: one forward of the first ``batch_size`` samples of
+    ``(x, y)`` (on the model's device), in eval mode and without gradients, so nothing of the
+    model changes (BatchNorm's running statistics included). Raises ``ValueError`` naming what
+    ``loss_fn`` returned; it used to fail at the first training step, after the run directory
+    was written."""
+    if task.loss_fn is None:
+        return
+    device = next(model.parameters(), x).device
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            task.loss(model(x[:batch_size].to(device)), y[:batch_size].to(device))
+    finally:
+        model.train(training)
 
 
 def make_optimizer(spec: RunSpec, params: Iterable[Tensor]) -> torch.optim.Optimizer:
