@@ -77,6 +77,32 @@ def test_a_run_resumed_after_it_died_equals_the_run_that_never_stopped(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_model_with_batchnorm_and_dropout_resumes_bit_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Running statistics (each node's own buffers) and dropout (torch's RNG) continue too."""
+    import dataclasses
+
+    from torch import nn
+
+    from gossip.tasks import get_task
+
+    task = dataclasses.replace(get_task("digits", seed=1), model_factory=lambda: nn.Sequential(
+        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10)))
+    straight, died = tmp_path / "straight", tmp_path / "died"
+    run(_cfg("fedavg", straight), task=task)
+    with monkeypatch.context() as m:
+        _stop_at(m, 5, RuntimeError)
+        with pytest.raises(RuntimeError):
+            run(_cfg("fedavg", died, checkpoint_every=3), task=task)
+    run(_cfg("fedavg", died, checkpoint_every=3, resume=True), task=task)
+    assert _rows(died) == _rows(straight)
+    a, b = (torch.load(out / "models.pt", weights_only=True) for out in (straight, died))
+    for part in ("params", "buffers"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert "1.running_mean" in a["buffers"]
+
+
 def test_ctrl_c_then_resume_with_other_reporting_fields(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
