@@ -91,6 +91,11 @@ def test_compare_checks_every_algorithm_before_the_first_runs(tmp_path: Path) ->
     with pytest.raises(ValueError, match="nodes=9 is invalid"):
         compare(["fedavg", "noloco"], out=out, nodes=9, rounds=1, batch_size=8)
     assert not out.exists()
+    # a topology that cannot have N nodes (degree 9 of 4 nodes): refused before FedAvg runs
+    with pytest.raises(ValueError, match="topology='random-regular:9' is invalid with 4 nodes"):
+        compare(["fedavg", "dpsgd"], out=out, nodes=4, rounds=1, batch_size=8,
+                topology="random-regular:9")
+    assert not out.exists()
     # a later algorithm's run directory that holds another run: refused before the first runs
     (out / "dpsgd").mkdir(parents=True)
     (out / "dpsgd" / "metrics.jsonl").write_text("{}\n")
