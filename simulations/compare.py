@@ -45,6 +45,7 @@ from gossip.configs import parse_seeds
 from gossip.metrics import atomic_write_text, to_jsonable
 from gossip.plots import plot_comparison, plot_comparison_seeds
 from gossip.records import runs_table
+from gossip.run import build
 from gossip.rundir import RunDir, interrupted_report
 from simulations.config import SimConfig
 from simulations.run import run, terminate_like_ctrl_c
@@ -110,6 +111,8 @@ def _configs(algos: Sequence[str], out: str | Path | None, progress: bool | None
             shared.pop("topology", None)
         cfg = SimConfig(algo=algo, **{**ALGO_SETTINGS[algo], **shared},
                         out=None if out is None else str(Path(out) / algo), progress=progress)
+        if needs_topology(algo) and cfg.topology is not None:  # its fit to N (D < N, ...)
+            build.make_topology_for(cfg, cfg.nodes)
         if cfg.out is not None:
             RunDir(cfg.out, overwrite=cfg.overwrite).check()
         configs[algo] = cfg

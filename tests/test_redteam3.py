@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import subprocess
@@ -89,6 +90,11 @@ def test_compare_checks_every_algorithm_before_the_first_runs(tmp_path: Path) ->
     out = tmp_path / "cmp"
     with pytest.raises(ValueError, match="nodes=9 is invalid"):
         compare(["fedavg", "noloco"], out=out, nodes=9, rounds=1, batch_size=8)
+    assert not out.exists()
+    # a topology that cannot have N nodes (degree 9 of 4 nodes): refused before FedAvg runs
+    with pytest.raises(ValueError, match="topology='random-regular:9' is invalid with 4 nodes"):
+        compare(["fedavg", "dpsgd"], out=out, nodes=4, rounds=1, batch_size=8,
+                topology="random-regular:9")
     assert not out.exists()
     # a later algorithm's run directory that holds another run: refused before the first runs
     (out / "dpsgd").mkdir(parents=True)
@@ -370,3 +376,37 @@ def test_more_eval_samples_than_the_test_set_has_is_refused(
                      "--no-progress"]) == 2
     assert "eval_samples=5000 is invalid: expected at most the 359 test samples of " \
         "task='digits'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("compress", ["none", "int8", "topk:0.1"])
+def test_an_all_reduce_after_crashes_sends_a_ring_over_the_nodes_that_are_up(compress: str
+                                                                            ) -> None:
+    """Input: FedAvg on 8 nodes, 2 of them crashed from round 1. The network model times an
+    all-reduce over the P = 6 nodes that are up. Expected bytes per up node in round 1: a ring
+    over P, ``2 (P - 1) / P`` of the buffer (compressed: 2 (P - 1) encoded chunks of width /
+    P; top-k: its payload to the P - 1 others); the crashed send nothing. Got (before): the
+    volume of a ring over all N = 8 (67,270 bytes instead of 64,067), so bytes and time
+    described two different rings; without faults nothing changes (P = N, as on real ranks)."""
+    n = 8
+    sim = Simulation(SimConfig(algo="fedavg", nodes=n, rounds=2, batch_size=8, sync_every=2,
+                               crash_fraction=0.25, crash_round=1, compress=compress))
+    width = sim.model.flat.numel
+    sim.run_round(0)
+    before = sim.comm.bytes_per_node.clone()
+    sim.run_round(1)
+    sent = sim.comm.bytes_per_node - before
+    up = sim.faults.alive(1)
+    p = int(up.sum())
+    assert p == 6
+    def pad4(b: int) -> int:
+        return b + (-b) % 4
+
+    if compress == "none":
+        expected = 2 * (p - 1) / p * width * 4
+    elif compress == "int8":  # a chunk: one fp32 scale per 256 int8 codes, padded to 4 bytes
+        chunk = math.ceil(width / p)
+        expected = 2 * (p - 1) * pad4(4 * math.ceil(chunk / 256) + chunk)
+    else:  # top-k: k fp32 values and k int32 indices
+        expected = (p - 1) * 8 * math.ceil(0.1 * width)
+    assert sent[up].tolist() == pytest.approx([expected] * p)
+    assert sent[~up].tolist() == [0.0, 0.0]

@@ -289,8 +289,9 @@ def stacked_all_reduce_mean_(comm: StackedCommunicator, x: Tensor, weight: Tenso
             dist.all_reduce(out, group=comm.group)
         x.copy_(out.to(x.device).expand_as(x))
         nbytes = wire.shape[1]
-        comm.bytes_per_node[comm.alive] += (n - 1) * nbytes
-        comm.traffic.add("all_reduce", (n - 1) * nbytes * senders, messages=senders)
+        up = max(1, int(comm.alive.sum()))  # every node that is up gets every payload
+        comm.bytes_per_node[comm.alive] += (up - 1) * nbytes
+        comm.traffic.add("all_reduce", (up - 1) * nbytes * senders, messages=senders)
         comm.events.append(CommEvent("all_gather", nbytes, None, None, comm.alive.clone()))
         return
     v, chunks, ids = _chunked(comp, x, n, comm.nodes)
@@ -303,11 +304,14 @@ def stacked_all_reduce_mean_(comm: StackedCommunicator, x: Tensor, weight: Tenso
     full = _stage2(comp, reduced, n, seed, torch.arange(n))
     out = comp.codec.decode(full, c, seed=seed).view(1, n * c)[:, :width]
     x.copy_(out.to(x.device).expand_as(x))
-    nbytes = wire.shape[1]
-    comm.bytes_per_node[comm.alive] += 2 * (n - 1) * nbytes
-    comm.traffic.add("all_reduce", 2 * (n - 1) * nbytes * senders, messages=senders)
-    # the network model charges an all-reduce of the whole encoded buffer (n chunks)
-    comm.events.append(CommEvent("all_reduce", n * nbytes, None, None, comm.alive.clone()))
+    # the volume of a ring over the P nodes that are up (all N without faults, the very
+    # chunks above): 2 (P - 1) encoded chunks of width / P each
+    up = max(1, int(comm.alive.sum()))
+    nbytes = wire.shape[1] if up == n else comp.codec.nbytes(_chunks(width, up))
+    comm.bytes_per_node[comm.alive] += 2 * (up - 1) * nbytes
+    comm.traffic.add("all_reduce", 2 * (up - 1) * nbytes * senders, messages=senders)
+    # the network model charges an all-reduce of the whole encoded buffer (P chunks)
+    comm.events.append(CommEvent("all_reduce", up * nbytes, None, None, comm.alive.clone()))
 
 
 class DecodedReceived(Received):

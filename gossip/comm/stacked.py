@@ -191,11 +191,13 @@ class StackedCommunicator:
         # every row gets the result: a node that is down contributes nothing, and pulls the
         # current global model when it comes back (as a returning FedAvg client or DiLoCo worker)
         x.copy_(acc.unsqueeze(0).expand_as(x))
-        n = self._world_size
+        # a ring over the P nodes that are up (all N without faults, as on real ranks): each
+        # sends 2 (P - 1) / P of the buffer, the volume the network model times for P
+        p = max(1, int(self.alive.sum()))
         nbytes = x.shape[1] * x.element_size()
-        self.bytes_per_node.add_(self.alive, alpha=nbytes * 2 * (n - 1) / n)
+        self.bytes_per_node.add_(self.alive, alpha=nbytes * 2 * (p - 1) / p)
         # what the alive local rows send, each as a real rank would count it
-        self._traffic.add("all_reduce", nbytes * 2 * (n - 1) // n * senders, messages=senders)
+        self._traffic.add("all_reduce", nbytes * 2 * (p - 1) // p * senders, messages=senders)
         self.events.append(CommEvent("all_reduce", nbytes, None, None, self.alive.clone()))
 
     def _mean_coefficients(self, x: Tensor, weight: Tensor | None
