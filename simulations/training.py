@@ -346,12 +346,33 @@ def _per_node_loss(task: Task, out: Tensor, y: Tensor) -> Tensor:
     return torch.vmap(task.loss)(out, y)
 
 
+def _argmax_classes(scores: Tensor) -> Tensor:
+    """``scores.argmax(dim=1)`` of ``[L, K, T]`` (the first maximal class, a NaN counting as
+    maximal), built from ``amax``: torch's argmax over a middle axis is ~5x slower on a CPU
+    (1.7 ms against 0.34 ms for 22 nodes x 10 classes x 360 samples)."""
+    k = scores.shape[1]
+    rank = torch.arange(k, 0, -1, dtype=torch.float32, device=scores.device).view(1, k, 1)
+    top = (scores == scores.amax(dim=1, keepdim=True)) | scores.isnan()
+    return k - top.mul(rank).amax(dim=1).long()
+
+
 def _per_node_sums(kind: str, out: Tensor, y: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Sum of per-element losses and of hits for each row of ``out`` [L, T, ...] on shared y."""
+    """Sum of per-element losses and of hits for each row of ``out`` [L, T, ...] on shared y.
+
+    Outputs that are a transposed view of class-major ``[L, K, T]`` (the batched MLP's,
+    :func:`_mlp_forward_shared`) are reduced over the classes where they lie: a log-softmax or
+    argmax over a last axis of 10 classes runs ~9x slower on a CPU than over a middle axis with
+    the samples innermost (measured: 66 against 7 ms for 1,000 nodes on 360 samples)."""
     rows = out.shape[0]
     target = y.unsqueeze(0).expand(rows, *y.shape)
     if kind == "regression":
         return F.mse_loss(out, target, reduction="none").reshape(rows, -1).sum(1).double(), None
+    if out.dim() == 3 and out.transpose(1, 2).is_contiguous():
+        scores = out.transpose(1, 2)  # [L, K, T]
+        picked = scores.gather(1, target.unsqueeze(1)).squeeze(1)
+        loss = (torch.logsumexp(scores, dim=1) - picked).sum(1)
+        hits = (_argmax_classes(scores) == target).sum(1)
+        return loss.double(), hits.double()
     loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), reduction="none")
     hits = (out.argmax(dim=-1) == target).reshape(rows, -1).sum(1)
     return loss.view(rows, -1).sum(1).double(), hits.double()

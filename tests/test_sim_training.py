@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gossip.batching import node_batch
@@ -242,3 +243,27 @@ def test_row_adam_rejects_bad_args() -> None:
         RowAdam([p], lr=0.0)
     with pytest.raises(ValueError, match="betas"):
         RowAdam([p], betas=(1.0, 0.9))
+
+
+def test_class_major_sums_equal_cross_entropy_and_argmax() -> None:
+    """The evaluation's per-node sums over class-major outputs (the batched MLP's transposed
+    view) equal F.cross_entropy and torch.argmax over the classes, ties and NaN included."""
+    from simulations.training import _argmax_classes, _per_node_sums
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 10, 37, generator=g)
+    scores[0, [2, 6], 3] = 9.0  # a tie: the first maximal class counts
+    scores[1, :, 4] = 0.5  # all tied
+    scores[2, 7, 5] = float("nan")  # argmax takes a NaN as maximal
+    scores[3, 1, 6] = float("-inf")
+    y = torch.randint(0, 10, (37,), generator=g)
+    y[3], y[4] = 2, 0
+    assert torch.equal(_argmax_classes(scores), scores.argmax(dim=1))
+    out = scores.transpose(1, 2)  # [L, T, K], a view of class-major memory
+    loss, hits = _per_node_sums("classification", out, y)
+    ref_loss = torch.stack([F.cross_entropy(o, y, reduction="sum") for o in out.contiguous()])
+    ref_hits = torch.stack([(o.argmax(-1) == y).sum() for o in out.contiguous()])
+    assert hits is not None and torch.equal(hits, ref_hits.double())
+    finite = torch.isfinite(ref_loss)
+    assert torch.equal(finite, torch.isfinite(loss))
+    torch.testing.assert_close(loss[finite], ref_loss[finite].double(), rtol=1e-6, atol=1e-4)
