@@ -424,23 +424,31 @@ class Simulation:
         return out
 
     def consensus_distance(self, mask: Tensor | None = None) -> float:
-        """``(1/n) sum_i ||x_i - mean||^2`` over the nodes in ``mask`` [L] (default: all)."""
+        """``(1/n) sum_i ||x_i - mean||^2`` over the nodes in ``mask`` [L] (default: all), in
+        float64: sums accumulated in float64 without a float64 copy of the rows, and each
+        chunk's squared distances as one dot product of its float64 differences (at N = 1,000 on
+        digits this took as long as evaluating every node)."""
         m = torch.ones(len(self.nodes), dtype=torch.bool) if mask is None else mask.cpu()
         count = float(self._sum(m.sum().double().reshape(1)))
         if count == 0:
             return float("nan")
+        every = bool(m.all())
         total = 0.0
         for buf in self.model.flat.buffers():
             dev_mask = m.to(buf.device)
+
+            def chunks(buf: Tensor = buf, dev_mask: Tensor = dev_mask) -> Iterator[Tensor]:
+                for r0 in range(0, buf.shape[0], _ROW_CHUNK):
+                    rows = buf[r0:r0 + _ROW_CHUNK]
+                    yield rows if every else rows[dev_mask[r0:r0 + _ROW_CHUNK]]
             s = torch.zeros(buf.shape[1], dtype=torch.float64, device=buf.device)
-            for r0 in range(0, buf.shape[0], _ROW_CHUNK):
-                rows = buf[r0:r0 + _ROW_CHUNK][dev_mask[r0:r0 + _ROW_CHUNK]]
-                s += rows.double().sum(dim=0)
+            for rows in chunks():
+                s += rows.sum(dim=0, dtype=torch.float64)
             mean = self._sum(s) / count
             sq = torch.zeros((), dtype=torch.float64, device=buf.device)
-            for r0 in range(0, buf.shape[0], _ROW_CHUNK):
-                rows = buf[r0:r0 + _ROW_CHUNK][dev_mask[r0:r0 + _ROW_CHUNK]]
-                sq += ((rows.double() - mean) ** 2).sum()
+            for rows in chunks():
+                diff = rows.to(torch.float64).sub_(mean).reshape(-1)
+                sq += torch.dot(diff, diff)
             total += float(self._sum(sq.reshape(1)))
         return total / count
 
