@@ -224,3 +224,36 @@ def test_attach_says_when_it_gets_a_config_class_instead_of_an_instance() -> Non
         gossip.attach(model, optimizer, gossip.NoLoCoConfig)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"config must be one of \[.*\], got dict"):
         gossip.attach(model, optimizer, {"sync_every": 5})  # type: ignore[arg-type]
+
+
+class _ItemModel(nn.Module):
+    """A user's model that vmap cannot run: it reads a value with .item()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 0.5 if x.abs().max().item() > 100 else 1.0
+        return self.lin(x * scale)
+
+
+def test_a_model_vmap_cannot_run_trains_node_by_node() -> None:
+    """docs/guide/own-task-simulator.md: the model must work under torch.vmap. One that does
+    not (.item(), data-dependent control flow) failed at the first round with vmap's own error,
+    after the run directory was written; "auto" now trains it node by node, and an explicit
+    train_impl='vmap' is refused naming the way out."""
+    cfg = {"task": "digits", "algo": "fedavg", "nodes": 3, "rounds": 2, "sync_every": 2,
+           "batch_size": 8, "seed": 3}
+    auto = Simulation(SimConfig(**cfg), task=_task(_ItemModel))
+    loop = Simulation(SimConfig(**cfg, train_impl="loop"), task=_task(_ItemModel))
+    assert auto.model.impl == "loop"
+    for r in range(2):
+        assert auto.run_round(r)["loss_mean"] == loop.run_round(r)["loss_mean"]
+    assert torch.equal(auto.flat_params(), loop.flat_params())
+    with pytest.raises(ValueError, match=r"train_impl='vmap' cannot run this model under "
+                                         r"torch\.vmap \(vmap: .*\.item\(\).*use "
+                                         r"train_impl='loop'"):
+        Simulation(SimConfig(**cfg, train_impl="vmap"), task=_task(_ItemModel))
+    # a model vmap runs keeps vmap (dropout draws under vmap's randomness="different")
+    assert Simulation(SimConfig(**cfg), task=_task(_dropout_model)).model.impl == "vmap"
