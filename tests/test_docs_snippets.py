@@ -4,6 +4,7 @@ is checked against a plain-torch reference (a per-node nn.Module), not the code 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -257,3 +258,47 @@ def test_a_model_vmap_cannot_run_trains_node_by_node() -> None:
         Simulation(SimConfig(**cfg, train_impl="vmap"), task=_task(_ItemModel))
     # a model vmap runs keeps vmap (dropout draws under vmap's randomness="different")
     assert Simulation(SimConfig(**cfg), task=_task(_dropout_model)).model.impl == "vmap"
+
+
+def batchnorm_task(seed: int = 0) -> Task:
+    """``--task tests.test_docs_snippets:batchnorm_task``: the user's model with BatchNorm."""
+    return _task(_batchnorm_model)
+
+
+@pytest.mark.slow
+def test_the_averaged_model_of_a_batchnorm_run_uses_the_ranks_mean_statistics(tmp_path: Path
+                                                                             ) -> None:
+    """summary.json's avg_model_loss/accuracy (the 'averaged model' line launch.train prints)
+    on two ranks whose BatchNorm statistics differ: the ranks' mean parameters with the mean of
+    their statistics (tests/test_redteam3.py checks one rank, where the mean is the rank's own).
+    Reference: plain torch on the ranks' final checkpoints."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "launch.train", "--task", "tests.test_docs_snippets:batchnorm_task",
+           "--algo", "fedavg", "--steps", "8", "--sync-every", "4", "--checkpoint-every", "8",
+           "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    states = [torch.load(out / "checkpoints" / "step_8" / f"rank_{r}.pt", weights_only=True)
+              for r in (0, 1)]
+    task = batchnorm_task()
+    model = task.make_model(0)
+    names = [n for n, _ in model.named_parameters()]
+    flat = [torch.cat([t.reshape(-1) for t in s["params"]]).double() for s in states]
+    mean = (flat[0] + flat[1]) / 2
+    with torch.no_grad():
+        offset = 0
+        for name in names:
+            p = model.get_parameter(name)
+            p.copy_(mean[offset:offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+        for name in ("1.running_mean", "1.running_var"):
+            a, b = (s["buffers"][name].double() for s in states)
+            assert not torch.equal(a, b)  # each rank's own statistics
+            model.get_buffer(name).copy_((a + b) / 2)
+    want = task.evaluate(model.eval())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["avg_model_loss"] == pytest.approx(want["loss"], abs=1e-5)
+    assert summary["avg_model_accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
