@@ -302,3 +302,36 @@ def test_the_averaged_model_of_a_batchnorm_run_uses_the_ranks_mean_statistics(tm
     summary = json.loads((out / "summary.json").read_text())
     assert summary["avg_model_loss"] == pytest.approx(want["loss"], abs=1e-5)
     assert summary["avg_model_accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+
+
+def test_a_refused_run_leaves_no_empty_run_directory(tmp_path: Path) -> None:
+    """errors.md: a refused run writes nothing. launch.train without --out refused after it
+    had made its runs/<UTC time> (a bad --optimizer-args, a task that cannot be imported) and
+    left it behind holding only the lock, one more for every retry."""
+    from gossip.rundir import LOCK_NAME, RunDir
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--optimizer", "sgd",
+                           "--optimizer-args", '{"betas": [0.9, 0.99]}'], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "unexpected keyword argument 'betas'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/, no runs/<UTC time>/
+    # what acquire made goes; what was there stays, and so does a directory with a run's file
+    made = RunDir(tmp_path / "a" / "b")
+    made.acquire()
+    made.release()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "given").mkdir()
+    given = RunDir(tmp_path / "given" / "run")
+    given.acquire()
+    given.release()
+    assert list((tmp_path / "given").iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    with RunDir(tmp_path / "mine"):
+        pass
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [LOCK_NAME]
+    with RunDir(tmp_path / "wrote") as run:
+        (run.path / "config.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "wrote").iterdir()) == [LOCK_NAME, "config.json"]
