@@ -71,6 +71,8 @@ class RunDir:
         self.resumable = resume is not None
         self.overwrite = overwrite
         self._fd: int | None = None
+        #: the highest directory acquire created (release may take it away), else None
+        self._created: Path | None = None
 
     # ------------------------------------------------------------------ ownership
 
@@ -99,6 +101,11 @@ class RunDir:
         if self._fd is not None:
             return self
         self.check()  # (again below, under the lock)
+        created = None
+        if not self.path.exists():
+            created = self.path.absolute()
+            while not created.parent.exists():
+                created = created.parent
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:  # (a place check() cannot see: a read-only file system, /proc)
@@ -122,6 +129,7 @@ class RunDir:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        self._created = created
         if self.overwrite:
             for item in run_files(self.path):
                 if item.is_dir():
@@ -146,9 +154,22 @@ class RunDir:
                              "another --out")
 
     def release(self) -> None:
-        """Give the directory up (the lock file stays, empty)."""
+        """Give the directory up (the lock file stays, empty). A directory that :meth:`acquire`
+        created and that holds nothing but the lock (a run refused before it wrote anything: a
+        bad optimizer argument, a task that cannot be imported) is removed, so a refused run
+        without ``--out`` leaves no empty ``runs/<UTC time>``."""
         if self._fd is None:
             return
+        if self._created is not None and [p.name for p in self.path.iterdir()] == [LOCK_NAME]:
+            try:  # (another process may have put something there meanwhile: then it stays)
+                (self.path / LOCK_NAME).unlink()  # still locked: no other run holds it
+                self.path.rmdir()
+                for parent in self.path.absolute().parents:  # the parents acquire made
+                    if not parent.is_relative_to(self._created) or any(parent.iterdir()):
+                        break
+                    parent.rmdir()
+            except OSError:
+                pass
         os.ftruncate(self._fd, 0)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)

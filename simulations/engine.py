@@ -42,7 +42,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from gossip import checkpoint as ckpt
 from gossip.algorithms import same_init
@@ -67,7 +68,7 @@ from simulations.graphs import Graphs
 from simulations.memory import check_fits, simulation_estimate
 from simulations.network import NetworkModel, SimClock
 from simulations.threads import auto_threads
-from simulations.training import LocalTrainer, StackedModel, steps_for_epochs
+from simulations.training import LocalTrainer, StackedModel, choose_impl, steps_for_epochs
 
 __all__ = ["RunRecorder", "Runner", "Simulation", "describe", "drive", "set_threads"]
 
@@ -75,6 +76,37 @@ log = logging.getLogger(__name__)
 
 #: Rows per chunk when reducing over the stacked parameters (bounds float64 temporaries).
 _ROW_CHUNK = 256
+
+
+def _runnable_impl(model: nn.Module, impl: str, x: Tensor) -> str:
+    """``impl`` (``SimConfig.train_impl``), or ``"loop"`` where ``"auto"`` would pick ``vmap`` for
+    a model that does not run under ``torch.vmap`` (``.item()``, data-dependent control flow):
+    one forward of one stacked copy on ``x`` (batched, as in training), without gradients and
+    on a forked RNG. It failed
+    at the first training step, after the run directory was written, with vmap's own error;
+    an explicit ``vmap`` is refused naming the problem and the way out."""
+    if choose_impl(model, impl) != "vmap":
+        return impl
+    params = {n: p.detach().unsqueeze(0) for n, p in model.named_parameters()}
+    buffers = {n: b.unsqueeze(0) for n, b in model.named_buffers()}
+
+    def call(p: dict[str, Tensor], b: dict[str, Tensor], inp: Tensor) -> Tensor:
+        return functional_call(model, (p, b), (inp,))
+
+    try:
+        with torch.no_grad(), torch.random.fork_rng(
+                devices=[x.device] if x.device.type == "cuda" else []):
+            torch.vmap(call, randomness="different")(params, buffers, x.unsqueeze(0))
+    except Exception as e:  # whatever the model raises under vmap
+        problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if impl == "vmap":
+            raise ValueError(f"train_impl='vmap' cannot run this model under torch.vmap "
+                             f"({problem}); use train_impl='loop' (--train-impl loop), which "
+                             "runs the nodes one by one") from None
+        log.warning("the model does not run under torch.vmap (%s): training the nodes one by "
+                    "one (train_impl='loop')", problem)
+        return "loop"
+    return impl
 
 
 class Simulation:
@@ -121,8 +153,9 @@ class Simulation:
         self.device = torch.device(cfg.device)
         data = self.task.data
         # a loss_fn that returns no mean loss, refused before anything proportional to N
-        build.check_loss(self.task, self.task.make_model(cfg.seed).to(self.device), data.x_test,
-                         data.y_test, cfg.batch_size or 1)
+        probe = self.task.make_model(cfg.seed).to(self.device)
+        build.check_loss(self.task, probe, data.x_test, data.y_test, cfg.batch_size or 1)
+        impl = _runnable_impl(probe, cfg.train_impl, data.x_test[:2].to(self.device))
         bsz = cfg.batch_size
         assert bsz is not None
         self.shards = shards = build.make_shards(cfg, self.task, n, shard_size=cfg.shard_size)
@@ -147,7 +180,7 @@ class Simulation:
         self.local_step = torch.zeros(len(local), dtype=torch.long)
 
         self.model = StackedModel(self.task, local, seed=cfg.seed, same_init=same_init(cfg.algo),
-                                  device=self.device, impl=cfg.train_impl,
+                                  device=self.device, impl=impl,
                                   scope=scope_from_spec(cfg.vc_scope or "weights"))
         self.trainer = LocalTrainer(
             self.model, data.x_train.to(self.device), data.y_train.to(self.device),

@@ -4,6 +4,7 @@ is checked against a plain-torch reference (a per-node nn.Module), not the code 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -224,3 +225,113 @@ def test_attach_says_when_it_gets_a_config_class_instead_of_an_instance() -> Non
         gossip.attach(model, optimizer, gossip.NoLoCoConfig)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"config must be one of \[.*\], got dict"):
         gossip.attach(model, optimizer, {"sync_every": 5})  # type: ignore[arg-type]
+
+
+class _ItemModel(nn.Module):
+    """A user's model that vmap cannot run: it reads a value with .item()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(20, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = 0.5 if x.abs().max().item() > 100 else 1.0
+        return self.lin(x * scale)
+
+
+def test_a_model_vmap_cannot_run_trains_node_by_node() -> None:
+    """docs/guide/own-task-simulator.md: the model must work under torch.vmap. One that does
+    not (.item(), data-dependent control flow) failed at the first round with vmap's own error,
+    after the run directory was written; "auto" now trains it node by node, and an explicit
+    train_impl='vmap' is refused naming the way out."""
+    cfg = {"task": "digits", "algo": "fedavg", "nodes": 3, "rounds": 2, "sync_every": 2,
+           "batch_size": 8, "seed": 3}
+    auto = Simulation(SimConfig(**cfg), task=_task(_ItemModel))
+    loop = Simulation(SimConfig(**cfg, train_impl="loop"), task=_task(_ItemModel))
+    assert auto.model.impl == "loop"
+    for r in range(2):
+        assert auto.run_round(r)["loss_mean"] == loop.run_round(r)["loss_mean"]
+    assert torch.equal(auto.flat_params(), loop.flat_params())
+    with pytest.raises(ValueError, match=r"train_impl='vmap' cannot run this model under "
+                                         r"torch\.vmap \(vmap: .*\.item\(\).*use "
+                                         r"train_impl='loop'"):
+        Simulation(SimConfig(**cfg, train_impl="vmap"), task=_task(_ItemModel))
+    # a model vmap runs keeps vmap (dropout draws under vmap's randomness="different")
+    assert Simulation(SimConfig(**cfg), task=_task(_dropout_model)).model.impl == "vmap"
+
+
+def batchnorm_task(seed: int = 0) -> Task:
+    """``--task tests.test_docs_snippets:batchnorm_task``: the user's model with BatchNorm."""
+    return _task(_batchnorm_model)
+
+
+@pytest.mark.slow
+def test_the_averaged_model_of_a_batchnorm_run_uses_the_ranks_mean_statistics(tmp_path: Path
+                                                                             ) -> None:
+    """summary.json's avg_model_loss/accuracy (the 'averaged model' line launch.train prints)
+    on two ranks whose BatchNorm statistics differ: the ranks' mean parameters with the mean of
+    their statistics (tests/test_redteam3.py checks one rank, where the mean is the rank's own).
+    Reference: plain torch on the ranks' final checkpoints."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "launch.train", "--task", "tests.test_docs_snippets:batchnorm_task",
+           "--algo", "fedavg", "--steps", "8", "--sync-every", "4", "--checkpoint-every", "8",
+           "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    states = [torch.load(out / "checkpoints" / "step_8" / f"rank_{r}.pt", weights_only=True)
+              for r in (0, 1)]
+    task = batchnorm_task()
+    model = task.make_model(0)
+    names = [n for n, _ in model.named_parameters()]
+    flat = [torch.cat([t.reshape(-1) for t in s["params"]]).double() for s in states]
+    mean = (flat[0] + flat[1]) / 2
+    with torch.no_grad():
+        offset = 0
+        for name in names:
+            p = model.get_parameter(name)
+            p.copy_(mean[offset:offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+        for name in ("1.running_mean", "1.running_var"):
+            a, b = (s["buffers"][name].double() for s in states)
+            assert not torch.equal(a, b)  # each rank's own statistics
+            model.get_buffer(name).copy_((a + b) / 2)
+    want = task.evaluate(model.eval())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["avg_model_loss"] == pytest.approx(want["loss"], abs=1e-5)
+    assert summary["avg_model_accuracy"] == pytest.approx(want["accuracy"], abs=1e-6)
+
+
+def test_a_refused_run_leaves_no_empty_run_directory(tmp_path: Path) -> None:
+    """errors.md: a refused run writes nothing. launch.train without --out refused after it
+    had made its runs/<UTC time> (a bad --optimizer-args, a task that cannot be imported) and
+    left it behind holding only the lock, one more for every retry."""
+    from gossip.rundir import LOCK_NAME, RunDir
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "launch.train", "--optimizer", "sgd",
+                           "--optimizer-args", '{"betas": [0.9, 0.99]}'], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "unexpected keyword argument 'betas'" in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no runs/, no runs/<UTC time>/
+    # what acquire made goes; what was there stays, and so does a directory with a run's file
+    made = RunDir(tmp_path / "a" / "b")
+    made.acquire()
+    made.release()
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "given").mkdir()
+    given = RunDir(tmp_path / "given" / "run")
+    given.acquire()
+    given.release()
+    assert list((tmp_path / "given").iterdir()) == []
+    (tmp_path / "mine").mkdir()
+    with RunDir(tmp_path / "mine"):
+        pass
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == [LOCK_NAME]
+    with RunDir(tmp_path / "wrote") as run:
+        (run.path / "config.json").write_text("{}")
+    assert sorted(p.name for p in (tmp_path / "wrote").iterdir()) == [LOCK_NAME, "config.json"]
