@@ -17,6 +17,8 @@ records the dead process wrote after the checkpoint are dropped from ``metrics.j
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +29,7 @@ from simulations.config import SimConfig
 if TYPE_CHECKING:
     from simulations.engine import Simulation
 
-__all__ = ["NEUTRAL", "due", "load", "save"]
+__all__ = ["NEUTRAL", "due", "load", "save", "sweep"]
 
 #: Fields a resume may change besides :data:`gossip.checkpoint.NEUTRAL_FIELDS`: they change how
 #: the run reports, evaluates and uses the machine, not its models.
@@ -65,6 +67,29 @@ def save(sim: Simulation, done: int, wall_seconds: float) -> Path:
     return path
 
 
+#: The temporary file :func:`gossip.metrics.atomic_write` writes beside ``<name>``.
+_TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def sweep(out: str | Path) -> list[Path]:
+    """Remove what a process killed while it wrote left in the run directory ``out``: the
+    temporaries of atomic writes (a checkpoint's, the size of every node's model; models.pt's;
+    the marker's) and the step directories a killed prune had renamed ``.pruning_step_<s>``.
+    Only while this process holds the directory (:class:`gossip.rundir.RunDir`): no writer
+    is alive. Returns what was removed."""
+    out = Path(out)
+    base = ckpt.checkpoint_dir(out)
+    found = [p for d in (out, base, *base.glob("step_*")) if d.is_dir()
+             for p in d.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
+    found += [p for p in base.glob(".pruning_step_*") if p.is_dir()]
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
+
+
 def load(cfg: SimConfig) -> dict[str, Any] | None:
     """The state to resume ``cfg`` from (None: start fresh, ``cfg.resume`` unset or no
     checkpoint in ``cfg.out``); ValueError naming what does not fit. Read before the rounds
@@ -87,11 +112,13 @@ def load(cfg: SimConfig) -> dict[str, Any] | None:
         theirs = ", ".join(f"{k}={latest.get(k)!r}" for k in differ)
         ours = ", ".join(f"{k}={meta[k]!r}" for k in differ)
         raise ValueError(f"checkpoint {marker} was written with {theirs}; this run has {ours}")
+    # a changed field first: rounds=4 resuming the checkpoint of round 4 of a run of 6 is
+    # "rounds: 6 -> 4", not a checkpoint outside the run
+    ckpt.check_resume(latest.get("config", {}), _config(cfg), can_override=False)
     done = int(latest["step"])
     if not 0 < done < cfg.rounds:
         raise ValueError(f"checkpoint {marker} is after round {done}, not within rounds="
                          f"{cfg.rounds}")
-    ckpt.check_resume(latest.get("config", {}), _config(cfg), can_override=False)
     path = ckpt.rank_file(out, done, 0)
     state = ckpt.load_rank_state(path, sha256=ckpt.expected_sha256(out, latest, path),
                                  expect={**meta, "rank": 0})
