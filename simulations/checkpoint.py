@@ -90,6 +90,31 @@ def sweep(out: str | Path) -> list[Path]:
     return found
 
 
+def _check_records(metrics: Path, done: int) -> None:
+    """ValueError unless ``metrics`` holds the ``round`` record of every round up to ``done``
+    (the checkpoint's): the resumed run's summary is made of them (its rounds, node steps,
+    rounds to 90 %), and without them it would be wrong and say nothing. Lines a kill cut
+    short are skipped, as the resume drops them."""
+    seen: set[int] = set()
+    if metrics.exists():
+        with open(metrics) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("kind") == "round":
+                    seen.add(record.get("round"))  # type: ignore[arg-type]
+    missing = sorted(set(range(1, done + 1)) - seen)
+    if missing:
+        what = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        held = "does not exist" if not metrics.exists() else \
+            f"lacks the records of rounds {what}"
+        raise ValueError(f"{metrics} {held}; the checkpoint to resume is after round {done}, "
+                         "and the resumed run's summary needs the record of every round up to "
+                         "it: restore the file, or pass --overwrite to start the run again")
+
+
 def load(cfg: SimConfig) -> dict[str, Any] | None:
     """The state to resume ``cfg`` from (None: start fresh, ``cfg.resume`` unset or no
     checkpoint in ``cfg.out``); ValueError naming what does not fit. Read before the rounds
@@ -103,7 +128,13 @@ def load(cfg: SimConfig) -> dict[str, Any] | None:
         return None
     marker = ckpt.checkpoint_dir(out) / "latest"
     summary = out / "summary.json"
-    if summary.exists() and json.loads(summary.read_text()).get("status") != "interrupted":
+    try:
+        status = json.loads(summary.read_text()).get("status") if summary.exists() else None
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"out={str(out)!r} holds a corrupted {summary} ({type(e).__name__}: "
+                         f"{e}): remove it to resume the run, or pass --overwrite to replace "
+                         "it") from None
+    if summary.exists() and status != "interrupted":
         raise ValueError(f"out={str(out)!r} holds a finished run ({summary}): nothing to "
                          "resume; pass --overwrite to replace it, or choose another --out")
     meta = _meta(cfg)
@@ -119,6 +150,7 @@ def load(cfg: SimConfig) -> dict[str, Any] | None:
     if not 0 < done < cfg.rounds:
         raise ValueError(f"checkpoint {marker} is after round {done}, not within rounds="
                          f"{cfg.rounds}")
+    _check_records(out / "metrics.jsonl", done)
     path = ckpt.rank_file(out, done, 0)
     state = ckpt.load_rank_state(path, sha256=ckpt.expected_sha256(out, latest, path),
                                  expect={**meta, "rank": 0})

@@ -233,3 +233,51 @@ def test_options_resume_bit_for_bit_with_a_sparser_evaluation(
     _died(died, monkeypatch, SimConfig(out=str(died), checkpoint_every=3, **kw), 5)
     run(SimConfig(out=str(died), checkpoint_every=3, resume=True, **kw))
     _same(died, straight)
+
+
+def _resume_argv(out: Path) -> list[str]:
+    return ["--algo", "fedavg", "--task", "digits", "--nodes", "8", "--rounds", "6",
+            "--batch-size", "16", "--sync-every", "3", "--seed", "1", "--out", str(out),
+            "--checkpoint-every", "2", "--resume"]
+
+
+def _fedavg_died(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    out = tmp_path / "run"
+    _died(out, monkeypatch, SimConfig(algo="fedavg", task="digits", nodes=8, rounds=6,
+                                      batch_size=16, sync_every=3, seed=1, progress=False,
+                                      out=str(out), checkpoint_every=2), 5)
+    return out
+
+
+def test_a_resume_whose_records_before_the_checkpoint_are_gone_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It went on, and its summary.json said rounds 2 and 48 node steps for a run of 6 rounds
+    and 144 (the summary is made of the records before the checkpoint and after it)."""
+    out = _fedavg_died(tmp_path, monkeypatch)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("round") != 2]  # round 2's records
+    metrics.write_text("".join(kept))
+    assert main(_resume_argv(out)) == 2
+    err = capsys.readouterr().err
+    assert f"{metrics} lacks the records of rounds 2;" in err and "after round 4" in err
+    assert metrics.read_text() == "".join(kept)  # refused touching nothing
+    metrics.unlink()
+    assert main(_resume_argv(out)) == 2
+    assert f"{metrics} does not exist;" in capsys.readouterr().err
+    assert not (out / "summary.json").exists()
+    metrics.write_text("".join(lines))  # restored: it resumes
+    assert main(_resume_argv(out)) == 0
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 6
+
+
+def test_a_corrupted_summary_is_refused_naming_the_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "error: Expecting value: line 1 column 1 (char 0)", naming no file."""
+    out = _fedavg_died(tmp_path, monkeypatch)
+    (out / "summary.json").write_text("")
+    assert main(_resume_argv(out)) == 2
+    assert f"holds a corrupted {out / 'summary.json'} (JSONDecodeError" in \
+        capsys.readouterr().err
