@@ -679,8 +679,8 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.rounds, desc=f"{cfg.algo} N={cfg.nodes}", unit="round",
-                   file=sys.stderr)
+        bar = tqdm(total=cfg.rounds, initial=first, desc=f"{cfg.algo} N={cfg.nodes}",
+                   unit="round", file=sys.stderr)  # a resumed run: from its checkpoint's round
     # wall_seconds and cpu_seconds: the rounds (training, syncs, evaluation, records), from the
     # first round's start; the set-up before it is start-up (a resumed run's wall_seconds go
     # on from the checkpoint's)

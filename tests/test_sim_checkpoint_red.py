@@ -281,3 +281,25 @@ def test_a_corrupted_summary_is_refused_naming_the_file(
     assert main(_resume_argv(out)) == 2
     assert f"holds a corrupted {out / 'summary.json'} (JSONDecodeError" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("every", [6, 7])
+def test_a_checkpoint_interval_that_writes_none_is_refused(every: int) -> None:
+    """--checkpoint-every 6 with --rounds 6 wrote no checkpoint, silently: a run that died in
+    round 5 had nothing to resume ("holds a run without a checkpoint to resume from")."""
+    with pytest.raises(ValueError, match=rf"^checkpoint_every={every} is invalid: expected 0 "
+                                         r"or fewer than rounds=6"):
+        SimConfig(algo="fedavg", nodes=4, rounds=6, out="x", checkpoint_every=every)
+    assert SimConfig(algo="fedavg", nodes=4, rounds=6, out="x", checkpoint_every=5)
+
+
+def test_the_progress_bar_of_a_resumed_run_counts_from_its_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It started at 0/6 and ended at 2/6 for a run resumed after round 4 of 6."""
+    out = _fedavg_died(tmp_path, monkeypatch)
+    capsys.readouterr()
+    assert main([*_resume_argv(out), "--progress"]) == 0
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    counts = [line.split("round")[0].split("|")[-1].strip() for line in bar if "round" in line]
+    assert counts[0].startswith("4/6") and counts[-1].startswith("6/6"), counts
