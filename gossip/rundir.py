@@ -204,7 +204,10 @@ def interrupted_report(paths: Iterable[str | os.PathLike[str]]) -> str:
         resume = ""
         if latest.exists():
             try:
-                resume = f", --resume continues from step {json.loads(latest.read_text())['step']}"
+                marker = json.loads(latest.read_text())
+                # the simulator's checkpoints count rounds (simulations.checkpoint)
+                unit = "round" if marker.get("kind") == "simulation" else "step"
+                resume = f", --resume continues from {unit} {marker['step']}"
             except (OSError, ValueError, KeyError):
                 resume = ""
         parts.append(f"{root} ({status}, {records} records{resume})")

@@ -303,3 +303,23 @@ def test_the_progress_bar_of_a_resumed_run_counts_from_its_checkpoint(
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     counts = [line.split("round")[0].split("|")[-1].strip() for line in bar if "round" in line]
     assert counts[0].startswith("4/6") and counts[-1].startswith("6/6"), counts
+
+
+def test_the_line_ctrl_c_prints_names_the_checkpoints_round(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It said "marked interrupted at round 5 of 6, ..., --resume continues from step 4": the
+    simulator's checkpoint is after round 4 (its step 12)."""
+    out = tmp_path / "run"
+    start = Simulation.start_round
+
+    def stopped(self: Simulation, index: int) -> Any:
+        if index == 5:
+            raise KeyboardInterrupt
+        return start(self, index)
+    monkeypatch.setattr(Simulation, "start_round", stopped)
+    argv = _resume_argv(out)
+    assert main(argv[:-1]) == 130  # without --resume
+    err = capsys.readouterr().err
+    assert "marked interrupted at round 5 of 6" in err
+    assert err.rstrip().endswith("--resume continues from round 4)"), err
