@@ -3,7 +3,8 @@
 The format and its guarantees are a real run's (:mod:`gossip.checkpoint`): one file,
 ``checkpoints/step_<R>/rank_0.pt`` after round R, written atomically, then the ``latest`` marker
 with the file's SHA-256 and the run's configuration; ``--keep-checkpoints`` prunes. The file
-holds :meth:`simulations.engine.Simulation.state_dict` and the wall seconds the run had taken.
+holds :meth:`simulations.engine.Simulation.state_dict` and the wall and CPU seconds the run had
+taken.
 (``step`` counts rounds here, the simulator's unit.)
 
 A resume (:func:`load`) continues bit for bit: the same models, records and figures as a run
@@ -52,12 +53,14 @@ def due(cfg: SimConfig, done: int) -> bool:
     return bool(every) and done % every == 0 and done < cfg.rounds
 
 
-def save(sim: Simulation, done: int, wall_seconds: float) -> Path:
-    """Write the checkpoint of ``sim`` after ``done`` rounds into ``sim.cfg.out``."""
+def save(sim: Simulation, done: int, wall_seconds: float, *, cpu_seconds: float = 0.0) -> Path:
+    """Write the checkpoint of ``sim`` after ``done`` rounds into ``sim.cfg.out``, with the
+    wall and CPU seconds the run's rounds had taken (a resumed run's go on from them)."""
     cfg = sim.cfg
     assert cfg.out is not None
     path = ckpt.rank_file(cfg.out, done, 0)
     state = {"meta": {**_meta(cfg), "rank": 0}, "step": done, "wall_seconds": wall_seconds,
+             "cpu_seconds": cpu_seconds,
              **sim.state_dict()}
     ckpt.atomic_torch_save(state, path)
     ckpt.write_latest(cfg.out, done, {**_meta(cfg), "config": _config(cfg),
@@ -74,7 +77,9 @@ _TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 def sweep(out: str | Path) -> list[Path]:
     """Remove what a process killed while it wrote left in the run directory ``out``: the
     temporaries of atomic writes (a checkpoint's, the size of every node's model; models.pt's;
-    the marker's) and the step directories a killed prune had renamed ``.pruning_step_<s>``.
+    the marker's), the step directories a killed prune had renamed ``.pruning_step_<s>`` and
+    those newer than the marked checkpoint (the file written, the process killed before the
+    marker: never read, and a prune never removes a directory newer than the marked one).
     Only while this process holds the directory (:class:`gossip.rundir.RunDir`): no writer
     is alive. Returns what was removed."""
     out = Path(out)
@@ -82,6 +87,10 @@ def sweep(out: str | Path) -> list[Path]:
     found = [p for d in (out, base, *base.glob("step_*")) if d.is_dir()
              for p in d.iterdir() if _TEMPORARY.match(p.name) and p.is_file()]
     found += [p for p in base.glob(".pruning_step_*") if p.is_dir()]
+    latest = ckpt.read_latest(out) if (base / "latest").is_file() else None
+    if latest is not None:  # written by a process that died before it marked them
+        found += [p for p in base.glob("step_*")
+                  if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) > int(latest["step"])]
     for p in found:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

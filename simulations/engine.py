@@ -682,11 +682,12 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
         bar = tqdm(total=cfg.rounds, initial=first, desc=f"{cfg.algo} N={cfg.nodes}",
                    unit="round", file=sys.stderr)  # a resumed run: from its checkpoint's round
     # wall_seconds and cpu_seconds: the rounds (training, syncs, evaluation, records), from the
-    # first round's start; the set-up before it is start-up (a resumed run's wall_seconds go
-    # on from the checkpoint's)
+    # first round's start; the set-up before it is start-up (a resumed run's go on from the
+    # checkpoint's)
     t0, cpu0 = time.perf_counter(), time.process_time()
     if resume is not None:
         t0 -= float(resume.get("wall_seconds", 0.0))
+        cpu0 -= float(resume.get("cpu_seconds", 0.0))
 
     def log(record: dict[str, Any], ended: float | None = None) -> None:
         """``ended``: when the round ended (default: now)."""
@@ -720,7 +721,8 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
                 if pending is not None:
                     (finish, finish_end), pending = (pending, pending_end), None
                     log(finish(), finish_end)
-                checkpoint.save(runner, r + 1, time.perf_counter() - t0)  # type: ignore[arg-type]
+                checkpoint.save(runner, r + 1, time.perf_counter() - t0,  # type: ignore[arg-type]
+                                cpu_seconds=time.process_time() - cpu0)
         if pending is not None:
             (finish, finish_end), pending = (pending, pending_end), None
             log(finish(), finish_end)

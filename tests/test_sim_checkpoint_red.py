@@ -29,13 +29,15 @@ ARGV = ["--algo", "gossip-vc", "--task", "digits", "--nodes", "8", "--rounds", "
         "--batch-size", "16", "--sync-every", "2", "--seed", "3", "--drop-prob", "0.1",
         "--save-models", "--threads", "1", "--no-progress"]
 #: a child that runs simulations.run and SIGKILLs itself in the middle of writing the first
-#: file whose path contains argv[1] (half of it written), or as it removes the first directory
-#: whose name starts with argv[2] (a prune); the rest of argv is simulations.run's
+#: file whose path contains argv[1] (half of it written), as it removes the first directory
+#: whose name starts with argv[2] (a prune), or as it marks the checkpoint of step argv[3]
+#: (its file written); the rest of argv is simulations.run's
 CHILD = """
 import os, shutil, signal, sys
 import torch
-what, doomed = sys.argv[1], sys.argv[2]
-save, rmtree = torch.save, shutil.rmtree
+from gossip import checkpoint
+what, doomed, marking = sys.argv[1], sys.argv[2], sys.argv[3]
+save, rmtree, mark = torch.save, shutil.rmtree, checkpoint.write_latest
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 def dying_save(obj, f, *a, **k):
@@ -46,9 +48,13 @@ def dying_rmtree(path, *a, **k):
     if doomed and os.path.basename(path).startswith(doomed):
         die()
     return rmtree(path, *a, **k)
-torch.save, shutil.rmtree = dying_save, dying_rmtree
+def dying_mark(root, step, *a, **k):
+    if marking and step == int(marking):
+        die()
+    return mark(root, step, *a, **k)
+torch.save, shutil.rmtree, checkpoint.write_latest = dying_save, dying_rmtree, dying_mark
 from simulations.run import main
-sys.exit(main(sys.argv[3:]))
+sys.exit(main(sys.argv[4:]))
 """
 
 
@@ -61,10 +67,10 @@ def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120)
 
 
-def _killed(out: Path, *, writing: str = "", pruning: str = "", extra: tuple[str, ...] = ()
-            ) -> None:
+def _killed(out: Path, *, writing: str = "", pruning: str = "", marking: str = "",
+            extra: tuple[str, ...] = ()) -> None:
     """A real process of ARGV into ``out``, killed with SIGKILL where CHILD says."""
-    done = subprocess.run([sys.executable, "-c", CHILD, writing, pruning, *ARGV,
+    done = subprocess.run([sys.executable, "-c", CHILD, writing, pruning, marking, *ARGV,
                            "--out", str(out), *extra], env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == -9, done.stderr
@@ -171,6 +177,36 @@ def test_killed_while_it_prunes_leaves_no_directory_behind_a_resume(
     assert done.returncode == 0, done.stderr
     _same(out, straight)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_4"]
+
+
+@pytest.mark.slow
+def test_killed_before_it_marks_a_checkpoint_leaves_no_unmarked_one_behind_a_resume(
+        tmp_path: Path, straight: Path) -> None:
+    """Step 4's file written, the process killed before the marker: the resume (from step 2,
+    now every 3 rounds, keeping 1) never rewrites step 4, and a prune never removes a step
+    newer than the marked one, so the unmarked checkpoint stayed for good."""
+    out = tmp_path / "run"
+    _killed(out, marking="4", extra=("--checkpoint-every", "2"))
+    assert ckpt.read_latest(out)["step"] == 2
+    assert (out / "checkpoints" / "step_4" / "rank_0.pt").is_file()
+    done = _cli(*ARGV, "--out", str(out), "--checkpoint-every", "3", "--keep-checkpoints", "1",
+                "--resume")
+    assert done.returncode == 0, done.stderr
+    _same(out, straight)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_3"]
+
+
+def test_cpu_seconds_of_a_resumed_run_go_on_from_the_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """wall_seconds went on from the checkpoint's, cpu_seconds counted this process's rounds
+    only (and the checkpoint did not hold them)."""
+    out = _fedavg_died(tmp_path, monkeypatch)
+    state = torch.load(ckpt.rank_file(out, 4, 0), weights_only=True)
+    assert state["cpu_seconds"] > 0
+    assert main(_resume_argv(out)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cpu_seconds"] > state["cpu_seconds"]
+    assert summary["wall_seconds"] > state["wall_seconds"]
 
 
 def _died(out: Path, monkeypatch: pytest.MonkeyPatch, cfg: SimConfig, at: int) -> None:
