@@ -359,3 +359,54 @@ def test_the_line_ctrl_c_prints_names_the_checkpoints_round(
     err = capsys.readouterr().err
     assert "marked interrupted at round 5 of 6" in err
     assert err.rstrip().endswith("--resume continues from round 4)"), err
+
+
+@pytest.mark.parametrize("field", ["checkpoint_every", "resume"])
+def test_a_comparison_refuses_checkpoints(field: str, tmp_path: Path) -> None:
+    """compare(checkpoint_every=1) wrote checkpoints in every algorithm's directory that no
+    comparison could resume (it checks the directories without resume, and its CLI has no
+    such flag); compare(resume=True) started afresh."""
+    from simulations.compare import compare
+
+    value = {"checkpoint_every": 1, "resume": True}[field]
+    with pytest.raises(ValueError, match=f"^{field}={value!r} is invalid: a comparison does "
+                                         "not checkpoint"):
+        compare(["fedavg"], out=tmp_path / "cmp", nodes=4, rounds=2, progress=False,
+                **{field: value})
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_evaluation_fields_changed_on_resume_leave_batchnorm_and_dropout_bit_exact(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node-wise models (gossip-vc, not one global model) with BatchNorm and dropout, resumed
+    evaluating other rounds and another sample of nodes: the evaluation draws nothing from the
+    RNG the dropout masks come from and leaves the running statistics alone."""
+    import dataclasses
+
+    from torch import nn
+
+    from gossip.tasks import get_task
+
+    task = dataclasses.replace(get_task("digits", seed=1), model_factory=lambda: nn.Sequential(
+        nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10)))
+    kw = {"algo": "gossip-vc", "task": "digits", "nodes": 8, "rounds": 6, "batch_size": 16,
+          "sync_every": 3, "seed": 1, "progress": False, "save_models": True}
+    straight, died = tmp_path / "straight", tmp_path / "died"
+    run(SimConfig(out=str(straight), **kw), task=task)
+    start = Simulation.start_round
+
+    def dying(self: Simulation, index: int) -> Any:
+        if index == 5:
+            raise RuntimeError("the process dies here")
+        return start(self, index)
+    with monkeypatch.context() as m:
+        m.setattr(Simulation, "start_round", dying)
+        with pytest.raises(RuntimeError):
+            run(SimConfig(out=str(died), checkpoint_every=2, **kw), task=task)
+    run(SimConfig(out=str(died), checkpoint_every=2, resume=True, eval_every=4, eval_nodes=3,
+                  **kw), task=task)
+    a, b = _models(straight), _models(died)
+    for part in ("params", "buffers"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert "1.running_mean" in a["buffers"]
