@@ -140,7 +140,15 @@ class RunDir:
             advice = "--resume to continue it, " if self.resumable else ""
             raise ValueError(f"out={str(self.path)!r} holds {what} ({names}): pass {advice}"
                              "--overwrite to replace it, or choose another --out")
-        if not (self.path / "checkpoints" / "latest").exists():
+        marker = self.path / "checkpoints" / "latest"
+        steps = [] if marker.exists() else sorted(
+            (p.name for p in marker.parent.glob("step_*")), key=lambda n: (len(n), n))
+        if steps:  # the marker deleted or lost: say so, not "without a checkpoint"
+            raise ValueError(f"out={str(self.path)!r} holds checkpoints ({', '.join(steps)}) "
+                             f"but no marker {marker}, the manifest --resume checks their "
+                             "files against: restore it, or pass --overwrite to replace the "
+                             "run, or choose another --out")
+        if not marker.exists():
             raise ValueError(f"out={str(self.path)!r} holds a run without a checkpoint to "
                              f"resume from ({names}): pass --overwrite to replace it, or choose "
                              "another --out")

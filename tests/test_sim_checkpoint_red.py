@@ -410,3 +410,18 @@ def test_evaluation_fields_changed_on_resume_leave_batchnorm_and_dropout_bit_exa
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
     assert "1.running_mean" in a["buffers"]
+
+
+def test_a_resume_whose_marker_was_deleted_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """It said the run had no checkpoint to resume from, beside its step directories."""
+    out = _fedavg_died(tmp_path, monkeypatch)
+    marker = out / "checkpoints" / "latest"
+    saved = marker.read_bytes()
+    marker.unlink()
+    assert main(_resume_argv(out)) == 2
+    assert f"holds checkpoints (step_2, step_4) but no marker {marker}" in \
+        capsys.readouterr().err
+    marker.write_bytes(saved)
+    assert main(_resume_argv(out)) == 0
