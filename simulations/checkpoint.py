@@ -108,6 +108,8 @@ def _check_records(metrics: Path, done: int) -> None:
     if metrics.exists():
         with open(metrics) as f:
             for line in f:
+                if '"kind": "round"' not in line:  # eval rows (json.dumps' separators)
+                    continue
                 try:
                     record = json.loads(line)
                 except ValueError:
