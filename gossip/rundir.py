@@ -148,7 +148,15 @@ class RunDir:
             advice = "--resume to continue it, " if self.resumable else ""
             raise ValueError(f"out={str(self.path)!r} holds {what} ({names}): pass {advice}"
                              "--overwrite to replace it, or choose another --out")
-        if not (self.path / "checkpoints" / "latest").exists():
+        marker = self.path / "checkpoints" / "latest"
+        steps = [] if marker.exists() else sorted(
+            (p.name for p in marker.parent.glob("step_*")), key=lambda n: (len(n), n))
+        if steps:  # the marker deleted or lost: say so, not "without a checkpoint"
+            raise ValueError(f"out={str(self.path)!r} holds checkpoints ({', '.join(steps)}) "
+                             f"but no marker {marker}, the manifest --resume checks their "
+                             "files against: restore it, or pass --overwrite to replace the "
+                             "run, or choose another --out")
+        if not marker.exists():
             raise ValueError(f"out={str(self.path)!r} holds a run without a checkpoint to "
                              f"resume from ({names}): pass --overwrite to replace it, or choose "
                              "another --out")
@@ -225,7 +233,10 @@ def interrupted_report(paths: Iterable[str | os.PathLike[str]]) -> str:
         resume = ""
         if latest.exists():
             try:
-                resume = f", --resume continues from step {json.loads(latest.read_text())['step']}"
+                marker = json.loads(latest.read_text())
+                # the simulator's checkpoints count rounds (simulations.checkpoint)
+                unit = "round" if marker.get("kind") == "simulation" else "step"
+                resume = f", --resume continues from {unit} {marker['step']}"
             except (OSError, ValueError, KeyError):
                 resume = ""
         parts.append(f"{root} ({status}, {records} records{resume})")

@@ -100,6 +100,11 @@ def _configs(algos: Sequence[str], out: str | Path | None, progress: bool | None
     if isinstance(algos, str) or not algos:
         raise ValueError(f"algos={algos!r} is invalid: expected one or more of "
                          f"{sorted(ALGO_SETTINGS)}")
+    for name in ("checkpoint_every", "keep_checkpoints", "resume"):  # the CLI has no flags
+        if fields.get(name):  # checkpoints a comparison's --resume could not continue from
+            raise ValueError(f"{name}={fields[name]!r} is invalid: a comparison does not "
+                             "checkpoint its runs (python -m simulations.run "
+                             "--checkpoint-every does)")
     configs: dict[str, SimConfig] = {}
     for algo in algos:
         if algo not in ALGO_SETTINGS:

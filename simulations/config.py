@@ -49,7 +49,7 @@ class SimConfig(RunSpec):
         "the input of python -m gossip.merge"))
     checkpoint_every: int = field(default=0, metadata=help_text(
         "rounds between checkpoints in --out, to continue a run that died with --resume "
-        "(0 = never; one process: actors 1)"))
+        "(0 = never, else fewer than --rounds; one process: actors 1)"))
     keep_checkpoints: int | None = field(default=None, metadata=help_text(
         "keep only the newest K checkpoints (default: every one)"))
     resume: bool = field(default=False, metadata=help_text(
@@ -160,6 +160,9 @@ class SimConfig(RunSpec):
         _at_least("churn_rounds", self.churn_rounds, 1)
         _at_least("actors", self.actors, 1)
         _at_least("checkpoint_every", self.checkpoint_every, 0)
+        if self.checkpoint_every >= self.rounds > 0:  # it would write none: nothing to resume
+            bad("checkpoint_every", self.checkpoint_every, f"0 or fewer than rounds="
+                f"{self.rounds} (none is written after the last round, which ends the run)")
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
         for name in ("checkpoint_every", "resume"):
             if getattr(self, name) and (self.out is None or self.actors > 1):

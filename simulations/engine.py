@@ -697,7 +697,9 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     ``resume``: the checkpoint ``runner`` was restored from (:func:`simulations.checkpoint.load`):
     the rounds go on after its round, and the run directory's records after it are dropped.
     With ``cfg.checkpoint_every`` a checkpoint is written every that many rounds
-    (:func:`simulations.checkpoint.save`; a :class:`Simulation` only).
+    (:func:`simulations.checkpoint.save`; a :class:`Simulation` only). With ``cfg.save_models``
+    the final models are written to ``out`` (:meth:`Simulation.save_models`) before
+    summary.json, whose ``"finished"`` says the run directory is complete.
 
     A Ray driver reuses this with a runner that forwards ``run_round`` to its shards and returns
     shard 0's record (every shard returns the same global record)."""
@@ -710,20 +712,23 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
     recorder = RunRecorder(cfg, out, label_counts=runner.label_counts() if out else None,
                            plots=plots, info=info,
                            resumed_at=None if resume is None else first * info["steps_per_round"])
+    if recorder.run_dir is not None:  # held: what a killed process left half-written goes
+        checkpoint.sweep(recorder.run_dir.path)
     show = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) \
         if progress is None else progress
     bar = None
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.rounds, desc=f"{cfg.algo} N={cfg.nodes}", unit="round",
-                   file=sys.stderr)
+        bar = tqdm(total=cfg.rounds, initial=first, desc=f"{cfg.algo} N={cfg.nodes}",
+                   unit="round", file=sys.stderr)  # a resumed run: from its checkpoint's round
     # wall_seconds and cpu_seconds: the rounds (training, syncs, evaluation, records), from the
-    # first round's start; the set-up before it is start-up (a resumed run's wall_seconds go
-    # on from the checkpoint's)
+    # first round's start; the set-up before it is start-up (a resumed run's go on from the
+    # checkpoint's)
     t0, cpu0 = time.perf_counter(), time.process_time()
     if resume is not None:
         t0 -= float(resume.get("wall_seconds", 0.0))
+        cpu0 -= float(resume.get("cpu_seconds", 0.0))
 
     def log(record: dict[str, Any], ended: float | None = None) -> None:
         """``ended``: when the round ended (default: now)."""
@@ -757,10 +762,18 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
                 if pending is not None:
                     (finish, finish_end), pending = (pending, pending_end), None
                     log(finish(), finish_end)
-                checkpoint.save(runner, r + 1, time.perf_counter() - t0)  # type: ignore[arg-type]
+                checkpoint.save(runner, r + 1, time.perf_counter() - t0,  # type: ignore[arg-type]
+                                cpu_seconds=time.process_time() - cpu0)
         if pending is not None:
             (finish, finish_end), pending = (pending, pending_end), None
             log(finish(), finish_end)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        save_models = getattr(runner, "save_models", None)
+        if cfg.save_models and out is not None and save_models is not None:
+            # before summary.json says "finished": a run killed while it writes them has no
+            # summary (Ctrl-C: "interrupted"), so --resume redoes the rounds since the last
+            # checkpoint and writes them, rather than refusing a finished run that has none
+            save_models(out)
     except BaseException as e:
         if pending is not None and isinstance(e, KeyboardInterrupt):
             log(pending(), pending_end)  # the last round that ran to its end, recorded
@@ -773,8 +786,7 @@ def drive(runner: Runner, *, out: str | Path | None = None, progress: bool | Non
         if bar is not None:
             bar.close()
     # cpu_seconds: this process's CPU time over the rounds (with Ray actors: the driver's only)
-    summary = recorder.finish(wall_seconds=time.perf_counter() - t0,
-                              info={**info, "cpu_seconds": time.process_time() - cpu0})
+    summary = recorder.finish(wall_seconds=wall, info={**info, "cpu_seconds": cpu})
     summary_out = dict(summary)
     summary_out["records"] = recorder.records
     return summary_out

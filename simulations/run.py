@@ -85,11 +85,9 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
     state = checkpoint.load(sim.cfg)  # (the resolved config) refused before any round
     if state is not None:
         sim.load_state_dict(state, source=state["path"])
-    summary = drive(sim, resume=state)
-    if cfg.save_models:  # SimConfig allows it only with out set and one process
-        assert cfg.out is not None
-        sim.save_models(cfg.out)
-    return summary
+    # with save_models (SimConfig allows it only with out set and one process), drive writes
+    # the models before the summary
+    return drive(sim, resume=state)
 
 
 def terminate_like_ctrl_c(signum: int, _frame: object) -> None:
