@@ -40,7 +40,7 @@ NEUTRAL = frozenset({"progress", "threads", "save_models", "eval_nodes", "eval_s
 
 def _meta(cfg: SimConfig) -> dict[str, Any]:
     return {"format": ckpt.FORMAT_VERSION, "kind": "simulation", "algo": cfg.algo,
-            "task": cfg.task, "world_size": cfg.nodes}
+            "task": cfg.task, "nodes": cfg.nodes}
 
 
 def _config(cfg: SimConfig) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def load(cfg: SimConfig) -> dict[str, Any] | None:
         raise ValueError(f"out={str(out)!r} holds a finished run ({summary}): nothing to "
                          "resume; pass --overwrite to replace it, or choose another --out")
     meta = _meta(cfg)
-    differ = [k for k in ("kind", "algo", "task", "world_size") if latest.get(k) != meta[k]]
+    differ = [k for k in ("kind", "algo", "task", "nodes") if latest.get(k) != meta[k]]
     if differ:
         theirs = ", ".join(f"{k}={latest.get(k)!r}" for k in differ)
         ours = ", ".join(f"{k}={meta[k]!r}" for k in differ)

@@ -149,7 +149,7 @@ def test_a_resume_that_does_not_fit_is_refused_naming_it(
     out = _died(tmp_path, monkeypatch)
     before = (out / "metrics.jsonl").read_bytes()
     assert "lr: 0.2 -> 0.1" in _refused(_argv(out, "--lr", "0.1"), capsys)
-    assert "world_size=8; this run has world_size=9" in _refused(_argv(out, "--nodes", "9"),
+    assert "nodes=8; this run has nodes=9" in _refused(_argv(out, "--nodes", "9"),
                                                                   capsys)
     other = ["--algo", "noloco", "--task", "digits", "--nodes", "8", "--rounds", "6",
              "--sync-every", "3", "--out", str(out), "--resume"]
@@ -227,3 +227,11 @@ def test_a_process_killed_with_sigkill_resumes_to_the_same_run(tmp_path: Path) -
                   out=str(straight), progress=False, threads=1))
     assert _rows(out) == _rows(straight)
     assert _summary(out) == _summary(straight)
+
+
+def test_the_marker_lists_no_absent_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """A simulation's one file is complete: the marker names no rank as absent (the node count
+    is not a world size of ranks that could have died)."""
+    latest = ckpt.read_latest(_died(tmp_path, monkeypatch))
+    assert latest is not None and "absent" not in latest and latest["nodes"] == 8
