@@ -4,8 +4,7 @@ The format and its guarantees are a real run's (:mod:`gossip.checkpoint`): one f
 ``checkpoints/step_<R>/rank_0.pt`` after round R, written atomically, then the ``latest`` marker
 with the file's SHA-256 and the run's configuration; ``--keep-checkpoints`` prunes. The file
 holds :meth:`simulations.engine.Simulation.state_dict` and the wall and CPU seconds the run had
-taken.
-(``step`` counts rounds here, the simulator's unit.)
+taken. (``step`` counts rounds here, the simulator's unit.)
 
 A resume (:func:`load`) continues bit for bit: the same models, records and figures as a run
 that never stopped (tests/test_sim_checkpoint.py). It refuses, naming what differs, a marker or
