@@ -63,6 +63,8 @@ ALGO_SETTINGS: dict[str, dict[str, Any]] = {
     "dpsgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
     "gossip-vc": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
     "gossip": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
+    # CHOCO-SGD as the paper runs it: compressed (top-10 %), consensus step gamma 0.5
+    "choco": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "compress": "topk:0.1"},
 }
 DEFAULT_ALGOS = ("fedavg", "diloco", "noloco", "dpsgd", "gossip-vc")
 

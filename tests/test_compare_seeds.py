@@ -59,3 +59,18 @@ def test_seed_stats_counts_only_seeds_that_reached_90() -> None:
 def test_bad_seeds_are_refused(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     assert compare.main(["--seeds", "0,0", "--out", str(tmp_path)]) == 2
     assert "seeds='0,0' is invalid" in capsys.readouterr().err
+
+
+def test_compare_runs_choco_compressed(tmp_path: Path) -> None:
+    """CHOCO-SGD in a comparison, as its paper runs it (top-10 %): the bytes it sends a node are
+    D-PSGD's on the same ring times the compressed message's share of a dense one."""
+    from gossip.compress import parse_codec
+
+    assert compare.main(["--algos", "dpsgd,choco", "--nodes", "4", "--rounds", "2",
+                         "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "comparison.json").read_text())
+    params = runs["choco"]["params_per_node"]
+    share = parse_codec("topk:0.1").nbytes(params) / (4 * params)
+    assert runs["choco"]["bytes_per_node"] == pytest.approx(
+        runs["dpsgd"]["bytes_per_node"] * share, rel=1e-12)
+    assert runs["choco"]["final_accuracy_mean"] > 0.1
