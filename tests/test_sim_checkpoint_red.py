@@ -19,12 +19,12 @@ from gossip import checkpoint as ckpt
 from simulations.config import SimConfig
 from simulations.engine import Simulation
 from simulations.run import main, run
+from tests.test_sim_checkpoint import _rows, _summary
 
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: what may differ between a resumed run and the straight one: timings
-TIMES = ("wall_seconds", "cpu_seconds", "build_seconds", "node_steps_per_second")
 ARGV = ["--algo", "gossip-vc", "--task", "digits", "--nodes", "8", "--rounds", "6",
         "--batch-size", "16", "--sync-every", "2", "--seed", "3", "--drop-prob", "0.1",
         "--save-models", "--threads", "1", "--no-progress"]
@@ -74,16 +74,6 @@ def _killed(out: Path, *, writing: str = "", pruning: str = "", marking: str = "
                            "--out", str(out), *extra], env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == -9, done.stderr
-
-
-def _rows(out: Path) -> list[dict[str, Any]]:
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMES}
-            for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _summary(out: Path) -> dict[str, Any]:
-    return {k: v for k, v in json.loads((out / "summary.json").read_text()).items()
-            if k not in TIMES}
 
 
 def _models(out: Path) -> dict[str, dict[str, torch.Tensor]]:
