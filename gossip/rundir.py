@@ -34,7 +34,8 @@ from typing import Any
 
 from gossip.metrics import atomic_write_text, iter_jsonl, to_jsonable
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "RunDir", "interrupted_report", "run_files"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "RunDir", "interrupt_on_signal", "interrupted_report",
+           "run_files"]
 
 LOCK_NAME = ".lock"
 #: What a run writes in its directory (plots are ``*.png``); ``--overwrite`` removes these only.
@@ -207,6 +208,12 @@ class RunDir:
         """summary.json of a run stopped by Ctrl-C or SIGTERM after ``last_step``."""
         self._write_json("summary.json", {**extra, "status": "interrupted",
                                           "last_step": int(last_step)})
+
+
+def interrupt_on_signal(signum: int, _frame: object) -> None:
+    """A signal handler (for SIGTERM: a scheduler's or a timeout's ``kill``) that ends a run like
+    Ctrl-C: ``summary.json`` says interrupted and the command names what it kept."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def interrupted_report(paths: Iterable[str | os.PathLike[str]]) -> str:

@@ -27,7 +27,7 @@ from gossip.tasks import Task, TaskData
 from launch.config import TrainConfig
 
 __all__ = ["LOCAL_FIELDS", "RunError", "ShardStream", "agree", "check_same_config",
-           "configure_logging", "consensus", "derived_seed", "evaluate", "free_port", "interrupt",
+           "configure_logging", "consensus", "derived_seed", "evaluate", "free_port",
            "join_process_group", "leave", "pick_device", "roll_call", "single_process_env",
            "test_set"]
 
@@ -283,11 +283,6 @@ def configure_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", force=True)
-
-
-def interrupt(signum: int, _frame: object) -> None:
-    """A signal handler that ends the run like Ctrl-C (for SIGTERM)."""
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def leave(status: int) -> NoReturn:

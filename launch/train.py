@@ -46,7 +46,7 @@ from gossip.metrics import read_jsonl
 from gossip.plots import plot_run
 from gossip.records import summarize, table
 from gossip.run import build
-from gossip.rundir import RunDir, interrupted_report
+from gossip.rundir import RunDir, interrupt_on_signal, interrupted_report
 from launch.config import TrainConfig, build_parser, check_out, default_out, from_args
 from launch.rank import (
     RunError,
@@ -56,7 +56,6 @@ from launch.rank import (
     configure_logging,
     derived_seed,
     evaluate,
-    interrupt,
     join_process_group,
     leave,
     pick_device,
@@ -293,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     single_process_env()  # plain `python -m launch.train`: a world of one process
     rank = int(os.environ["RANK"])
     configure_logging(rank)
-    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends the run like Ctrl-C
+    signal.signal(signal.SIGTERM, interrupt_on_signal)  # SIGTERM ends the run like Ctrl-C
     comm: TorchCommunicator | None = None
     try:
         comm = join_process_group(None if cfg.backend == "auto" else cfg.backend, cfg.timeout,

@@ -46,9 +46,9 @@ from gossip.metrics import atomic_write_text, to_jsonable
 from gossip.plots import plot_comparison, plot_comparison_seeds
 from gossip.records import runs_table
 from gossip.run import build
-from gossip.rundir import RunDir, interrupted_report
+from gossip.rundir import RunDir, interrupt_on_signal, interrupted_report
 from simulations.config import SimConfig
-from simulations.run import run, terminate_like_ctrl_c
+from simulations.run import run
 
 __all__ = ["ALGO_SETTINGS", "SEED_KEYS", "compare", "compare_seeds", "format_seed_table",
            "format_table", "main", "seed_stats"]
@@ -268,5 +268,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C is main()'s from here
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminate_like_ctrl_c)
+    signal.signal(signal.SIGTERM, interrupt_on_signal)
     sys.exit(main())

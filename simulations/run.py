@@ -39,7 +39,7 @@ from typing import Any
 
 from gossip.allocator import reuse_freed_memory
 from gossip.records import table
-from gossip.rundir import RunDir, interrupted_report
+from gossip.rundir import RunDir, interrupt_on_signal, interrupted_report
 from gossip.tasks import Task
 from simulations import checkpoint
 from simulations.config import SimConfig, from_args
@@ -90,13 +90,6 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
     return drive(sim, resume=state)
 
 
-def terminate_like_ctrl_c(signum: int, _frame: object) -> None:
-    """A SIGTERM handler that ends the run like Ctrl-C (``summary.json`` says interrupted, one
-    line names what was kept, exit 130), as launch.train's does; without it a ``kill`` (a
-    scheduler's, a timeout's) left config.json and metrics.jsonl with no summary and no status."""
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run, print a summary; returns the exit code
     (2: refused input; 130: Ctrl-C, after one line naming what was kept)."""
@@ -124,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # Ctrl-C is main()'s from here
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, terminate_like_ctrl_c)
+    signal.signal(signal.SIGTERM, interrupt_on_signal)  # ends the run like Ctrl-C
     code = main()
     gc.freeze()  # the interpreter's teardown then collects none of the run's objects
     sys.exit(code)
