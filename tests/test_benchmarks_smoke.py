@@ -43,6 +43,7 @@ def quick_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     procs = {"throughput": _start("sim_throughput.py", "--quick"),
              "profile": _start("sim_profile.py", "--nodes", "12", "--rounds", "2",
                                "--first-rounds", "2", "--top", "3"),
+             "bound": _start("sim_bound.py", "--quick"),
              "variance": _start("reproduce_vanishing_variance.py", "--quick", "--out", str(out))}
     return {"out": out, **{k: _finish(p) for k, p in procs.items()}}
 
@@ -72,6 +73,23 @@ def test_sim_profile_quick(quick_runs: dict) -> None:
     assert {k: len(v) for k, v in rec["first_rounds_ms"].items()} == {
         "cuda_graphs=True": 2, "cuda_graphs=False": 2}
     assert "function calls" in out  # the profile's table follows
+
+
+def test_sim_bound_quick(quick_runs: dict) -> None:
+    rc, out, err = quick_runs["bound"]
+    assert rc == 0, err
+    [rec] = [r for r in _json_lines(out) if r["bench"] == "sim_bound"]
+    parts = [rec[k] for k in ("compute_ms", "calls_ms", "memory_ms")]
+    assert all(v > 0 for v in parts) and rec["loop_client_steps_per_s"] > 0
+    assert rec["floor_ms"] == pytest.approx(sum(parts))
+    assert rec["floor_overlapped_ms"] == pytest.approx(max(parts))
+    # every ratio is client-steps per second over the loop's, from the record's own figures
+    steps, loop = rec["client_steps_per_round"], rec["loop_client_steps_per_s"]
+    assert rec["ratio_sim"] == pytest.approx(steps / (rec["sim_round_ms"] / 1e3) / loop)
+    assert rec["ratio_floor"] == pytest.approx(steps / (rec["floor_ms"] / 1e3) / loop)
+    assert rec["compute_ms"] == pytest.approx(rec["compute_us_per_client_step"] * steps / 1e3)
+    assert rec["calls_ms"] == pytest.approx(
+        rec["step_fixed_us"] * rec["local_steps_per_round"] / 1e3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA guard")
