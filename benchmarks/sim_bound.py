@@ -15,12 +15,14 @@ local epoch of SGD lr 0.05 with batch 16, the global model evaluated every round
   ``sim_profile.py`` times them), its client-steps/s;
 - **floor** of a round, three parts, each measured here:
 
-  - *compute*: one local step of C nodes whose rows stay in cache (C = the rows of one fused
-    chunk, ``LocalTrainer`` on a simulation of C nodes), per node, times the round's
-    client-steps: the batched products and element-wise work of forward, backward and update;
-  - *calls*: the round's local steps (the most any node takes) times the fixed cost of a step,
-    a step of one node less one node's compute: the operator calls every step makes whatever
-    its width;
+  - *compute*: what one more node adds to a local step whose rows stay in cache (a step of C
+    nodes less a step of one, over C - 1; C = the rows of one fused chunk; ``LocalTrainer`` on a
+    simulation of C nodes), times the round's client-steps: the batched products and
+    element-wise work of forward, backward and update;
+  - *calls*: the round's local steps (the most any node takes) times the fixed cost of a step
+    (a step of one node less one node's compute): the operator calls every step makes whatever
+    its width (once per step: a step of more than C nodes, in chunks, pays some of it per
+    chunk, which the floor leaves out);
   - *memory*: the round's traffic over the N stacked rows (N x 9,610 floats): the sync reads
     every row and writes the mean into every row, the local step reads and writes every row
     that trains; at the bandwidth of ``sum()`` (read) and ``fill_()`` (write) on a buffer of
@@ -80,15 +82,16 @@ def simulation(nodes: int, threads: int) -> Simulation:
 
 
 def step_costs(chunk: int, threads: int, repeats: int) -> tuple[float, float]:
-    """Seconds per node of a local step of ``chunk`` nodes in cache, and a step's fixed
-    seconds (a step of one node less one node's share)."""
+    """A local step's seconds as ``fixed + per_node * k`` for k nodes in cache, from steps of
+    ``chunk`` nodes and of one (of a simulation of ``chunk`` nodes): ``(per_node, fixed)``."""
     sim = simulation(chunk, threads)
     trainer, idx = sim.trainer, sim.batches.batch(sim.local_step)
-    per_node = median_seconds(lambda: trainer.step(idx), repeats) / chunk
     one = torch.zeros(chunk, dtype=torch.bool)
     one[0] = True
-    fixed = median_seconds(lambda: trainer.step(idx, one), repeats) - per_node
-    return per_node, max(0.0, fixed)
+    every = median_seconds(lambda: trainer.step(idx), repeats)
+    single = median_seconds(lambda: trainer.step(idx, one), repeats)
+    per_node = max(0.0, every - single) / (chunk - 1)
+    return per_node, max(0.0, single - per_node)
 
 
 def bandwidth(numel: int, repeats: int) -> tuple[float, float]:
@@ -118,7 +121,7 @@ def bound(nodes: int, rounds: int, threads: int, repeats: int) -> dict[str, Any]
             raise RuntimeError(f"the loop failed: {loop['error']}")
         seen["loop"].append(loop["client_steps_per_s"])
         seen["sim"].append(timed(sim, 1 + k * rounds, rounds, torch.device("cpu")) / rounds)
-        per_node, fixed = step_costs(min(chunk, nodes), threads, 20)
+        per_node, fixed = step_costs(max(2, min(chunk, nodes)), threads, 20)
         read, write = bandwidth(nodes * row, 5)
         for key, v in (("per_node", per_node), ("fixed", fixed), ("read", read),
                        ("write", write)):
