@@ -154,20 +154,25 @@ class StackedBatches:
         self._offsets = np.arange(batch_size)
         self._host = self.device.type == "cpu" and not tensor_path
         flat = np.concatenate(shards).astype(np.int64)
-        if self._host:
-            self._flat, self._order = flat, np.empty_like(flat)  # the epoch's order, row by row
+        if self._host:  # the epoch's order, row by row (until a row's first draw: its shard)
+            self._flat, self._order = flat, flat.copy()
             return
         padded = np.zeros((len(shards), int(self._sizes.max())), dtype=np.int64)
         padded[np.repeat(np.arange(len(shards)), self._sizes), self._position] = flat
         self._shards = torch.from_numpy(padded).to(self.device)
-        self._table = torch.empty_like(self._shards)
+        self._table = self._shards.clone()  # until a row's first draw: its shard
         self._dev = {"hash": torch.from_numpy(self._node_hash).to(self.device),
                      "sizes": torch.from_numpy(self._sizes).to(self.device),
                      "offsets": torch.from_numpy(self._offsets).to(self.device)}
 
-    def batch(self, step: int | Tensor) -> Tensor:
-        """Sample indices [L, B] at local step ``step`` (an int, or one step per node [L])."""
-        ej, redraw = self.advance(step)
+    def batch(self, step: int | Tensor, rows: Tensor | None = None) -> Tensor:
+        """Sample indices [L, B] at local step ``step`` (an int, or one step per node [L]).
+
+        ``rows`` (bool [L]; None: all): the rows whose batches the caller reads. The others
+        hold indices of their own shard, not necessarily their step's batch: a row that starts
+        an epoch outside ``rows`` is redrawn when it is next read (a masked local step then
+        sorts only the nodes that train)."""
+        ej, redraw = self.advance(step, rows)
         if not self._host:  # one host-to-device copy per step; nothing waits for the device
             return self.draw(to_device(ej, self.device), redraw)
         epoch, j = ej.numpy()
@@ -192,16 +197,21 @@ class StackedBatches:
                               self._position[elems])
         self._order[elems] = self._flat[elems][np.argsort((owner << 32) | keys)]
 
-    def advance(self, step: int | Tensor) -> tuple[Tensor, np.ndarray]:
+    def advance(self, step: int | Tensor, rows: Tensor | None = None
+                ) -> tuple[Tensor, np.ndarray]:
         """The host's half of :meth:`batch`: each row's epoch and batch within it at ``step``
-        (int64 [2, L], on the host) and the rows whose epoch changed (they are redrawn)."""
+        (int64 [2, L], on the host) and the rows to redraw: those of ``rows`` (None: all)
+        whose epoch changed since their last draw."""
         _check_steps(step)
         steps = torch.as_tensor(step, dtype=torch.long).cpu().expand(len(self.nodes)).numpy()
         if steps.min() < 0:
             raise ValueError(f"step must be >= 0, got {int(steps.min())}")
         epoch, j = steps // self._m, steps % self._m
-        redraw = np.flatnonzero(epoch != self._epoch)
-        self._epoch = epoch.copy()
+        changed = epoch != self._epoch
+        if rows is not None:
+            changed &= rows.to("cpu", torch.bool).numpy()
+        redraw = np.flatnonzero(changed)
+        self._epoch[redraw] = epoch[redraw]
         return torch.from_numpy(np.stack([epoch, j])), redraw
 
     def draw(self, ej: Tensor, redraw: np.ndarray) -> Tensor:

@@ -350,8 +350,8 @@ class Simulation:
                                          cfg.warmup_steps)
             losses = self.graphs.step(self.local_step) if everyone and lr is None else None
             if losses is None:
-                idx = self.batches.batch(self.local_step)
-                losses = self.trainer.step(idx, None if everyone else act, lr)
+                rows = None if everyone else act
+                losses = self.trainer.step(self.batches.batch(self.local_step, rows), rows, lr)
             loss_sum += losses.double() if everyone else losses.double() * (on_device > s)
             self.local_step += act
         node_steps = int(steps.sum())

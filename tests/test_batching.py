@@ -134,3 +134,24 @@ def test_mul32_is_exact_where_the_int64_product_overflows():
         want = [(int(x) * c) & 0xFFFFFFFF for x in xs]
         assert _mul32(xs, c).tolist() == want
         assert _mul32(torch.from_numpy(xs), c).tolist() == want
+
+
+@pytest.mark.parametrize("tensor_path", [False, True])
+def test_batches_of_the_rows_asked_for_are_their_steps_whatever_was_skipped(tensor_path):
+    """``batch(step, rows)``: the rows asked for get :func:`node_batch`'s batch of their step
+    over random masks (rows skipped while they crossed epochs included); the others hold
+    indices of their own shard."""
+    rng = np.random.default_rng(4)
+    shards = [np.arange(100 * i, 100 * i + n) for i, n in enumerate([3, 17, 1, 40, 9])]
+    batches = StackedBatches(shards, [10, 11, 12, 13, 14], 8, seed=6, tensor_path=tensor_path)
+    steps = np.zeros(5, dtype=np.int64)
+    for _ in range(40):
+        rows = torch.from_numpy(rng.random(5) < 0.5)
+        got = batches.batch(torch.from_numpy(steps), rows)
+        for i in range(5):
+            if rows[i]:
+                assert got[i].tolist() == node_batch(shards[i], 8, seed=6, node=10 + i,
+                                                     step=int(steps[i])).tolist()
+            else:
+                assert set(got[i].tolist()) <= set(shards[i].tolist())
+        steps += rng.integers(0, 3, size=5)  # some rows jump whole epochs between reads
