@@ -144,12 +144,15 @@ class RunWriter:
 
     ``tensorboard=True`` also writes every number of every record as a TensorBoard scalar
     under ``tensorboard/`` (tag ``kind/key``, plus ``/node<i>`` for a node's records; x = the
-    record's ``step``); it needs the ``track`` extra.
+    record's ``step``); it needs the ``track`` extra. ``resumed_at``: the step of the checkpoint
+    a resumed run starts from (implies ``append``); TensorBoard then hides the events that the
+    run which died wrote after it (``SummaryWriter``'s ``purge_step``), as ``metrics.jsonl`` is
+    cut back to it (:func:`truncate_jsonl`), so a curve shows each step once.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], config: Mapping[str, Any] | Any,
                  *, enabled: bool = True, append: bool = False,
-                 tensorboard: bool = False) -> None:
+                 tensorboard: bool = False, resumed_at: int | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         self._file = None
@@ -159,10 +162,12 @@ class RunWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=None
+                                     if resumed_at is None else resumed_at + 1)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.json",
                           json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
+        append = append or resumed_at is not None
         self._file = open(self.out_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
 
     def log(self, record: Mapping[str, Any]) -> None:

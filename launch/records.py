@@ -68,7 +68,7 @@ class Collective:
         if self.rank == 0 and resumed_from:
             truncate_jsonl(out / "metrics.jsonl", resumed_from)
         self.writer = RunWriter(out, config if self.rank == 0 else {},
-                                append=bool(resumed_from), enabled=self.rank == 0,
+                                resumed_at=resumed_from or None, enabled=self.rank == 0,
                                 tensorboard=tensorboard)
 
     def flush(self, records: list[dict[str, Any]]) -> None:

@@ -642,7 +642,7 @@ class RunRecorder:
                 if rec.get("kind") == "round":
                     self.records.append(rec)
         self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
-                                append=resumed_at is not None, tensorboard=cfg.tensorboard)
+                                resumed_at=resumed_at, tensorboard=cfg.tensorboard)
         self.label_counts = label_counts  # plotted at a successful end, with the rest
 
     def log(self, record: dict[str, Any]) -> None:

@@ -258,3 +258,30 @@ def test_resume_checks_bytes_and_trajectory_and_records_overrides(tmp_path: Path
     assert "state was saved without compression, this fedavg has compress='int8'" in msg
     assert "compress: None -> 'int8' alter the state the algorithm saved" in msg
     assert _files(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_a_resumed_real_run_shows_each_step_once_in_tensorboard(tmp_path: Path) -> None:
+    """Steps 5-6 were recorded past the checkpoint of step 4 (the run died before its
+    checkpoint of step 6 was marked: emulated by taking that checkpoint back); resumed from it
+    to step 8, the TensorBoard scalars hold every step once, as metrics.jsonl does."""
+    tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    base = {"algo": "fedavg", "task": "digits", "steps": 6, "sync_every": 2, "eval_every": 2,
+            "checkpoint_every": 2, "tensorboard": True, "out": str(tmp_path)}
+    run_ranks(_train, 2, base, timeout=180)
+    latest = ckpt.read_latest(tmp_path)
+    assert latest is not None and latest["step"] == 6
+    for rank in range(2):
+        ckpt.rank_file(tmp_path, 6, rank).unlink()
+    meta = {k: v for k, v in latest.items() if k not in ("step", "files")}
+    ckpt.write_latest(tmp_path, 4, meta, ranks=2)
+    run_ranks(_train, 2, {**base, "steps": 8, "resume": True}, timeout=180)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    acc = tb.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    for kind, key, node in (("eval", "loss", 1), ("sync", "train_loss", 0)):
+        want = [r for r in rows if r["kind"] == kind and r.get("node") == node]
+        assert [r["step"] for r in want] == [2, 4, 6, 8]  # metrics.jsonl: once each
+        events = acc.Scalars(f"{kind}/{key}/node{node}")
+        assert [e.step for e in events] == [2, 4, 6, 8]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in want])

@@ -77,6 +77,33 @@ def test_a_run_resumed_after_it_died_equals_the_run_that_never_stopped(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_tensorboard_shows_each_step_once_after_a_resume(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run that died wrote round 4 past the checkpoint of round 3; after the resume its
+    TensorBoard scalars are the straight run's, each step once (not round 4 twice)."""
+    tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    straight, died = tmp_path / "straight", tmp_path / "died"
+    run(_cfg("fedavg", straight, tensorboard=True))
+    with monkeypatch.context() as m:
+        _stop_at(m, 5, RuntimeError)
+        with pytest.raises(RuntimeError):
+            run(_cfg("fedavg", died, checkpoint_every=3, tensorboard=True))
+    run(_cfg("fedavg", died, checkpoint_every=3, tensorboard=True, resume=True))
+
+    def scalars(out: Path) -> tuple[list[int], list[float]]:
+        acc = tb.EventAccumulator(str(out / "tensorboard"))
+        acc.Reload()
+        events = acc.Scalars("round/train_loss")
+        return [e.step for e in events], [e.value for e in events]
+
+    rounds = [r for r in _rows(straight) if r["kind"] == "round"]
+    steps, losses = [r["step"] for r in rounds], [r["train_loss"] for r in rounds]
+    assert len(steps) == 6
+    for out in (straight, died):
+        got_steps, got_losses = scalars(out)
+        assert got_steps == steps and got_losses == pytest.approx(losses)
+
+
 def test_a_model_with_batchnorm_and_dropout_resumes_bit_exactly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Running statistics (each node's own buffers) and dropout (torch's RNG) continue too."""
