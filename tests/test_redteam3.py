@@ -313,6 +313,31 @@ def test_batchnorm_statistics_survive_a_resume_and_reach_the_averaged_model(tmp_
     assert summary["avg_model_accuracy"] == rank["final_accuracy"]
 
 
+def test_merge_keeps_the_batchnorm_statistics_a_real_checkpoint_saved(tmp_path: Path) -> None:
+    """Input: the checkpoints of a one-rank launch.train of a BatchNorm model, merged (uniform
+    soup of one model) without recomputing the statistics. Expected: the merged model is the
+    rank's model, running statistics included: its test figures are the run's final ones. Got
+    (before): gossip.merge read the parameters only and gave the model fresh statistics
+    (mean 0, variance 1), far from this task's inputs."""
+    from gossip.merge import MergeOptions, load_models, merge
+
+    run = _train(tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    final = json.loads((tmp_path / "run" / "summary.json").read_text())["per_rank"][0]
+    models = load_models([tmp_path / "run"])
+    result = merge(models, MergeOptions(method="uniform", bn_recompute=False))
+    assert [i.step for i in result.used] == [40]
+    task = bn_task()
+    result.model.eval()
+    with torch.no_grad():
+        got = task.metrics(result.model(task.data.x_test), task.data.y_test)
+    assert got["loss"] == pytest.approx(final["final_loss"], rel=1e-5)
+    assert got["accuracy"] == final["final_accuracy"]
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "step_40" / "rank_0.pt",
+                       weights_only=True)["buffers"]
+    assert saved and all(torch.equal(result.state[n], t) for n, t in saved.items())
+
+
 # ----------------------------------------------------------------------------- --config FILE
 
 

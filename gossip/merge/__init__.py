@@ -38,8 +38,10 @@ models of every rank (or every node); checkpoint methods merge one rank's checkp
 BatchNorm: the running statistics of a merged model are not those of its weights. With
 ``bn_recompute`` (the default when the model has BatchNorm running statistics) they are
 recomputed from scratch on ``bn_batches`` training batches (cumulative averages, torch's
-``momentum=None``) before any evaluation. Real-run checkpoints hold no buffers, so their
-models need it.
+``momentum=None``) before any evaluation. Without it (``--no-bn-recompute``) every model keeps
+the statistics it was saved with: a simulation's ``models.pt`` and a real run's checkpoints
+hold them (a checkpoint written before buffers were saved holds none: its models get the fresh
+model's).
 
 The held-out set for greedy soup scores and Fisher estimates is drawn (seeded) from the task's
 training split, so the test split stays unseen until the merged model is scored on it.

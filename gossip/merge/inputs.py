@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from gossip import checkpoint as ckpt
-from gossip.flat import FlatParams
+from gossip.flat import FlatParams, persistent_buffers
 from gossip.merge.models import state_of, to_model
 from gossip.merge.soups import State, check_states
 from gossip.metrics import atomic_write_text
@@ -97,12 +97,22 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class _Found:
-    """Models of one input before the task is known (real-run checkpoints hold flat buffers)."""
+    """Models of one input before the task is known (a real-run checkpoint holds flat buffers
+    of parameters and its model's buffers by name: :class:`_Flat`)."""
 
     task: str | None
     seed: int | None
     init: str | None
-    entries: list[tuple[str, int | None, int | None, State | list[Tensor]]]
+    entries: list[tuple[str, int | None, int | None, State | _Flat]]
+
+
+@dataclass
+class _Flat:
+    """A real-run checkpoint's model: flat parameter buffers and named buffers (BatchNorm's
+    running statistics; none in a checkpoint written before they were saved)."""
+
+    params: list[Tensor]
+    buffers: dict[str, Tensor]
 
 
 def load_models(paths: Sequence[str | os.PathLike[str]], *, task: str | None = None,
@@ -142,12 +152,21 @@ def load_models(paths: Sequence[str | os.PathLike[str]], *, task: str | None = N
     return models
 
 
-def _unflat(task: Task, buffers: list[Tensor], label: str, seed: int) -> State:
-    """A real-run checkpoint's flat parameter buffers as named tensors of ``task``'s model
-    (buffers such as BatchNorm statistics are the fresh model's: recompute them)."""
+def _unflat(task: Task, saved: _Flat, label: str, seed: int) -> State:
+    """A real-run checkpoint's model as named tensors of ``task``'s model: its parameters,
+    and its buffers as saved (a checkpoint without them leaves the fresh model's)."""
     model = task.make_model(seed)
     flat = FlatParams.from_module(model)
-    ckpt.restore_params(flat, buffers, source=label)
+    ckpt.restore_params(flat, saved.params, source=label)
+    mine = persistent_buffers(model)
+    for name, value in saved.buffers.items():
+        if name not in mine or mine[name].shape != value.shape:
+            got = tuple(mine[name].shape) if name in mine else "no such buffer"
+            raise ValueError(f"{label}: buffer {name!r} {tuple(value.shape)} does not fit "
+                             f"the task's model ({got})")
+    with torch.no_grad():
+        for name, value in saved.buffers.items():
+            mine[name].copy_(value)
     return state_of(model)
 
 
@@ -228,7 +247,7 @@ def _read_file(path: Path, config: Mapping[str, Any] | None = None) -> _Found:
     meta = state["meta"]
     if config is None:
         config = _run_config(path.parents[2]) if len(path.parents) > 2 else {}
+    saved = _Flat(list(state["params"]), dict(state.get("buffers") or {}))
     return _Found(meta.get("task"), config.get("seed"), config.get("init"),
-                  [(f"{path}", int(state["step"]), int(meta.get("rank", 0)),
-                    list(state["params"]))])
+                  [(f"{path}", int(state["step"]), int(meta.get("rank", 0)), saved)])
 
