@@ -396,6 +396,27 @@ def test_dataset_data_gives_the_same_batches_shards_and_simulation() -> None:
 
 
 
+def test_a_label_split_of_dataset_data_without_labels_is_refused_on_real_ranks_only() -> None:
+    """A real rank reads only its batches, so ``dirichlet`` needs ``train_labels`` (refused
+    naming the field, ``iid`` accepted); the simulator holds the data and splits it by its
+    labels: the shards the labelled data gives."""
+    task = make_task(2)
+    bare = _as_datasets(task)
+    bare = dataclasses.replace(bare, data=dataclasses.replace(bare.data, train_labels=None))
+    spec = TrainConfig(partition="dirichlet:0.5").resolved(task, 3)
+    with pytest.raises(ValueError, match=r"partition='dirichlet:0.5' is invalid .*has no "
+                                         r"train_labels: give DatasetData\(train_labels="):
+        build.make_shards(spec, bare, 3)
+    assert len(build.make_shards(TrainConfig(partition="iid").resolved(task, 3), bare, 3)) == 3
+
+    from simulations.engine import Simulation
+
+    cfg = SimConfig(nodes=3, rounds=1, partition="dirichlet:0.5")
+    want = build.make_shards(cfg.resolved(task), task, 3)
+    got = Simulation(cfg, task=bare).shards
+    assert [list(s) for s in got] == [list(s) for s in want]
+
+
 def _frozen_first_layer() -> nn.Module:
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     model[0].requires_grad_(False)  # e.g. a frozen embedding

@@ -24,7 +24,7 @@ from gossip.data import partition, sampled_partition
 from gossip.flat import FlatParams
 from gossip.run.schedule import lr_factor
 from gossip.run.spec import RunSpec, optimizer_class
-from gossip.tasks import TASK_NAMES, Task, get_task
+from gossip.tasks import TASK_NAMES, DatasetData, Task, get_task
 from gossip.topology import Topology, make_topology
 
 __all__ = [
@@ -93,6 +93,12 @@ def make_shards(spec: RunSpec, task: Task, nodes: int, *, shard_size: int | None
     except ValueError as e:
         hint = " (more nodes than samples: try partition='sample:iid')" \
             if nodes > data.num_train else ""
+        if labels is None and isinstance(data, DatasetData) and data.kind == "classification":
+            # the simulator holds the data and reads the labels from it; a real rank reads
+            # only its own batches, so it needs them given
+            hint = ("; the task's DatasetData has no train_labels: give DatasetData("
+                    "train_labels=...) the class id of every training sample (e.g. an "
+                    "ImageFolder's .targets), or split with 'iid' or 'quantity:ALPHA'")
         raise ValueError(f"partition={spec.partition!r} is invalid for task={spec.task!r} "
                          f"with {nodes} nodes: {e}{hint}") from None
 
