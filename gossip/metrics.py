@@ -10,10 +10,12 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -63,10 +65,49 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        full = no_space(path, e)  # read before the temporary goes: the disk is as it failed
         Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
     _fsync_dir(path.parent)
+
+
+#: errnos of a write that found no room: the device is full, or the user's quota is
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_NEARLY_FULL = 1 << 20  # bytes free under which a failed write is taken to be a full disk
+
+
+def no_space(path: str | os.PathLike[str], error: BaseException, *, what: str | None = None
+             ) -> OSError | None:
+    """The error to raise for a write of ``path`` (``what``: how to name it, default its file
+    name) that failed with ``error`` because its file system is full (None: another failure).
+    Python's own writes say so (``ENOSPC``, ``EDQUOT``); ``torch.save``'s writer reports a
+    position mismatch instead, so a failure while less than 1 MiB is free counts too."""
+    path = Path(path)
+    if not (isinstance(error, OSError) and error.errno in NO_SPACE):
+        if not isinstance(error, (OSError, RuntimeError)):
+            return None
+        try:
+            if shutil.disk_usage(path.parent).free >= _NEARLY_FULL:
+                return None
+        except OSError:
+            return None
+    kept = "" if what else " (the file it would replace, if any, is intact)"
+    return OSError(errno.ENOSPC, f"no space left on the device of {path.parent}: could not "
+                   f"write {what or path.name}{kept}")
+
+
+def no_space_message(error: OSError, where: str | os.PathLike[str] | None = None) -> str:
+    """What a command prints of a full disk's ``error`` (see :data:`NO_SPACE`): its text and,
+    for an error straight from the OS, the file it could not write (or, when the error does not
+    name it, the directory ``where`` the command was writing)."""
+    if error.filename and str(error.filename) not in str(error.strerror):
+        return f"{error.strerror}: {error.filename}"
+    if where is not None and "device of" not in str(error.strerror):
+        return f"{error.strerror} (writing into {where})"
+    return str(error.strerror)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -216,10 +216,12 @@ def interrupt_on_signal(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def interrupted_report(paths: Iterable[str | os.PathLike[str]]) -> str:
-    """The one line a command prints when Ctrl-C stopped it: each run directory it kept, with
-    its status (``summary.json``), the records in its ``metrics.jsonl`` and the checkpoint a
-    ``--resume`` would continue from; "nothing was written" when there is none."""
+def interrupted_report(paths: Iterable[str | os.PathLike[str]], *,
+                       reason: str = "interrupted") -> str:
+    """The one line a command prints when Ctrl-C (or ``reason``: a full disk) stopped it: each
+    run directory it kept, with its status (``summary.json``), the records in its
+    ``metrics.jsonl`` and the checkpoint a ``--resume`` would continue from; "nothing was
+    written" when there is none."""
     parts = []
     for path in paths:
         root = Path(path)
@@ -237,7 +239,7 @@ def interrupted_report(paths: Iterable[str | os.PathLike[str]]) -> str:
         metrics = root / "metrics.jsonl"
         records = sum(1 for _ in iter_jsonl(metrics)) if metrics.exists() else 0
         latest = root / "checkpoints" / "latest"
-        resume = ""
+        resume = "" if status == "finished" else ", no checkpoint: --overwrite starts it again"
         if latest.exists():
             try:
                 marker = json.loads(latest.read_text())
@@ -248,5 +250,5 @@ def interrupted_report(paths: Iterable[str | os.PathLike[str]]) -> str:
                 resume = ""
         parts.append(f"{root} ({status}, {records} records{resume})")
     if not parts:
-        return "interrupted: nothing was written"
-    return "interrupted: kept " + "; ".join(parts)
+        return f"{reason}: nothing was written"
+    return f"{reason}: kept " + "; ".join(parts)

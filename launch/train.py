@@ -42,7 +42,7 @@ from gossip.algorithms import same_init
 from gossip.allocator import reuse_freed_memory
 from gossip.comm import CommError, TorchCommunicator
 from gossip.flat import FlatParams, scope_from_spec
-from gossip.metrics import read_jsonl
+from gossip.metrics import NO_SPACE, no_space, no_space_message, read_jsonl
 from gossip.plots import plot_run
 from gossip.records import summarize, table
 from gossip.run import build
@@ -275,8 +275,12 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
     try:
         plot_run(metrics, out,
                  title=f"{cfg.algo} on {task.name}, {n} ranks")
-    except Exception:
-        log.exception("plotting failed")
+    except Exception as e:
+        full = no_space(out / "loss.png", e, what="the plots")
+        if full is None:
+            log.exception("plotting failed")
+        else:  # the results are written: one line, no traceback
+            log.error("plots not written: %s", full.strerror)
     print(table(summary), flush=True)
     return summary
 
@@ -312,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommError as e:
         log.error("rank %d stops: %s", rank, e)
         return 3
+    except OSError as e:  # a full disk: what it says and what the run kept, no traceback
+        if e.errno not in NO_SPACE:
+            raise
+        kept = interrupted_report([cfg.out] if cfg.out else [], reason="stopped")
+        log.error("rank %d stops: %s; %s", rank, no_space_message(e, cfg.out), kept)
+        return 1
     finally:
         if comm is not None:
             if comm.monitor is not None:

@@ -42,7 +42,7 @@ if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is not signal.SIG_
 from gossip.algorithms import needs_topology
 from gossip.allocator import reuse_freed_memory
 from gossip.configs import parse_seeds
-from gossip.metrics import atomic_write_text, to_jsonable
+from gossip.metrics import NO_SPACE, atomic_write_text, no_space_message, to_jsonable
 from gossip.plots import plot_comparison, plot_comparison_seeds
 from gossip.records import runs_table
 from gossip.run import build
@@ -240,9 +240,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line naming the run directories kept, no traceback
+    except (KeyboardInterrupt, OSError) as e:  # Ctrl-C, a full disk: one line naming the
+        # run directories kept, no traceback
+        if isinstance(e, OSError) and e.errno not in NO_SPACE:
+            raise
         kept = sorted(p.parent for p in Path(args.out).glob("**/metrics.jsonl")
                       if p.stat().st_mtime >= started)  # this comparison's, not older ones
+        if isinstance(e, OSError):
+            print(f"error: {no_space_message(e, args.out)}", file=sys.stderr)
+            print(interrupted_report(kept, reason="stopped"), file=sys.stderr)
+            return 1
         print(interrupted_report(kept), file=sys.stderr)
         return 130
     if args.seeds is not None:

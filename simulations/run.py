@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gossip.allocator import reuse_freed_memory
+from gossip.metrics import NO_SPACE, no_space_message
 from gossip.records import table
 from gossip.rundir import RunDir, interrupt_on_signal, interrupted_report
 from gossip.tasks import Task
@@ -92,7 +93,8 @@ def run(cfg: SimConfig, *, task: Task | None = None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run, print a summary; returns the exit code
-    (2: refused input; 130: Ctrl-C, after one line naming what was kept)."""
+    (2: refused input; 130: Ctrl-C, after one line naming what was kept; 1: a full disk,
+    likewise)."""
     reuse_freed_memory()  # model-sized temporaries without page faults (gossip.allocator)
     cfg = None
     try:
@@ -105,6 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(interrupted_report([cfg.out] if cfg is not None and cfg.out else []),
               file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        # a full disk: what it says and what the run kept, no traceback
+        print(f"error: {no_space_message(e, cfg.out if cfg is not None else None)}",
+              file=sys.stderr)
+        print(interrupted_report([cfg.out] if cfg is not None and cfg.out else [],
+                                 reason="stopped"), file=sys.stderr)
+        return 1
     finally:
         _resume_gc()
     summary.pop("records", None)

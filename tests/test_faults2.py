@@ -254,14 +254,16 @@ def test_ctrl_c_is_one_line_naming_what_was_kept_and_exit_130(tmp_path: Path) ->
     summary = json.loads((out / "fedavg" / "summary.json").read_text())
     assert code == 130 and summary["status"] == "interrupted"
     assert line == (f"interrupted: kept {out / 'fedavg'} (marked interrupted at round "
-                    f"{summary['last_step']} of 100000, {records} records)"), line
+                    f"{summary['last_step']} of 100000, {records} records, no checkpoint: "
+                    "--overwrite starts it again)"), line
 
     out = tmp_path / "train"
     code, err = _interrupt([*TRAIN, "--steps", "1000000", "--checkpoint-every", "5", "--out",
                             str(out)], out / "metrics.jsonl", tmp_path)
     summary = json.loads((out / "summary.json").read_text())
     latest = ckpt.read_latest(out)  # None when stopped between the first records and marker
-    resume = "" if latest is None else f", --resume continues from step {latest['step']}"
+    resume = ", no checkpoint: --overwrite starts it again" if latest is None \
+        else f", --resume continues from step {latest['step']}"
     records = len(read_jsonl(out / "metrics.jsonl"))
     assert code == 130 and summary["status"] == "interrupted"
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
