@@ -267,3 +267,14 @@ def test_class_major_sums_equal_cross_entropy_and_argmax() -> None:
     finite = torch.isfinite(ref_loss)
     assert torch.equal(finite, torch.isfinite(loss))
     torch.testing.assert_close(loss[finite], ref_loss[finite].double(), rtol=1e-6, atol=1e-4)
+
+
+def test_even_chunks_are_as_few_as_the_cap_allows_and_about_equal() -> None:
+    from simulations.training import even_chunk
+
+    for rows in range(1, 300):
+        for cap in (1, 7, 62, 64):
+            chunk = even_chunk(rows, cap)
+            sizes = [len(range(r0, min(rows, r0 + chunk))) for r0 in range(0, rows, chunk)]
+            assert max(sizes) <= cap and len(sizes) == -(-rows // cap)
+            assert max(sizes) - min(sizes) <= len(sizes)  # the last one is short by at most that
