@@ -10,6 +10,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -209,7 +210,10 @@ class RunWriter:
         atomic_write_text(self.out_dir / "config.json",
                           json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")
         append = append or resumed_at is not None
-        self._file = open(self.out_dir / "metrics.jsonl", "a" if append else "w")  # noqa: SIM115
+        # unbuffered: a write that fails (a full disk) leaves nothing behind to be written at
+        # close or exit, after the command has said what the file holds (see log_many)
+        self._file = open(self.out_dir / "metrics.jsonl",  # noqa: SIM115
+                          "ab" if append else "wb", buffering=0)
 
     def log(self, record: Mapping[str, Any]) -> None:
         self.log_many([record])
@@ -218,8 +222,17 @@ class RunWriter:
         """Append ``records`` with one write and one flush."""
         records = list(records)
         if self._file is not None and records:
-            self._file.write("".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
-            self._file.flush()
+            data = memoryview("".join(json.dumps(to_jsonable(r)) + "\n"
+                                      for r in records).encode())
+            fd = self._file.fileno()
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except BaseException:  # a full disk, Ctrl-C: whole records only, none half-written
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, end)
+                raise
         if self._tb is not None:
             for record in records:
                 self._scalars(record)

@@ -86,6 +86,9 @@ class RunDir:
                              "directory")
         if self.path.is_dir():
             self._check()
+            if not os.access(self.path, os.W_OK | os.X_OK):  # (a read-only mount: EROFS)
+                raise ValueError(f"out={str(self.path)!r} is invalid: it is not writable, "
+                                 "expected a directory the run can write in")
             return
         # to be created: its nearest existing ancestor must be a directory this process can
         # write in (else mkdir fails with an OSError that names no flag, after the build)
