@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from gossip.data import class_entropy
+from gossip.metrics import atomic_write
 
 __all__ = ["BARS_UP_TO", "MAX_PLOTTED_NODES", "MAX_PLOTTED_RANKS", "plot_comparison",
            "plot_comparison_seeds", "plot_label_distribution", "plot_label_heatmap", "plot_run"]
@@ -108,6 +109,12 @@ def _sized_figure(width: float, height: float) -> Any:
     return fig
 
 
+def _save(fig: Any, path: str | os.PathLike[str], fmt: str = "png") -> None:
+    """``fig.savefig`` by way of a temporary renamed over ``path``: a write that fails (a full
+    disk) leaves no half-written image, and an older one stays whole."""
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=100))
+
+
 def _margins(fig: Any, *, left: float, wspace: float = 0.2) -> None:
     """Fixed margins: ``tight_layout`` draws each figure once more just to measure its text
     (about 0.25 s a figure, the bulk of writing the plots)."""
@@ -158,7 +165,7 @@ def _finish(fig: Any, ax: Any, path: Path, *, title: str, xlabel: str, ylabel: s
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     _margins(fig, left=left)
-    fig.savefig(os.fspath(path), format="png", dpi=100)
+    _save(fig, path)
     return path
 
 
@@ -188,7 +195,7 @@ def plot_run(records: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike[st
         fig.suptitle(f"{prefix}test accuracy")
         _margins(fig, left=0.08 if len(axes) > 1 else 0.12, wspace=0.22)
         written.append(out / "accuracy.png")
-        fig.savefig(os.fspath(written[-1]), format="png", dpi=100)
+        _save(fig, written[-1])
 
     if curves.train or curves.stats["loss"]:
         fig = _sized_figure(6, 4)
@@ -271,7 +278,7 @@ def plot_comparison_seeds(runs: Mapping[str, Sequence[Sequence[Mapping[str, Any]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
-        fig.savefig(path.with_suffix(f".{fmt}"), format=fmt, dpi=100)
+        _save(fig, path.with_suffix(f".{fmt}"), fmt)
     return path.with_suffix(f".{formats[0]}")
 
 
@@ -311,7 +318,7 @@ def plot_label_distribution(counts: np.ndarray, path: str | os.PathLike[str]) ->
     if num_classes <= 20:
         ax.legend(title="class", fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
-    fig.savefig(os.fspath(path), format="png", dpi=100)
+    _save(fig, path)
 
 
 def plot_label_heatmap(counts: np.ndarray, path: str | os.PathLike[str]) -> None:
@@ -347,7 +354,7 @@ def plot_label_heatmap(counts: np.ndarray, path: str | os.PathLike[str]) -> None
     ax.set_title("label skew: entropy of each node's classes")
     # fixed margins: tight_layout would draw the figure once more just to measure its text
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
-    fig.savefig(os.fspath(path), format="png", dpi=100)
+    _save(fig, path)
 
 
 def _class_colors(num_classes: int) -> list[tuple[float, float, float, float]]:
