@@ -209,6 +209,12 @@ class StackedBatches:
         epoch, j = steps // self._m, steps % self._m
         changed = epoch != self._epoch
         if rows is not None:
+            if not isinstance(rows, Tensor) or rows.dtype != torch.bool or tuple(
+                    rows.shape) != (len(self.nodes),):  # ([True] would broadcast to all)
+                what = (f"{rows.dtype} {tuple(rows.shape)}" if isinstance(rows, Tensor)
+                        else type(rows).__name__)
+                raise ValueError(f"rows must be a bool tensor [{len(self.nodes)}] (one flag "
+                                 f"per row), got {what}")
             changed &= rows.to("cpu", torch.bool).numpy()
         redraw = np.flatnonzero(changed)
         self._epoch[redraw] = epoch[redraw]

@@ -12,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from gossip.batching import StackedBatches, node_batch
 from tests.test_disk_full import ROOT, _can_mount, _env
 
 needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs unshare -m and mount (root)")
@@ -98,3 +101,39 @@ def test_plots_that_do_not_fit_leave_no_half_written_image(tmp_path: Path, size:
         data = png.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82"), png
     assert not list(run.rglob("*.tmp"))
+
+
+def _batches(tensor_path: bool = False) -> tuple[list[np.ndarray], list[int], StackedBatches]:
+    rng = np.random.default_rng(0)
+    shards = [rng.choice(1000, size=int(s), replace=False) for s in rng.integers(3, 15, 6)]
+    nodes = list(range(10, 16))
+    return shards, nodes, StackedBatches(shards, nodes, 4, seed=3, tensor_path=tensor_path)
+
+
+@pytest.mark.parametrize("rows", [torch.tensor([True]), torch.tensor([0, 2]),
+                                  torch.ones(6, dtype=torch.long), torch.ones(7, dtype=torch.bool)],
+                         ids=["one-flag", "indices", "ints", "too-long"])
+def test_batch_rows_that_are_not_one_flag_per_row_are_refused(rows: torch.Tensor) -> None:
+    # [True] was taken as every row (numpy broadcast it); [0, 2] failed with numpy's
+    # "operands could not be broadcast together with shapes (6,) (2,) (6,)"
+    _, _, sb = _batches()
+    with pytest.raises(ValueError, match=r"rows must be a bool tensor \[6\] \(one flag per row\)"):
+        sb.batch(5, rows)
+
+
+@pytest.mark.parametrize("tensor_path", [False, True])
+def test_masked_draws_then_all_rows_give_node_batch(tensor_path: bool) -> None:
+    # any mix of masks (none, all False, random) and uneven steps: the rows read are
+    # node_batch's, the reference one node at a time
+    shards, nodes, sb = _batches(tensor_path)
+    rng = np.random.default_rng(1)
+    step = np.zeros(6, dtype=np.int64)
+    for _ in range(200):
+        r = rng.random()
+        mask = None if r < 0.2 else torch.from_numpy(rng.random(6) < (0 if r < 0.3 else 0.5))
+        idx = sb.batch(torch.from_numpy(step.copy()), mask)
+        for i in range(6):
+            if mask is None or bool(mask[i]):
+                ref = node_batch(shards[i], 4, seed=3, node=nodes[i], step=int(step[i]))
+                assert np.array_equal(idx[i].numpy(), ref)
+        step += (np.ones(6, bool) if mask is None else mask.numpy()) * rng.integers(1, 4, 6)
