@@ -153,8 +153,10 @@ class RunDir:
             raise ValueError(f"out={str(self.path)!r} holds {what} ({names}): pass {advice}"
                              "--overwrite to replace it, or choose another --out")
         marker = self.path / "checkpoints" / "latest"
+        # (an empty step directory is a checkpoint that was never written: a full disk)
         steps = [] if marker.exists() else sorted(
-            (p.name for p in marker.parent.glob("step_*")), key=lambda n: (len(n), n))
+            (p.name for p in marker.parent.glob("step_*") if not p.is_dir() or any(
+                p.iterdir())), key=lambda n: (len(n), n))
         if steps:  # the marker deleted or lost: say so, not "without a checkpoint"
             raise ValueError(f"out={str(self.path)!r} holds checkpoints ({', '.join(steps)}) "
                              f"but no marker {marker}, the manifest --resume checks their "
