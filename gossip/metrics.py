@@ -85,9 +85,11 @@ def no_space(path: str | os.PathLike[str], error: BaseException, *, what: str | 
     """The error to raise for a write of ``path`` (``what``: how to name it, default its file
     name) that failed with ``error`` because its file system is full (None: another failure).
     Python's own writes say so (``ENOSPC``, ``EDQUOT``); ``torch.save``'s writer reports a
-    position mismatch instead, so a failure while less than 1 MiB is free counts too."""
+    position mismatch instead, with the OS's error as its context (read first: free space may
+    be back by the time this looks, a peer's half-written file removed), and a failure while
+    less than 1 MiB is free counts too."""
     path = Path(path)
-    if not (isinstance(error, OSError) and error.errno in NO_SPACE):
+    if _no_space_in(error) is None:
         if not isinstance(error, (OSError, RuntimeError)):
             return None
         try:
@@ -98,6 +100,19 @@ def no_space(path: str | os.PathLike[str], error: BaseException, *, what: str | 
     kept = "" if what else " (the file it would replace, if any, is intact)"
     return OSError(errno.ENOSPC, f"no space left on the device of {path.parent}: could not "
                    f"write {what or path.name}{kept}")
+
+
+def _no_space_in(error: BaseException) -> OSError | None:
+    """The full disk's OSError that ``error`` is, or that it was raised from or while handling
+    (``torch.save`` raises "unexpected pos" while the OS's ENOSPC or EDQUOT is its context)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def no_space_message(error: OSError, where: str | os.PathLike[str] | None = None) -> str:

@@ -169,3 +169,39 @@ def test_a_first_checkpoint_that_did_not_fit_is_not_taken_for_a_lost_marker(
     assert got["rc"] == 2, err[-3000:]
     assert "but no marker" not in err and "Traceback" not in err, err[-3000:]
     assert f"out={str(out)!r} holds a run without a checkpoint to resume from" in err, err
+
+
+_SAVE_WHILE_A_PEER_FREES = """
+import sys, torch
+from pathlib import Path
+from gossip.metrics import atomic_write
+disk = Path(sys.argv[1])
+ballast = disk / "peer_rank_1.pt.tmp"
+ballast.write_bytes(bytes(3 << 20))  # a peer's half-written checkpoint: 3 MiB
+def write(f):
+    try:
+        torch.save({"w": torch.zeros(1 << 20)}, f)  # 4 MiB: does not fit
+    finally:
+        ballast.unlink()  # the peer's failed write is removed meanwhile: 3 MiB free again
+try:
+    atomic_write(disk / "rank_0.pt", write)
+except BaseException as e:
+    print(type(e).__name__, e)
+"""
+
+
+@needs_mount
+def test_a_full_disk_is_named_even_when_room_is_made_before_it_is_looked_at(
+        tmp_path: Path) -> None:
+    # torch.save turns the OS's ENOSPC (or a quota's EDQUOT) into "RuntimeError: ... unexpected
+    # pos"; no_space then guessed from the free space, which a peer rank's cleanup had already
+    # given back: the error went out as that RuntimeError, a traceback
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (f"mount -t tmpfs -o size=5m tmpfs {disk} && "
+              f"{shlex.quote(sys.executable)} -c {shlex.quote(_SAVE_WHILE_A_PEER_FREES)} {disk}")
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith(f"OSError [Errno 28] no space left on the device of {disk}: "
+                                 "could not write rank_0.pt"), res.stdout + res.stderr[-2000:]
