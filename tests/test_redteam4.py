@@ -205,3 +205,31 @@ def test_a_full_disk_is_named_even_when_room_is_made_before_it_is_looked_at(
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith(f"OSError [Errno 28] no space left on the device of {disk}: "
                                  "could not write rank_0.pt"), res.stdout + res.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("every", "deaths"), [(2, [4, 4]), (2, [3, 5]), (3, [5, 5])],
+                         ids=["same-ckpt", "then-later", "same-ckpt-3"])
+def test_tensorboard_after_several_resumes_in_a_row_shows_each_step_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, every: int, deaths: list[int]) -> None:
+    """The run dies as round index ``deaths[0]`` starts (0-based: a round past its last
+    checkpoint written), its resume as round index ``deaths[1]`` starts, the next resume
+    finishes: the TensorBoard curve is the straight run's, each step once (it holds)."""
+    tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from simulations.run import run
+    from tests.test_sim_checkpoint import _cfg, _rows, _stop_at
+
+    straight, died = tmp_path / "straight", tmp_path / "died"
+    run(_cfg("fedavg", straight))
+    for i, r in enumerate(deaths):
+        with monkeypatch.context() as m:
+            _stop_at(m, r, RuntimeError)
+            with pytest.raises(RuntimeError):
+                run(_cfg("fedavg", died, checkpoint_every=every, tensorboard=True,
+                         resume=i > 0))
+    run(_cfg("fedavg", died, checkpoint_every=every, tensorboard=True, resume=True))
+    acc = tb.EventAccumulator(str(died / "tensorboard"))
+    acc.Reload()
+    events = acc.Scalars("round/train_loss")
+    rounds = [r for r in _rows(straight) if r["kind"] == "round"]
+    assert [e.step for e in events] == [r["step"] for r in rounds]
+    assert [e.value for e in events] == pytest.approx([r["train_loss"] for r in rounds])
