@@ -233,3 +233,28 @@ def test_tensorboard_after_several_resumes_in_a_row_shows_each_step_once(
     rounds = [r for r in _rows(straight) if r["kind"] == "round"]
     assert [e.step for e in events] == [r["step"] for r in rounds]
     assert [e.value for e in events] == pytest.approx([r["train_loss"] for r in rounds])
+
+
+@pytest.mark.parametrize("cap", [4, 6, 12])
+def test_fused_steps_in_even_chunks_equal_separate_models_masked_with_momentum(
+        digits_task: object, monkeypatch: pytest.MonkeyPatch, cap: int) -> None:
+    """13 rows under a cap of 4 (chunks 4+4+4+1), 6 (5+4+4 live rows, masked) or 12 (7+6,
+    rows just above the cap): SGD with momentum and weight decay on random masks equals 13
+    plain modules with their own torch.optim."""
+    from simulations.training import LocalTrainer
+    from tests.test_sim_training import _assert_rows_match, _masks, _reference, _stacked
+
+    monkeypatch.setattr(LocalTrainer, "_chunk_rows", lambda self, batch: cap)
+    n, kw = 13, {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
+    masks = [torch.ones(n, dtype=torch.bool), *_masks(5, n)]
+    refs, _ = _reference(digits_task, n, 6, masks, "sgd", **kw)
+    model, trainer = _stacked(digits_task, n, 6, masks, "sgd", **kw)
+    assert trainer.fused and trainer.fused_applies()
+    _assert_rows_match(model, refs, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits_task() -> object:
+    from gossip.tasks import get_task
+
+    return get_task("digits", seed=0)
