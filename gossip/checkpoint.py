@@ -113,7 +113,17 @@ def write_latest(root: str | os.PathLike[str], step: int, meta: Mapping[str, Any
     if absent:
         record["absent"] = absent
     text = json.dumps(record, sort_keys=True) + "\n"
-    atomic_write_text(base / "latest", text)
+    try:
+        atomic_write_text(base / "latest", text)
+    except OSError:  # (a full disk) the old marker stands; the files it does not name go, or
+        # a first checkpoint's would look like a run whose marker was lost
+        try:
+            marked = read_latest(root)
+        except (OSError, ValueError):
+            marked = {"step": step}  # (unreadable: leave everything as it is)
+        if marked is None or int(marked["step"]) != int(step):
+            shutil.rmtree(rank_file(root, step, 0).parent, ignore_errors=True)
+        raise
 
 
 def stand_in(latest: Mapping[str, Any], rank: int) -> int:

@@ -141,23 +141,24 @@ def test_masked_draws_then_all_rows_give_node_batch(tensor_path: bool) -> None:
 
 @pytest.mark.slow
 @needs_mount
-@pytest.mark.parametrize("executor", ["launch.train", "simulations.run"])
+@pytest.mark.parametrize(("executor", "size"), [
+    ("launch.train", "48k"), ("simulations.run", "400k"), ("simulations.run", "628k")],
+    ids=["real-file", "sim-file", "sim-marker"])
 def test_a_first_checkpoint_that_did_not_fit_is_not_taken_for_a_lost_marker(
-        tmp_path: Path, executor: str) -> None:
-    # the first checkpoint does not fit: its half-written file goes, its empty step directory
-    # stayed, and --resume (after making room) said "holds checkpoints (step_10) but no marker
-    # .../latest, the manifest --resume checks their files against: restore it, ..." (a marker
-    # that never existed); the stop line had said "no checkpoint: --overwrite starts it again"
+        tmp_path: Path, executor: str, size: str) -> None:
+    # the first checkpoint does not fit: its file (48k, 400k: the half-written file went, its
+    # empty step directory stayed) or its marker (628k: rank_0.pt whole, `latest` not written);
+    # --resume (after making room) said "holds checkpoints (step_10) but no marker .../latest,
+    # the manifest --resume checks their files against: restore it, ..." (a marker that never
+    # existed); the stop line had said "no checkpoint: --overwrite starts it again"
     out = tmp_path / "disk" / "run"
     if executor == "launch.train":
         command = [sys.executable, "-m", "launch.train", "--task", "digits", "--algo", "fedavg",
                    "--steps", "30", "--sync-every", "5", "--eval-every", "10",
                    "--checkpoint-every", "10", "--out", str(out)]
-        size = "48k"
     else:
         command = [sys.executable, "-m", "simulations.run", "--nodes", "16", "--rounds", "6",
                    "--checkpoint-every", "2", "--no-progress", "--out", str(out)]
-        size = "400k"
     cmd = " ".join(shlex.quote(c) for c in command)
     kept = tmp_path / "kept"
     got = _in_namespace(
@@ -165,6 +166,8 @@ def test_a_first_checkpoint_that_did_not_fit_is_not_taken_for_a_lost_marker(
                   "mount -o remount,size=64m DISK", [*command, "--resume"])
     first = (kept / "first").read_text()
     assert "no checkpoint: --overwrite starts it again" in first, first[-3000:]
+    if size == "628k":
+        assert "could not write latest" in first, first[-3000:]
     err = str(got["err"])
     assert got["rc"] == 2, err[-3000:]
     assert "but no marker" not in err and "Traceback" not in err, err[-3000:]
