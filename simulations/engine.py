@@ -632,17 +632,22 @@ class RunRecorder:
         config = cfg.to_dict()
         if info is not None and "task" in info:  # the Task's own name and where it came from
             config["task_name"], config["task_source"] = info["task"], info["task_source"]
-        if resumed_at is not None and self.out is not None:
-            # resumed from the checkpoint at step resumed_at: the records after it were
-            # written by the process that died, and the summary starts from the ones before
-            metrics = self.out / "metrics.jsonl"
-            truncate_jsonl(metrics, resumed_at)
-            for rec in iter_jsonl(metrics) if metrics.exists() else ():
-                self.summarizer.add(rec)
-                if rec.get("kind") == "round":
-                    self.records.append(rec)
-        self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
-                                resumed_at=resumed_at, tensorboard=cfg.tensorboard)
+        try:
+            if resumed_at is not None and self.out is not None:
+                # resumed from the checkpoint at step resumed_at: the records after it were
+                # written by the process that died, and the summary starts from the ones before
+                metrics = self.out / "metrics.jsonl"
+                truncate_jsonl(metrics, resumed_at)
+                for rec in iter_jsonl(metrics) if metrics.exists() else ():
+                    self.summarizer.add(rec)
+                    if rec.get("kind") == "round":
+                        self.records.append(rec)
+            self.writer = RunWriter(self.out or ".", config, enabled=self.out is not None,
+                                    resumed_at=resumed_at, tensorboard=cfg.tensorboard)
+        except BaseException:  # (a full disk at config.json) the directory is given back
+            if self.run_dir is not None:
+                self.run_dir.release()
+            raise
         self.label_counts = label_counts  # plotted at a successful end, with the rest
 
     def log(self, record: dict[str, Any]) -> None:

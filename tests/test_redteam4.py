@@ -261,3 +261,18 @@ def digits_task() -> object:
     from gossip.tasks import get_task
 
     return get_task("digits", seed=0)
+
+
+@needs_mount
+def test_a_disk_too_full_for_config_json_leaves_nothing_as_the_stop_line_says(
+        tmp_path: Path) -> None:
+    # one page: the lock's PID fills it. The stop line said "nothing was written", and the
+    # run directory stayed, its .lock naming the dead process (never released)
+    got = _in_namespace(
+        tmp_path, "mount -t tmpfs -o size=4k tmpfs DISK",
+        [sys.executable, "-m", "simulations.run", "--nodes", "4", "--rounds", "2",
+         "--no-progress", "--out", str(tmp_path / "disk" / "run")])
+    err = str(got["err"])
+    assert got["rc"] == 1, err[-3000:]
+    assert "could not write config.json" in err and "stopped: nothing was written" in err, err
+    assert not Path(str(got["run"])).exists()  # the directory the run made is gone
