@@ -276,3 +276,32 @@ def test_a_disk_too_full_for_config_json_leaves_nothing_as_the_stop_line_says(
     assert got["rc"] == 1, err[-3000:]
     assert "could not write config.json" in err and "stopped: nothing was written" in err, err
     assert not Path(str(got["run"])).exists()  # the directory the run made is gone
+
+
+@pytest.mark.slow
+@needs_mount
+@pytest.mark.parametrize("mount", ["size=4k", "ro"])
+def test_gossip_merge_onto_a_full_or_read_only_disk_says_so_in_one_line(
+        tmp_path: Path, mount: str) -> None:
+    # a full disk: a traceback ending in OSError: [Errno 28] no space left on the device of
+    # ...: could not write merged.pt; read-only: OSError: [Errno 30] after the whole merge
+    run = tmp_path / "sim"
+    made = subprocess.run([sys.executable, "-m", "simulations.run", "--nodes", "4", "--rounds",
+                           "2", "--no-progress", "--save-models", "--out", str(run)],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert made.returncode == 0, made.stderr[-3000:]
+    disk = tmp_path / "disk"
+    setup = ("mount -t tmpfs -o size=4k tmpfs DISK" if mount != "ro" else
+             "mount -t tmpfs -o size=1m tmpfs DISK; mount -o remount,ro DISK")
+    got = _in_namespace(tmp_path, setup,
+                        [sys.executable, "-m", "gossip.merge", "--method", "uniform", "--out",
+                         str(disk / "merged.pt"), str(run)])
+    err = str(got["err"])
+    assert "Traceback" not in err, err[-3000:]
+    if mount == "ro":
+        assert got["rc"] == 2 and err.startswith(
+            f"error: out={str(disk / 'merged.pt')!r} is invalid: {disk} is not writable"), err
+    else:
+        assert got["rc"] == 1 and err.startswith(
+            f"error: no space left on the device of {disk}: could not write merged.pt"), err

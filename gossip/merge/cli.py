@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from gossip.merge.soups import (
     positive,
     ties,
 )
+from gossip.metrics import NO_SPACE, no_space_message
 from gossip.tasks import Task
 
 __all__ = ["METHODS", "MergeOptions", "MergeResult", "build_parser", "main", "merge", "select"]
@@ -232,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(args.out).is_dir():  # refused before the merge, not by the final rename
             raise ValueError(f"out={args.out!r} is a directory: expected the path of the file "
                              "to write the merged model to (e.g. OUT/merged.pt)")
+        parent = next((q for q in Path(args.out).absolute().parents if q.exists()), Path("/"))
+        if not os.access(parent, os.W_OK | os.X_OK):  # (a read-only mount: before the merge)
+            raise ValueError(f"out={args.out!r} is invalid: {parent} is not writable")
         opts = MergeOptions(
             method=args.method, k=args.k, ema_decay=args.ema_decay, lawa_every=args.lawa_every,
             density=args.density, drop=args.drop, scale=args.scale, base=args.base,
@@ -259,11 +264,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  merged test loss {merged['loss']:.4f}"
           + (f"  accuracy {merged['accuracy']:.4f}" if "accuracy" in merged else ""))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_torch_save({"kind": MERGED_KIND, "format": FORMAT, "task": models.task,
-                            "seed": models.seed, "init": models.init, "method": opts.method,
-                            "ingredients": [i.label for i in result.used],
-                            "state": state_of(result.model), "metrics": merged}, out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.atomic_torch_save({"kind": MERGED_KIND, "format": FORMAT, "task": models.task,
+                                "seed": models.seed, "init": models.init,
+                                "method": opts.method,
+                                "ingredients": [i.label for i in result.used],
+                                "state": state_of(result.model), "metrics": merged}, out)
+    except OSError as e:  # a full disk: one line, no traceback (no half-written file stays)
+        if e.errno not in NO_SPACE:
+            raise
+        print(f"error: {no_space_message(e, out.parent)}", file=sys.stderr)
+        return 1
     print(f"  wrote {out}")
     print(f"{key}={merged[key]:.6f}")
     return 0
