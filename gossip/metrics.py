@@ -219,8 +219,15 @@ class RunWriter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=None
+            events = self.out_dir / "tensorboard"
+            # a resume of a run that wrote no TensorBoard events: they start with its records
+            backfill = resumed_at is not None and not any(events.glob("events.out.tfevents.*"))
+            self._tb = SummaryWriter(str(events), purge_step=None
                                      if resumed_at is None else resumed_at + 1)
+            metrics = self.out_dir / "metrics.jsonl"
+            if backfill and metrics.exists():
+                for record in iter_jsonl(metrics):  # (cut back to resumed_at by the caller)
+                    self._scalars(record)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.out_dir / "config.json",
                           json.dumps(to_jsonable(config), indent=2, sort_keys=True) + "\n")

@@ -305,3 +305,32 @@ def test_gossip_merge_onto_a_full_or_read_only_disk_says_so_in_one_line(
     else:
         assert got["rc"] == 1 and err.startswith(
             f"error: no space left on the device of {disk}: could not write merged.pt"), err
+
+
+@pytest.mark.parametrize("first_tb", [False, True], ids=["tb-from-the-resume", "tb-throughout"])
+def test_tensorboard_turned_on_at_a_resume_shows_the_whole_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first_tb: bool) -> None:
+    """The run dies without --tensorboard; its resume has it: TensorBoard showed only the
+    rounds after the checkpoint ([12, 15, 18] of [3, ..., 18]); now the whole curve, as the
+    straight run's (the records metrics.jsonl kept are written first)."""
+    tb = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from simulations.run import run
+    from tests.test_sim_checkpoint import _cfg, _rows, _stop_at
+
+    straight, died = tmp_path / "straight", tmp_path / "died"
+    run(_cfg("fedavg", straight))
+    with monkeypatch.context() as m:
+        _stop_at(m, 5, RuntimeError)
+        with pytest.raises(RuntimeError):
+            run(_cfg("fedavg", died, checkpoint_every=3, tensorboard=first_tb))
+    run(_cfg("fedavg", died, checkpoint_every=3, tensorboard=True, resume=True))
+    acc = tb.EventAccumulator(str(died / "tensorboard"))
+    acc.Reload()
+    rounds = [r for r in _rows(straight) if r["kind"] == "round"]
+    for tag, key in (("round/train_loss", "train_loss"), ("eval/accuracy", "accuracy")):
+        events = acc.Scalars(tag)
+        want = [r for r in _rows(straight) if key in r and r.get("node") is None
+                and r["kind"] == tag.split("/")[0]]
+        assert len(want) >= 2 and [e.step for e in events] == [r["step"] for r in want]
+        assert [e.value for e in events] == pytest.approx([r[key] for r in want])
+    assert len(rounds) == 6
