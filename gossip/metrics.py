@@ -204,7 +204,8 @@ class RunWriter:
     record's ``step``); it needs the ``track`` extra. ``resumed_at``: the step of the checkpoint
     a resumed run starts from (implies ``append``); TensorBoard then hides the events that the
     run which died wrote after it (``SummaryWriter``'s ``purge_step``), as ``metrics.jsonl`` is
-    cut back to it (:func:`truncate_jsonl`), so a curve shows each step once.
+    cut back to it (:func:`truncate_jsonl`), so a curve shows each step once; a resumed run
+    whose first part wrote no events starts them with the records ``metrics.jsonl`` kept.
     """
 
     def __init__(self, out_dir: str | os.PathLike[str], config: Mapping[str, Any] | Any,
