@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -743,17 +744,17 @@ class LocalTrainer:
         cap = self._chunk_rows(idx.shape[1])
         with torch.no_grad():
             if active is None:
-                chunk = even_chunk(rows, cap)
-                for r0 in range(0, rows, chunk):
-                    sl = slice(r0, r0 + chunk)
+                bounds = even_bounds(rows, cap)
+                for r0, r1 in pairwise(bounds):
+                    sl = slice(r0, r1)
                     losses[sl] = self._fused_chunk(
                         {n: t[sl] for n, t in params.items()},
                         {n: t[sl] for n, t in bufs.items()}, idx[sl], hyper)
                 return losses
             live = to_device(active.cpu().nonzero().flatten(), idx.device)
-            chunk = even_chunk(len(live), cap)
-            for r0 in range(0, len(live), chunk):
-                sel = live[r0:r0 + chunk]
+            bounds = even_bounds(len(live), cap)
+            for r0, r1 in pairwise(bounds):
+                sel = live[r0:r1]
                 p_c = {n: t.index_select(0, sel) for n, t in params.items()}
                 b_c = {n: t.index_select(0, sel) for n, t in bufs.items()}
                 losses[sel] = self._fused_chunk(p_c, b_c, idx.index_select(0, sel), hyper)
@@ -875,14 +876,13 @@ def _sgd_(p: Tensor, buf: Tensor | None, hyper: tuple[float, float, float],
     p.add_(buf, alpha=-lr)
 
 
-def even_chunk(rows: int, cap: int) -> int:
-    """Rows per chunk when ``rows`` are split into as few chunks of at most ``cap`` as can be,
-    all about the same size: 100 rows under a cap of 62 go as 50 + 50, not 62 + 38 (whose
-    first chunk outgrows the cache the cap was sized for; the digits MLP's local step at
-    N = 100 takes ~8 % less time)."""
-    if rows <= cap:
-        return max(rows, 1)
-    return -(-rows // -(-rows // cap))
+def even_bounds(rows: int, cap: int) -> list[int]:
+    """Where ``rows`` rows split into as few chunks of at most ``cap`` as can be, their sizes
+    differing by at most one: ``[0, ..., rows]``. 100 rows under a cap of 62 go as 50 + 50,
+    not 62 + 38, whose first chunk outgrows the cache the cap was sized for (the digits MLP's
+    local step at N = 100 takes ~8 % less time)."""
+    pieces = -(-rows // cap)  # (no rows: no chunk)
+    return [rows * k // pieces for k in range(pieces + 1)] if pieces else [0]
 
 
 def clip_rows_(params: Sequence[Tensor], max_norm: float) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -270,11 +271,12 @@ def test_class_major_sums_equal_cross_entropy_and_argmax() -> None:
 
 
 def test_even_chunks_are_as_few_as_the_cap_allows_and_about_equal() -> None:
-    from simulations.training import even_chunk
+    from simulations.training import even_bounds
 
-    for rows in range(1, 300):
+    assert even_bounds(100, 62) == [0, 50, 100] and even_bounds(13, 4) == [0, 3, 6, 9, 13]
+    for rows in range(0, 300):
         for cap in (1, 7, 62, 64):
-            chunk = even_chunk(rows, cap)
-            sizes = [len(range(r0, min(rows, r0 + chunk))) for r0 in range(0, rows, chunk)]
-            assert max(sizes) <= cap and len(sizes) == -(-rows // cap)
-            assert max(sizes) - min(sizes) <= len(sizes)  # the last one is short by at most that
+            bounds = even_bounds(rows, cap)
+            sizes = [b - a for a, b in pairwise(bounds)]
+            assert bounds[0] == 0 and bounds[-1] == rows and len(sizes) == -(-rows // cap)
+            assert not sizes or (max(sizes) <= cap and max(sizes) - min(sizes) <= 1)
