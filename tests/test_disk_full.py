@@ -47,26 +47,32 @@ def _rows(out: Path) -> list[dict[str, Any]]:
             for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _fill_then_resume(tmp_path: Path, command: list[str], size: str) -> dict[str, Any]:
-    """Run ``command`` (its ``--out`` is ``DISK/run``) on a tmpfs of ``size``, then, with the
-    tmpfs remounted at 64 MiB, the same command with ``--resume``. Returns both exit codes and
-    outputs, and what the run directory held in between and at the end (copied out of the
-    namespace, whose tmpfs goes with it)."""
+def run_in_namespace(tmp_path: Path, script: str, timeout: float = 600) -> Path:
+    """Run the shell lines ``script`` in a private mount namespace, DISK standing for
+    ``tmp_path/disk`` (a directory to mount a tmpfs on) and KEPT for ``tmp_path/kept`` (where
+    the script copies what must outlive the namespace, whose tmpfs goes with it); returns KEPT."""
     disk, kept = tmp_path / "disk", tmp_path / "kept"
     disk.mkdir()
     kept.mkdir()
-    cmd = " ".join(shlex.quote(c) for c in command)
-    script = f"""
-set -u
-mount -t tmpfs -o size={size} tmpfs {disk}
-{cmd} > {kept}/first.out 2> {kept}/first.err; echo $? > {kept}/first.rc
-cp -r {disk}/run {kept}/full
-mount -o remount,size=64m {disk}
-{cmd} --resume > {kept}/second.out 2> {kept}/second.err; echo $? > {kept}/second.rc
-cp -r {disk}/run {kept}/end
-"""
-    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=_env(), timeout=600,
+    script = "set -u\n" + script.replace("DISK", str(disk)).replace("KEPT", str(kept))
+    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=_env(), timeout=timeout,
                    check=True)
+    return kept
+
+
+def _fill_then_resume(tmp_path: Path, command: list[str], size: str) -> dict[str, Any]:
+    """Run ``command`` (its ``--out`` is ``DISK/run``) on a tmpfs of ``size``, then, with the
+    tmpfs remounted at 64 MiB, the same command with ``--resume``. Returns both exit codes and
+    outputs, and what the run directory held in between and at the end."""
+    cmd = " ".join(shlex.quote(c) for c in command)
+    kept = run_in_namespace(tmp_path, f"""
+mount -t tmpfs -o size={size} tmpfs DISK
+{cmd} > KEPT/first.out 2> KEPT/first.err; echo $? > KEPT/first.rc
+cp -r DISK/run KEPT/full
+mount -o remount,size=64m DISK
+{cmd} --resume > KEPT/second.out 2> KEPT/second.err; echo $? > KEPT/second.rc
+cp -r DISK/run KEPT/end
+""")
     return {"rc": [int((kept / f"{p}.rc").read_text()) for p in ("first", "second")],
             "err": (kept / "first.err").read_text(), "second": (kept / "second.err").read_text(),
             "full": kept / "full", "end": kept / "end"}
@@ -114,17 +120,12 @@ def test_a_real_run_that_fills_the_disk_stops_cleanly_and_resumes(tmp_path: Path
 
 
 def test_a_comparison_that_fills_the_disk_names_it_and_what_it_kept(tmp_path: Path) -> None:
-    disk, kept = tmp_path / "disk", tmp_path / "kept"
-    disk.mkdir()
-    kept.mkdir()
     cmd = [sys.executable, "-m", "simulations.compare", "--algos", "fedavg,noloco", "--nodes",
-           "4", "--rounds", "3", "--out", str(disk / "cmp")]
-    script = f"""
-mount -t tmpfs -o size=60k tmpfs {disk}
-{" ".join(shlex.quote(c) for c in cmd)} > {kept}/out 2> {kept}/err; echo $? > {kept}/rc
-"""
-    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=_env(), timeout=600,
-                   check=True)
+           "4", "--rounds", "3", "--out", str(tmp_path / "disk" / "cmp")]
+    kept = run_in_namespace(tmp_path, f"""
+mount -t tmpfs -o size=60k tmpfs DISK
+{" ".join(shlex.quote(c) for c in cmd)} > KEPT/out 2> KEPT/err; echo $? > KEPT/rc
+""")
     err = (kept / "err").read_text()
     assert int((kept / "rc").read_text()) == 1, err[-3000:]
     assert "Traceback" not in err and "error: no space left on" in err.lower()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from gossip.batching import StackedBatches, node_batch
-from tests.test_disk_full import ROOT, _can_mount, _env
+from tests.test_disk_full import ROOT, _can_mount, _env, run_in_namespace
 
 needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs unshare -m and mount (root)")
 
@@ -26,18 +26,12 @@ def _in_namespace(tmp_path: Path, setup: str, command: list[str]) -> dict[str, o
     """Run ``command`` after ``setup`` (shell lines mounting DISK = tmp_path/disk) in a private
     mount namespace; returns its exit code, stderr, and a copy of DISK/run as it was left once
     the process had exited (the tmpfs goes with the namespace)."""
-    disk, kept = tmp_path / "disk", tmp_path / "kept"
-    disk.mkdir()
-    kept.mkdir()
     cmd = " ".join(shlex.quote(c) for c in command)
-    script = f"""
-set -u
-{setup.replace("DISK", str(disk))}
-{cmd} > {kept}/out 2> {kept}/err; echo $? > {kept}/rc
-cp -r {disk}/run {kept}/run 2>/dev/null || true
-"""
-    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, env=_env(), timeout=300,
-                   check=True)
+    kept = run_in_namespace(tmp_path, f"""
+{setup}
+{cmd} > KEPT/out 2> KEPT/err; echo $? > KEPT/rc
+cp -r DISK/run KEPT/run 2>/dev/null || true
+""", timeout=300)
     return {"rc": int((kept / "rc").read_text()), "err": (kept / "err").read_text(),
             "run": kept / "run"}
 
