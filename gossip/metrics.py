@@ -80,10 +80,9 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _NEARLY_FULL = 1 << 20  # bytes free under which a failed write is taken to be a full disk
 
 
-def no_space(path: str | os.PathLike[str], error: BaseException, *, what: str | None = None
-             ) -> OSError | None:
-    """The error to raise for a write of ``path`` (``what``: how to name it, default its file
-    name) that failed with ``error`` because its file system is full (None: another failure).
+def no_space(path: str | os.PathLike[str], error: BaseException) -> OSError | None:
+    """The error to raise for a write of ``path`` that failed with ``error`` because its file
+    system is full (None: another failure).
     Python's own writes say so (``ENOSPC``, ``EDQUOT``); ``torch.save``'s writer reports a
     position mismatch instead, with the OS's error as its context (read first: free space may
     be back by the time this looks, a peer's half-written file removed), and a failure while
@@ -97,9 +96,8 @@ def no_space(path: str | os.PathLike[str], error: BaseException, *, what: str | 
                 return None
         except OSError:
             return None
-    kept = "" if what else " (the file it would replace, if any, is intact)"
     return OSError(errno.ENOSPC, f"no space left on the device of {path.parent}: could not "
-                   f"write {what or path.name}{kept}")
+                   f"write {path.name} (the file it would replace, if any, is intact)")
 
 
 def _no_space_in(error: BaseException) -> OSError | None:

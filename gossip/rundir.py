@@ -34,8 +34,8 @@ from typing import Any
 
 from gossip.metrics import atomic_write_text, iter_jsonl, to_jsonable
 
-__all__ = ["LOCK_NAME", "RUN_FILES", "RunDir", "interrupt_on_signal", "interrupted_report",
-           "run_files"]
+__all__ = ["LOCK_NAME", "RUN_FILES", "RunDir", "check_creatable", "interrupt_on_signal",
+           "interrupted_report", "run_files"]
 
 LOCK_NAME = ".lock"
 #: What a run writes in its directory (plots are ``*.png``); ``--overwrite`` removes these only.
@@ -90,15 +90,7 @@ class RunDir:
                 raise ValueError(f"out={str(self.path)!r} is invalid: it is not writable, "
                                  "expected a directory the run can write in")
             return
-        # to be created: its nearest existing ancestor must be a directory this process can
-        # write in (else mkdir fails with an OSError that names no flag, after the build)
-        parent = next((q for q in self.path.absolute().parents if q.exists()), Path("/"))
-        if not parent.is_dir():
-            raise ValueError(f"out={str(self.path)!r} is invalid: {parent} is a file, "
-                             "expected a directory")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise ValueError(f"out={str(self.path)!r} is invalid: {parent} is not writable, "
-                             "expected a directory that can be created")
+        check_creatable(self.path)
 
     def acquire(self) -> RunDir:
         """Lock the directory and check what it holds; ValueError (nothing written) if refused."""
@@ -213,6 +205,20 @@ class RunDir:
         """summary.json of a run stopped by Ctrl-C or SIGTERM after ``last_step``."""
         self._write_json("summary.json", {**extra, "status": "interrupted",
                                           "last_step": int(last_step)})
+
+
+def check_creatable(path: str | os.PathLike[str]) -> None:
+    """Refuse (``ValueError`` naming ``out``) a ``path`` to be created whose nearest existing
+    ancestor is a file or a directory this process cannot write in (a read-only mount): else
+    the ``mkdir`` or the write fails with an OSError that names no flag, after the work."""
+    path = Path(path)
+    parent = next((q for q in path.absolute().parents if q.exists()), Path("/"))
+    if not parent.is_dir():
+        raise ValueError(f"out={str(path)!r} is invalid: {parent} is a file, expected a "
+                         "directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"out={str(path)!r} is invalid: {parent} is not writable, expected a "
+                         "directory this process can write in")
 
 
 def interrupt_on_signal(signum: int, _frame: object) -> None:

@@ -42,7 +42,7 @@ from gossip.algorithms import same_init
 from gossip.allocator import reuse_freed_memory
 from gossip.comm import CommError, TorchCommunicator
 from gossip.flat import FlatParams, scope_from_spec
-from gossip.metrics import NO_SPACE, no_space, no_space_message, read_jsonl
+from gossip.metrics import NO_SPACE, no_space_message, read_jsonl
 from gossip.plots import plot_run
 from gossip.records import summarize, table
 from gossip.run import build
@@ -276,11 +276,10 @@ def _train(cfg: TrainConfig, comm: TorchCommunicator, run_dir: RunDir, progress:
         plot_run(metrics, out,
                  title=f"{cfg.algo} on {task.name}, {n} ranks")
     except Exception as e:
-        full = no_space(out / "loss.png", e, what="the plots")
-        if full is None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:  # results written: one line
+            log.error("plots not written: %s", e.strerror)
+        else:
             log.exception("plotting failed")
-        else:  # the results are written: one line, no traceback
-            log.error("plots not written: %s", full.strerror)
     print(table(summary), flush=True)
     return summary
 

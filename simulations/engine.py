@@ -52,7 +52,7 @@ from gossip.batching import StackedBatches
 from gossip.comm.stacked import StackedCommunicator
 from gossip.data import label_distribution
 from gossip.flat import persistent_buffers, scope_from_spec
-from gossip.metrics import RunWriter, iter_jsonl, no_space, truncate_jsonl
+from gossip.metrics import NO_SPACE, RunWriter, iter_jsonl, truncate_jsonl
 from gossip.ops import to_device
 from gossip.records import Summarizer, eval_rows
 from gossip.run import build
@@ -670,13 +670,12 @@ class RunRecorder:
                     try:
                         self._plot(self.run_dir.path)
                     except Exception as e:  # the run has finished: say so, and go on
-                        full = no_space(self.run_dir.path / "loss.png", e, what="the plots")
-                        if full is None:
+                        if isinstance(e, OSError) and e.errno in NO_SPACE:  # one line
+                            log.error("plots not written: %s; the results are in %s",
+                                      e.strerror, self.run_dir.path)
+                        else:
                             log.exception("plotting failed; the results are in %s",
                                           self.run_dir.path)
-                        else:  # one line, no traceback
-                            log.error("plots not written: %s; the results are in %s",
-                                      full.strerror, self.run_dir.path)
             finally:
                 self.run_dir.release()
         return summary

@@ -98,15 +98,11 @@ def test_a_simulation_with_dropout_repeats_itself(impl: str) -> None:
 def test_cnn_attach_creates_its_out_directory(tmp_path: Path) -> None:
     """docs/guide/own-loop.md runs `examples/cnn_attach.py --algo fedavg --out /tmp/cnn`: with
     no /tmp/cnn yet, every rank trained and then crashed in torch.save (FileNotFoundError)."""
+    from tests.test_example_cnn_attach import torchrun_cnn_attach
+
     out = tmp_path / "new" / "cnn"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(REPO / "examples" / "cnn_attach.py"), "--algo", "fedavg", "--steps", "10",
-           "--sync-every", "5", "--out", str(out)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
-    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun_cnn_attach(tmp_path, "--algo", "fedavg", "--steps", "10", "--sync-every", "5",
+                        "--out", str(out))
     models = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     for name, tensor in models[0].items():  # FedAvg, last step a sync: the one average
         assert torch.equal(tensor, models[1][name]), name

@@ -15,19 +15,25 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # each torchrun costs several seconds
 
 
+def torchrun_cnn_attach(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node=2 examples/cnn_attach.py ARGS`` from ``cwd``, as
+    the docs run it; asserts it exits 0."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(REPO / "examples" / "cnn_attach.py"), *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
 # One algorithm: the example's code is the same for both choices (only the config class
 # differs); FedAvg's ranks ending bit-identical at the mean, BatchNorm statistics included, are
 # pinned on real ranks by tests/test_attach.py::test_fedavg_ranks_end_bit_identical_at_the_mean.
 @pytest.mark.parametrize("algo", ["noloco"])
 def test_cnn_attach_trains_and_ends_with_identical_ranks(tmp_path: Path, algo: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(REPO / "examples" / "cnn_attach.py"), "--algo", algo, "--steps", "40",
-           "--sync-every", "10", "--out", str(tmp_path)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
-    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun_cnn_attach(tmp_path, "--algo", algo, "--steps", "40", "--sync-every", "10",
+                               "--out", str(tmp_path))
     accuracy = {int(r): float(a) for r, a in
                 re.findall(r"rank (\d): train loss [\d.]+, test accuracy ([\d.]+)", proc.stdout)}
     assert sorted(accuracy) == [0, 1], proc.stdout

@@ -98,6 +98,14 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def _resumes_to(straight: Path, out: Path, *args: str) -> None:
+    """``simulations.run ... --resume`` (``args``: the checkpoint flags) exits 0 with the run
+    that never stopped."""
+    done = _cli(*ARGV, "--out", str(out), *args, "--resume")
+    assert done.returncode == 0, done.stderr
+    _same(out, straight)
+
+
 def _temporaries(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*")
                   if p.name.endswith(".tmp") or p.name.startswith(".pruning"))
@@ -113,9 +121,7 @@ def test_killed_while_it_writes_the_models_the_run_resumes_and_writes_them(
     _killed(out, writing="/.models.pt.", extra=ckpt_args)
     assert not (out / "summary.json").exists()  # not "finished": the models are not there
     assert _temporaries(out)  # the half-written models.pt
-    done = _cli(*ARGV, "--out", str(out), *ckpt_args, "--resume")
-    assert done.returncode == 0, done.stderr
-    _same(out, straight)
+    _resumes_to(straight, out, *ckpt_args)
     assert _temporaries(out) == []
 
 
@@ -146,9 +152,7 @@ def test_killed_while_it_writes_a_checkpoint_leaves_no_file_behind_a_resume(
     _killed(out, writing="/step_4/.rank_0.pt.", extra=ckpt_args)
     assert ckpt.read_latest(out)["step"] == 2
     assert _temporaries(out) != []
-    done = _cli(*ARGV, "--out", str(out), *ckpt_args, "--resume")
-    assert done.returncode == 0, done.stderr
-    _same(out, straight)
+    _resumes_to(straight, out, *ckpt_args)
     assert _temporaries(out) == []
     assert sorted(p.name for p in (out / "checkpoints" / "step_4").iterdir()) == ["rank_0.pt"]
 
@@ -163,9 +167,7 @@ def test_killed_while_it_prunes_leaves_no_directory_behind_a_resume(
     _killed(out, pruning=".pruning_step_", extra=ckpt_args)
     assert ckpt.read_latest(out)["step"] == 4
     assert _temporaries(out) != []
-    done = _cli(*ARGV, "--out", str(out), *ckpt_args, "--resume")
-    assert done.returncode == 0, done.stderr
-    _same(out, straight)
+    _resumes_to(straight, out, *ckpt_args)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_4"]
 
 
@@ -179,10 +181,7 @@ def test_killed_before_it_marks_a_checkpoint_leaves_no_unmarked_one_behind_a_res
     _killed(out, marking="4", extra=("--checkpoint-every", "2"))
     assert ckpt.read_latest(out)["step"] == 2
     assert (out / "checkpoints" / "step_4" / "rank_0.pt").is_file()
-    done = _cli(*ARGV, "--out", str(out), "--checkpoint-every", "3", "--keep-checkpoints", "1",
-                "--resume")
-    assert done.returncode == 0, done.stderr
-    _same(out, straight)
+    _resumes_to(straight, out, "--checkpoint-every", "3", "--keep-checkpoints", "1")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_3"]
 
 

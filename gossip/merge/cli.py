@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from gossip.merge.soups import (
     ties,
 )
 from gossip.metrics import NO_SPACE, no_space_message
+from gossip.rundir import check_creatable
 from gossip.tasks import Task
 
 __all__ = ["METHODS", "MergeOptions", "MergeResult", "build_parser", "main", "merge", "select"]
@@ -234,9 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if Path(args.out).is_dir():  # refused before the merge, not by the final rename
             raise ValueError(f"out={args.out!r} is a directory: expected the path of the file "
                              "to write the merged model to (e.g. OUT/merged.pt)")
-        parent = next((q for q in Path(args.out).absolute().parents if q.exists()), Path("/"))
-        if not os.access(parent, os.W_OK | os.X_OK):  # (a read-only mount: before the merge)
-            raise ValueError(f"out={args.out!r} is invalid: {parent} is not writable")
+        check_creatable(args.out)  # (a read-only mount: refused before the merge)
         opts = MergeOptions(
             method=args.method, k=args.k, ema_decay=args.ema_decay, lawa_every=args.lawa_every,
             density=args.density, drop=args.drop, scale=args.scale, base=args.base,
