@@ -152,21 +152,40 @@ def bound(nodes: int, rounds: int, threads: int, repeats: int) -> dict[str, Any]
             "load": os.getloadavg()[0]}
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= {low}")
+        return value
+    return parse
+
+
+def _node_counts(text: str) -> list[int]:
+    return [_at_least(2)(v) for v in text.split(",") if v.strip()] or [_at_least(2)("")]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--nodes", default="100,1000", help="comma-separated N (default 100,1000)")
-    p.add_argument("--rounds", type=int, default=10, help="rounds per timing (default 10)")
-    p.add_argument("--repeats", type=int, default=3, help="timings per measurement (median)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--nodes", type=_node_counts, default=[100, 1000],
+                   help="comma-separated N, each >= 2 (default 100,1000)")
+    p.add_argument("--rounds", type=_at_least(1), default=10,
+                   help="rounds per timing (default 10)")
+    p.add_argument("--repeats", type=_at_least(1), default=3,
+                   help="timings per measurement (median)")
+    p.add_argument("--threads", type=_at_least(1), default=1, help="torch threads (default 1)")
     p.add_argument("--quick", action="store_true", help="N = 20, 2 rounds, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:
-        args.nodes, args.rounds, args.repeats = "20", 2, 1
+        args.nodes, args.rounds, args.repeats = [20], 2, 1
     print(json.dumps({"bench": "header", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                time.gmtime()),
                       "cpus": os.cpu_count(), "load": os.getloadavg()[0],
                       "torch": torch.__version__}), flush=True)
-    for n in (int(v) for v in args.nodes.split(",") if v):
+    for n in args.nodes:
         print(json.dumps(bound(n, args.rounds, args.threads, args.repeats)), flush=True)
     return 0
 

@@ -92,6 +92,20 @@ def test_sim_bound_quick(quick_runs: dict) -> None:
         rec["step_fixed_us"] * rec["local_steps_per_round"] / 1e3)
 
 
+@pytest.mark.parametrize("args, flag", [
+    (["--nodes", "1"], "--nodes"), (["--nodes", ","], "--nodes"),
+    (["--repeats", "0"], "--repeats"), (["--rounds", "x"], "--rounds")])
+def test_sim_bound_refuses_bad_input_before_any_work(args: list[str], flag: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.sim_bound import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: " in err and "is invalid: expected an integer >=" in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA guard")
 def test_sim_throughput_cuda_guard() -> None:
     rc, out, err = _finish(_start("sim_throughput.py", "--quick", "--device", "cuda"))
