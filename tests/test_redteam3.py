@@ -333,9 +333,18 @@ def test_merge_keeps_the_batchnorm_statistics_a_real_checkpoint_saved(tmp_path: 
         got = task.metrics(result.model(task.data.x_test), task.data.y_test)
     assert got["loss"] == pytest.approx(final["final_loss"], rel=1e-5)
     assert got["accuracy"] == final["final_accuracy"]
-    saved = torch.load(tmp_path / "run" / "checkpoints" / "step_40" / "rank_0.pt",
-                       weights_only=True)["buffers"]
+    path = tmp_path / "run" / "checkpoints" / "step_40" / "rank_0.pt"
+    state = torch.load(path, weights_only=True)
+    saved = state["buffers"]
     assert saved and all(torch.equal(result.state[n], t) for n, t in saved.items())
+
+    # a buffer that does not fit the task's model is refused naming it and the file
+    state["buffers"]["1.running_mean"] = torch.zeros(3)
+    foreign = tmp_path / "run" / "checkpoints" / "step_40" / "rank_9.pt"
+    torch.save(state, foreign)
+    with pytest.raises(ValueError, match=r"rank_9\.pt: buffer '1\.running_mean' \(3,\) does not "
+                                         r"fit the task's model \(\(8,\)\)"):
+        load_models([foreign])
 
 
 # ----------------------------------------------------------------------------- --config FILE
